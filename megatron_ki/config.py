@@ -1,0 +1,771 @@
+"""Typed configuration: one dataclass per concern, validated where it is defined.
+
+A run's configuration is a :class:`Config` made of groups (``model``, ``parallel``, ``ki``, ``data``,
+``optim``, ``train``, ``checkpoint``, ``logging``). It is loaded from YAML and dotted command-line overrides
+(``--model.num_layers 12``). Unknown keys, wrong types and inconsistent combinations raise
+:class:`ConfigError` naming the key, before any process group exists. Each field's docstring (the string
+literal under it) is its documentation; :func:`field_docs` reads them for ``--help``.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import dataclasses
+import inspect
+import itertools
+import math
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type, or inconsistent; the message names the key."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"config error at '{key}': {message}")
+
+
+def _check(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(key, message)
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+# --------------------------------------------------------------------------------------------- model
+@dataclass
+class ModelConfig:
+    """Architecture of one transformer (student or teacher). Switches cover GPT-2, Llama, BERT and RoBERTa."""
+
+    family: Literal["gpt2", "llama", "bert", "roberta"] = "gpt2"
+    """Model family; sets the task (causal LM for gpt2/llama, masked LM for bert/roberta) and HF mapping."""
+    num_layers: int = 2
+    """Number of transformer blocks."""
+    hidden_size: int = 64
+    """Width of the residual stream."""
+    num_attention_heads: int = 4
+    """Query heads."""
+    num_key_value_heads: int | None = None
+    """Key/value heads for grouped-query attention; None means equal to num_attention_heads (MHA)."""
+    ffn_hidden_size: int | None = None
+    """Inner width of the MLP; None means 4 x hidden_size."""
+    vocab_size: int = 256
+    """Tokenizer vocabulary size (before padding for tensor parallelism)."""
+    make_vocab_size_divisible_by: int = 128
+    """Pad the embedding to a multiple of this times the tensor-parallel size (Megatron's rule)."""
+    max_position_embeddings: int = 128
+    """Longest sequence the position embeddings (learned) or RoPE cache cover."""
+    position_embedding: Literal["learned", "rope", "none"] = "learned"
+    """Learned absolute positions (GPT-2, BERT), rotary embeddings (Llama) or none."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    normalization: Literal["layernorm", "rmsnorm"] = "layernorm"
+    """LayerNorm (GPT-2, BERT) or RMSNorm (Llama)."""
+    norm_eps: float = 1e-5
+    """Epsilon of the normalisation layers."""
+    pre_norm: bool = True
+    """Pre-LN blocks with a final norm (GPT-2, Llama); False gives post-LN blocks (BERT, RoBERTa)."""
+    activation: Literal["gelu", "gelu_tanh", "swiglu"] = "gelu_tanh"
+    """MLP activation: exact GELU (BERT), tanh GELU (GPT-2 'gelu_new') or SwiGLU (Llama)."""
+    add_bias_linear: bool = True
+    """Biases in attention and MLP linears (False for Llama)."""
+    tie_word_embeddings: bool = True
+    """Share the input embedding with the output projection."""
+    type_vocab_size: int = 0
+    """Token-type (segment) embeddings: 2 for BERT, 1 for RoBERTa, 0 for none."""
+    pad_token_id: int | None = None
+    """Padding id; with position_offset > 0 positions count only non-padding tokens (RoBERTa)."""
+    position_offset: int = 0
+    """RoBERTa's position offset (padding_idx + 1 = 2); 0 means positions 0..s-1."""
+    embedding_norm: bool = False
+    """LayerNorm right after the embeddings (BERT, RoBERTa)."""
+    hidden_dropout: float = 0.0
+    """Dropout on the residual branches and embeddings."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities."""
+    init_method_std: float = 0.02
+    """Standard deviation of the normal initialisation."""
+    attention_backend: Literal["sdpa", "fused_softmax", "eager"] = "sdpa"
+    """Attention implementation: torch SDPA, the fused scaled-masked-softmax kernel, or plain PyTorch math."""
+    params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype of parameters and activations; softmax and loss statistics stay in fp32."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "num_layers",
+            "hidden_size",
+            "num_attention_heads",
+            "vocab_size",
+            "max_position_embeddings",
+        ):
+            _check(getattr(self, name) > 0, f"model.{name}", f"must be positive, got {getattr(self, name)}")
+        _check(
+            self.hidden_size % self.num_attention_heads == 0,
+            "model.hidden_size",
+            f"must be divisible by model.num_attention_heads={self.num_attention_heads}, got {self.hidden_size}",
+        )
+        kv = self.kv_heads
+        _check(
+            kv > 0 and self.num_attention_heads % kv == 0,
+            "model.num_key_value_heads",
+            f"must divide model.num_attention_heads={self.num_attention_heads}, got {kv}",
+        )
+        _check(
+            self.make_vocab_size_divisible_by > 0, "model.make_vocab_size_divisible_by", "must be positive"
+        )
+        _check(0.0 <= self.hidden_dropout < 1.0, "model.hidden_dropout", "must be in [0, 1)")
+        _check(0.0 <= self.attention_dropout < 1.0, "model.attention_dropout", "must be in [0, 1)")
+        _check(self.position_offset >= 0, "model.position_offset", "must be >= 0")
+        if self.position_offset > 0:
+            _check(
+                self.pad_token_id is not None,
+                "model.pad_token_id",
+                "is required when model.position_offset > 0",
+            )
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+    @property
+    def causal(self) -> bool:
+        """Causal (GPT-2, Llama) or bidirectional (BERT, RoBERTa) attention."""
+        return self.family in ("gpt2", "llama")
+
+    def padded_vocab_size(self, tp: int) -> int:
+        """Vocabulary rounded up to a multiple of ``make_vocab_size_divisible_by * tp``."""
+        multiple = self.make_vocab_size_divisible_by * tp
+        return int(math.ceil(self.vocab_size / multiple) * multiple)
+
+    def num_parameters(self, tp: int = 1) -> int:
+        """Parameter count (padded vocabulary at ``tp``), used for FLOP estimates and size checks."""
+        h, f, v = self.hidden_size, self.ffn_size, self.padded_vocab_size(tp)
+        kv = self.kv_heads * self.head_dim
+        b = 1 if self.add_bias_linear else 0
+        attn = h * (h + 2 * kv) + b * (h + 2 * kv) + h * h + b * h
+        mlp = (3 * h * f if self.activation == "swiglu" else 2 * h * f) + b * (f + h)
+        norms = (2 if self.normalization == "layernorm" else 1) * h * 2
+        per_layer = attn + mlp + norms
+        emb = v * h + (self.max_position_embeddings * h if self.position_embedding == "learned" else 0)
+        emb += self.type_vocab_size * h
+        head = 0 if self.tie_word_embeddings else v * h
+        return self.num_layers * per_layer + emb + head
+
+
+# ------------------------------------------------------------------------------------------ parallel
+@dataclass
+class ParallelConfig:
+    """How the world is split: tensor x pipeline x data parallel (data = world / (tp x pp))."""
+
+    tensor_parallel: int = 1
+    """Tensor-parallel size: heads, FFN and vocabulary are split over this many ranks."""
+    pipeline_parallel: int = 1
+    """Pipeline stages; the model's layers are divided among them."""
+    pipeline_partition: Literal["parameters", "uniform"] = "parameters"
+    """How DeepSpeed's PipelineModule assigns layers to stages."""
+    sequence_parallel: bool = False
+    """Reserved for sequence parallelism (shard norms/dropout over the sequence); not implemented yet."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.tensor_parallel >= 1, "parallel.tensor_parallel", f"must be >= 1, got {self.tensor_parallel}"
+        )
+        _check(
+            self.pipeline_parallel >= 1,
+            "parallel.pipeline_parallel",
+            f"must be >= 1, got {self.pipeline_parallel}",
+        )
+        _check(
+            not self.sequence_parallel,
+            "parallel.sequence_parallel",
+            "is not implemented yet; set it to false",
+        )
+
+
+# ------------------------------------------------------------------------------------------------ ki
+@dataclass
+class KIConfig:
+    """Knowledge Inheritance: the frozen teacher and the weight a_t of its distillation loss."""
+
+    enabled: bool = False
+    """Train with a teacher; False is plain pre-training from scratch."""
+    teacher_path: str | None = None
+    """Framework checkpoint directory of the teacher (``hf:/dir`` for a Hugging Face model, later)."""
+    teacher: ModelConfig | None = None
+    """Teacher architecture; None reads it from the teacher checkpoint's metadata."""
+    teacher_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    """Dtype the frozen teacher is stored and run in."""
+    divergence: Literal["forward_kl", "reverse_kl", "cross_entropy"] = "forward_kl"
+    """D(teacher || student): forward KL (the paper's), reverse KL, or cross-entropy to the teacher."""
+    temperature: float = 2.0
+    """Softmax temperature tau of both distributions; the KD term is scaled by tau^2."""
+    schedule: Literal["linear", "step", "constant", "wsd"] = "linear"
+    """How a_t evolves: linear decay to 0 over decay_steps, step (a_0 then 0), constant, or following the LR."""
+    alpha0: float = 1.0
+    """a_0, the initial weight of the KD loss."""
+    decay_steps: int = 1000
+    """T_ki: steps after which a_t is 0 and the teacher is released (linear and step schedules)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.teacher, dict):
+            self.teacher = _build(ModelConfig, self.teacher, "ki.teacher")
+        _check(self.temperature > 0, "ki.temperature", f"must be positive, got {self.temperature}")
+        _check(0.0 <= self.alpha0 <= 1.0, "ki.alpha0", f"must be in [0, 1], got {self.alpha0}")
+        _check(self.decay_steps >= 0, "ki.decay_steps", f"must be >= 0, got {self.decay_steps}")
+        if self.enabled:
+            _check(
+                self.teacher_path is not None or self.teacher is not None,
+                "ki.teacher_path",
+                "is required when ki.enabled is true (or give ki.teacher for a randomly initialised teacher)",
+            )
+
+
+# ---------------------------------------------------------------------------------------------- data
+@dataclass
+class DataConfig:
+    """Where the tokens come from and how they are cut into samples."""
+
+    data_path: list[str | float] = field(default_factory=list)
+    """Megatron form: ``[prefix]`` or ``[w1, prefix1, w2, prefix2, ...]`` (weights normalised); on the
+    command line ``--data.data_path 0.3 prefixA 0.7 prefixB``."""
+    split: str = "969,30,1"
+    """train/valid/test proportions of each dataset's documents."""
+    seq_length: int = 128
+    """Tokens per sample."""
+    tokenizer_type: Literal["SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer", "none"] = (
+        "none"
+    )
+    """Tokenizer kind; must be the same for student and teacher."""
+    tokenizer_model: str | None = None
+    """Sentencepiece model file or Hugging Face tokenizer directory."""
+    mask_prob: float = 0.15
+    """MLM: fraction of tokens selected for prediction (80% <mask>, 10% random, 10% kept)."""
+    whole_word_masking: bool = False
+    """MLM: mask all pieces of a word together."""
+    seed: int = 1234
+    """Seed of shuffling and masking."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+    cache_dir: str | None = None
+    """Where sample/shuffle indices are cached; None puts them beside the data."""
+
+    def __post_init__(self) -> None:
+        _check(self.seq_length > 0, "data.seq_length", f"must be positive, got {self.seq_length}")
+        _check(0.0 < self.mask_prob < 1.0, "data.mask_prob", f"must be in (0, 1), got {self.mask_prob}")
+        parts = self.split.replace("/", ",").split(",")
+        try:
+            values = [float(p) for p in parts]
+        except ValueError:
+            raise ConfigError(
+                "data.split", f"expected comma-separated numbers like '969,30,1', got {self.split!r}"
+            ) from None
+        _check(
+            len(values) <= 3 and all(v >= 0 for v in values) and sum(values) > 0,
+            "data.split",
+            f"expected up to three non-negative numbers with a positive sum, got {self.split!r}",
+        )
+        self.data_path = [str(p) for p in self.data_path]
+        if len(self.data_path) > 1:
+            _check(
+                len(self.data_path) % 2 == 0,
+                "data.data_path",
+                "expected one prefix or pairs of 'weight prefix', got an odd number of entries",
+            )
+            for i in range(0, len(self.data_path), 2):
+                try:
+                    weight = float(self.data_path[i])
+                except ValueError:
+                    raise ConfigError(
+                        "data.data_path", f"entry {i} should be a weight, got {self.data_path[i]!r}"
+                    ) from None
+                _check(weight >= 0, "data.data_path", f"weight {weight} at entry {i} must be >= 0")
+
+
+# --------------------------------------------------------------------------------------------- optim
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule (the paper's: 10% warmup then linear decay)."""
+
+    lr: float = 5e-4
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the decay."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay (not applied to biases and norms)."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.98
+    """Adam beta2."""
+    adam_eps: float = 1e-6
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Gradient-norm clipping threshold; 0 disables."""
+    lr_warmup_fraction: float = 0.1
+    """Fraction of train.train_steps spent warming up linearly."""
+    lr_decay_style: Literal["linear", "cosine", "constant", "inverse_sqrt"] = "linear"
+    """Decay after warmup."""
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "optim.lr", f"must be positive, got {self.lr}")
+        _check(0 <= self.min_lr <= self.lr, "optim.min_lr", f"must be in [0, optim.lr], got {self.min_lr}")
+        _check(0 <= self.lr_warmup_fraction <= 1, "optim.lr_warmup_fraction", "must be in [0, 1]")
+        for name in ("adam_beta1", "adam_beta2"):
+            _check(0 <= getattr(self, name) < 1, f"optim.{name}", "must be in [0, 1)")
+        _check(self.adam_eps > 0, "optim.adam_eps", "must be positive")
+        _check(self.clip_grad >= 0, "optim.clip_grad", "must be >= 0")
+
+
+# --------------------------------------------------------------------------------------------- train
+@dataclass
+class TrainConfig:
+    """Batch sizes, length of training, precision and evaluation cadence."""
+
+    micro_batch_size: int = 2
+    """Samples per data-parallel rank per forward/backward."""
+    global_batch_size: int = 4
+    """Samples per optimizer step over all data-parallel ranks (micro x dp x gradient accumulation)."""
+    train_steps: int = 100
+    """Optimizer steps to run."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Training precision; bf16/fp16 keep fp32 master weights in the optimizer."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage (0, 1 or 2)."""
+    eval_interval: int = 50
+    """Evaluate on the validation split every this many steps (0: only at the end)."""
+    eval_iters: int = 10
+    """Validation batches per evaluation."""
+    seed: int = 1234
+    """Seed of parameter initialisation and dropout."""
+    max_consecutive_skips: int = 10
+    """Abort after this many consecutive steps with a non-finite loss or gradient."""
+    deepspeed_config: str | None = None
+    """Optional DeepSpeed JSON whose entries override the generated config."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.micro_batch_size > 0,
+            "train.micro_batch_size",
+            f"must be positive, got {self.micro_batch_size}",
+        )
+        _check(
+            self.global_batch_size > 0,
+            "train.global_batch_size",
+            f"must be positive, got {self.global_batch_size}",
+        )
+        _check(self.train_steps >= 0, "train.train_steps", "must be >= 0")
+        _check(self.zero_stage in (0, 1, 2), "train.zero_stage", f"must be 0, 1 or 2, got {self.zero_stage}")
+        _check(self.eval_interval >= 0, "train.eval_interval", "must be >= 0")
+
+
+# ---------------------------------------------------------------------------------------- checkpoint
+@dataclass
+class CheckpointConfig:
+    """Where checkpoints go and come from."""
+
+    save: str | None = None
+    """Directory to save checkpoints in; None disables saving."""
+    load: str | None = None
+    """Directory to resume from (its ``latest`` tag)."""
+    save_interval: int = 0
+    """Save every this many steps (0: only at the end)."""
+    keep_last: int = 2
+    """How many checkpoints to keep; older ones are deleted after a successful save."""
+
+    def __post_init__(self) -> None:
+        _check(self.save_interval >= 0, "checkpoint.save_interval", "must be >= 0")
+        _check(self.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {self.keep_last}")
+
+
+# ------------------------------------------------------------------------------------------- logging
+@dataclass
+class LoggingConfig:
+    """Metrics and logs."""
+
+    run_dir: str = "runs/default"
+    """Directory of metrics.jsonl, TensorBoard events and the generated DeepSpeed config."""
+    log_interval: int = 1
+    """Write metrics every this many steps."""
+    tensorboard: bool = True
+    """Also write TensorBoard events."""
+    progress_bar: bool = True
+    """Show a progress bar on rank 0."""
+
+    def __post_init__(self) -> None:
+        _check(self.log_interval >= 1, "logging.log_interval", f"must be >= 1, got {self.log_interval}")
+
+
+# ------------------------------------------------------------------------------------------ the whole
+@dataclass
+class Config:
+    """A whole run. Groups are validated on their own; :meth:`validate` checks them against each other."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The student (or the only) model."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Tensor/pipeline/data parallel layout."""
+    ki: KIConfig = field(default_factory=KIConfig)
+    """Knowledge Inheritance."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and LR schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Training loop."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoints."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Logging."""
+
+    def validate(self, world_size: int) -> None:
+        """Cross-group checks for a run over ``world_size`` ranks; call before creating process groups."""
+        tp, pp = self.parallel.tensor_parallel, self.parallel.pipeline_parallel
+        _check(
+            world_size % (tp * pp) == 0,
+            "parallel.tensor_parallel",
+            f"tensor_parallel x pipeline_parallel = {tp} x {pp} must divide the world size {world_size}",
+        )
+        dp = world_size // (tp * pp)
+        models = [("model", self.model)]
+        if self.ki.enabled and self.ki.teacher is not None:
+            models.append(("ki.teacher", self.ki.teacher))
+        for prefix, m in models:
+            _check(
+                m.num_attention_heads % tp == 0,
+                f"{prefix}.num_attention_heads",
+                f"{m.num_attention_heads} heads are not divisible by parallel.tensor_parallel={tp}",
+            )
+            _check(
+                m.kv_heads % tp == 0,
+                f"{prefix}.num_key_value_heads",
+                f"{m.kv_heads} key/value heads are not divisible by parallel.tensor_parallel={tp}",
+            )
+            _check(
+                m.ffn_size % tp == 0,
+                f"{prefix}.ffn_hidden_size",
+                f"{m.ffn_size} is not divisible by parallel.tensor_parallel={tp}",
+            )
+            _check(
+                pp <= m.num_layers,
+                "parallel.pipeline_parallel",
+                f"{pp} pipeline stages are more than the {m.num_layers} layers of {prefix}",
+            )
+        per_step = self.train.micro_batch_size * dp
+        _check(
+            self.train.global_batch_size % per_step == 0,
+            "train.global_batch_size",
+            f"{self.train.global_batch_size} is not divisible by train.micro_batch_size x data-parallel size = "
+            f"{self.train.micro_batch_size} x {dp} = {per_step}",
+        )
+        if self.ki.enabled and self.ki.teacher is not None:
+            _check(
+                self.ki.teacher.vocab_size == self.model.vocab_size,
+                "ki.teacher.vocab_size",
+                f"teacher vocabulary {self.ki.teacher.vocab_size} differs from the student's "
+                f"{self.model.vocab_size}; teacher and student must share the tokenizer",
+            )
+        _check(
+            self.data.seq_length <= self.model.max_position_embeddings,
+            "data.seq_length",
+            f"{self.data.seq_length} is longer than model.max_position_embeddings="
+            f"{self.model.max_position_embeddings}",
+        )
+
+    def gradient_accumulation_steps(self, world_size: int) -> int:
+        dp = world_size // (self.parallel.tensor_parallel * self.parallel.pipeline_parallel)
+        return self.train.global_batch_size // (self.train.micro_batch_size * dp)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ------------------------------------------------------------------------------- building and typing
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "|".join(str(c) for c in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return "null" if tp is type(None) else getattr(tp, "__name__", None) or str(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; the only conversions are to float (from int or '3e-4')."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # Optional[X]: X's own, more precise, error
+            return _coerce(value, options[0], key)
+        for arg in options:
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(key, f"expected one of {list(choices)}, got {value!r}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(key, f"expected a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected a boolean (true/false), got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads '3e-4' (no dot) as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(key, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got {value!r}")
+        return value
+    if tp is Any:
+        return value
+    raise ConfigError(key, f"unsupported field type {tp!r}")
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, refusing unknown keys and checking every type."""
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(full, f"unknown key; expected one of {sorted(names)}")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate (per group) a :class:`Config` from a nested mapping."""
+    if not isinstance(data, dict):
+        raise ConfigError("<root>", f"expected a mapping of config groups, got {type(data).__name__}")
+    return _build(Config, data, "")
+
+
+def _parse_scalar(text: str) -> Any:
+    """A command-line value as YAML would read it (``12`` -> int, ``true`` -> bool, ``[a, b]`` -> list)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``--group.key value`` (or ``--group.key=value``) pairs to a nested mapping."""
+    items = list(overrides)
+    i = 0
+    while i < len(items):
+        arg = items[i]
+        if not arg.startswith("--"):
+            raise ConfigError(arg, "expected an option of the form --group.key VALUE")
+        if "=" in arg:
+            key, text = arg[2:].split("=", 1)
+            texts = [text]
+            i += 1
+        else:
+            key = arg[2:]
+            j = i + 1
+            while j < len(items) and not items[j].startswith("--"):
+                j += 1
+            texts = items[i + 1 : j]
+            if not texts:
+                raise ConfigError(key, "is missing its value")
+            i = j
+        parts = key.split(".")
+        if len(parts) < 2:
+            raise ConfigError(key, "expected a dotted key such as --model.num_layers")
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(key, f"'{p}' is not a group")
+        hint = _leaf_hint(parts)
+        is_list = typing.get_origin(hint) is list
+        if len(texts) > 1 and not is_list:
+            raise ConfigError(key, f"takes one value, got {len(texts)}: {texts}")
+        if is_list and len(texts) > 1:
+            value: Any = [_parse_scalar(t) for t in texts]
+        elif hint is str or (
+            typing.get_origin(hint) in (Union, types.UnionType) and str in typing.get_args(hint)
+        ):
+            value = texts[0] if texts[0] not in ("null", "None", "~") else None
+        else:
+            value = _parse_scalar(texts[0])
+        node[parts[-1]] = value
+    return data
+
+
+def _leaf_hint(parts: list[str]) -> Any:
+    cls: Any = Config
+    for p in parts:
+        if not dataclasses.is_dataclass(cls):
+            return None
+        hint = _hints(cls).get(p)
+        if hint is None:
+            return None
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        cls = args[0] if len(args) == 1 and dataclasses.is_dataclass(args[0]) else hint
+    return cls
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a config file; its optional ``base:`` (a path or list, relative to the file) is merged first."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("--config", f"file not found: {path}")
+    if path.resolve() in _seen:
+        raise ConfigError("base", f"{path} includes itself through 'base'")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError("--config", f"{path} is not valid YAML: {e}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(
+            "--config", f"{path} must hold a mapping of config groups, got {type(loaded).__name__}"
+        )
+    bases = loaded.pop("base", None) or []
+    merged: dict[str, Any] = {}
+    for b in [bases] if isinstance(bases, str) else bases:
+        merged = _deep_merge(merged, read_yaml(path.parent / b, (*_seen, path.resolve())))
+    return _deep_merge(merged, loaded)
+
+
+def load_config(
+    paths: str | Path | list[str | Path] | None = None, overrides: list[str] | None = None
+) -> Config:
+    """Load YAML file(s) (later ones win), apply dotted overrides, and build a per-group validated Config."""
+    if paths is None:
+        paths = []
+    elif isinstance(paths, str | Path):
+        paths = [paths]
+    data: dict[str, Any] = {}
+    for path in paths:
+        data = _deep_merge(data, read_yaml(path))
+    data = apply_overrides(data, overrides or [])
+    return config_from_dict(data)
+
+
+def parse_args(argv: list[str]) -> Config:
+    """Command line of the entry points: ``[--config FILE ...] [--group.key VALUE ...]``; ``--help`` lists keys."""
+    if any(a in ("-h", "--help") for a in argv):
+        print("usage: [--config FILE ...] [--group.key VALUE ...]\n\noptions:")
+        print("\n".join("  " + line for line in describe()))
+        raise SystemExit(0)
+    paths, rest, i = [], [], 0
+    while i < len(argv):
+        if argv[i] == "--config":
+            if i + 1 >= len(argv):
+                raise ConfigError("--config", "is missing its file")
+            paths.append(argv[i + 1])
+            i += 2
+        elif argv[i].startswith("--config="):
+            paths.append(argv[i].split("=", 1)[1])
+            i += 1
+        else:
+            rest.append(argv[i])
+            i += 1
+    return load_config(paths, rest)
+
+
+def model_config_from_yaml(path: str | Path) -> ModelConfig:
+    """Read a YAML file holding either a ``model:`` group or the model fields themselves."""
+    data = read_yaml(path)
+    if "model" in data:
+        data = data["model"]
+    return _build(ModelConfig, data, "model")
+
+
+# ---------------------------------------------------------------------------------------------- docs
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of dataclass ``cls`` (read from its source)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for prev, node in itertools.pairwise(body):
+        if (
+            isinstance(prev, ast.AnnAssign)
+            and isinstance(prev.target, ast.Name)
+            and isinstance(node, ast.Expr)
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
+        ):
+            docs[prev.target.id] = node.value.value.strip()
+    return docs
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[str]:
+    """One line per leaf option: ``--group.key (type, default): doc`` for ``--help`` output."""
+    lines = []
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        hint = _hints(cls)[f.name]
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hint):
+            lines.extend(describe(hint, key + "."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else "[]"
+        lines.append(f"--{key} ({_type_name(hint)}, default {default}): {docs.get(f.name, '')}")
+    return lines
