@@ -1,0 +1,86 @@
+"""The DeepSpeed JSON config, generated from the dataclass config (one source of truth).
+
+A user JSON (``train.deepspeed_config``) may override any part of it; the batch sizes must still agree
+with the framework's, since the data sampler is built from them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from megatron_ki.config import Config, ConfigError
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = (
+            _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
+    return out
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    """DeepSpeed config for ``cfg`` over ``world_size`` ranks (data parallel = world / (tp x pp))."""
+    dp = world_size // (cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel)
+    train = cfg.train
+    ds: dict[str, Any] = {
+        "train_batch_size": train.global_batch_size,
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.global_batch_size // (train.micro_batch_size * dp),
+        "gradient_clipping": cfg.optim.clip_grad,
+        "zero_optimization": {"stage": train.zero_stage},
+        "bf16": {"enabled": train.precision == "bf16"},
+        "fp16": {
+            "enabled": train.precision == "fp16",
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if train.zero_stage > 0:
+        ds["zero_optimization"].update(
+            {
+                "contiguous_gradients": True,
+                "overlap_comm": False,
+                "reduce_scatter": True,
+                "allgather_partitions": True,
+            }
+        )
+    if train.precision == "bf16":
+        # Gradients are accumulated and reduced in fp32: bf16 sums over many micro-batches lose bits.
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
+    if train.deepspeed_config:
+        path = Path(train.deepspeed_config)
+        if not path.is_file():
+            raise ConfigError("train.deepspeed_config", f"file not found: {path}")
+        try:
+            user = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ConfigError("train.deepspeed_config", f"{path} is not valid JSON: {e}") from None
+        for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+            if key in user and user[key] != ds[key]:
+                raise ConfigError(
+                    "train.deepspeed_config",
+                    f"{path} sets {key}={user[key]} but the framework config gives {ds[key]}; "
+                    "set batch sizes with train.micro_batch_size / train.global_batch_size",
+                )
+        ds = _merge(ds, user)
+    return ds
+
+
+def write_deepspeed_config(ds: dict[str, Any], run_dir: str | Path) -> Path:
+    """Write the config beside the run's logs (atomically) so a run can be audited and repeated."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "deepspeed_config.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(ds, indent=2, sort_keys=True), encoding="utf-8")
+    tmp.replace(path)
+    return path

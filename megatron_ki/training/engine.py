@@ -1,0 +1,122 @@
+"""DeepSpeed engine construction: the framework's groups handed to DeepSpeed, AdamW, the LR schedule.
+
+pp = 1 uses ``deepspeed.initialize`` with ZeRO 0-2 over the data-parallel group; tensor parallelism
+comes from the framework's layers, and DeepSpeed learns the groups from :class:`DeepSpeedMPU`.
+pp > 1 passes a ``PipelineModule`` (see ``megatron_ki.models.pipe``), whose grid DeepSpeed builds from
+the same topology.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron_ki.config import Config
+from megatron_ki.parallel import ParallelGroups
+from megatron_ki.training.lr import lr_schedule
+
+logger = logging.getLogger("megatron_ki")
+
+
+class DeepSpeedMPU:
+    """The ``mpu`` object DeepSpeed queries for groups (Megatron's interface), backed by ParallelGroups.
+
+    "Model parallel" means tensor parallel here, as in Megatron-DeepSpeed: DeepSpeed uses it to avoid
+    counting replicated parameters twice in the gradient norm and to name checkpoint shards.
+    """
+
+    def __init__(self, groups: ParallelGroups):
+        self.groups = groups
+
+    def _rank(self, name: str) -> int:
+        return self.groups.ranks[name].index(self.groups.rank)
+
+    def get_model_parallel_group(self):
+        return self.groups.tensor
+
+    def get_model_parallel_rank(self) -> int:
+        return self._rank("tensor")
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.groups.topology.tp
+
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return self.groups.ranks["tensor"][0]
+
+    def get_data_parallel_group(self):
+        return self.groups.data
+
+    def get_data_parallel_rank(self) -> int:
+        return self._rank("data")
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.groups.topology.dp
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return list(self.groups.ranks["data"])
+
+    def get_pipeline_model_parallel_group(self):
+        return self.groups.pipeline
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return self._rank("pipeline")
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return self.groups.topology.pp
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only: biases, norms and 1-D parameters are not decayed (Megatron, HF)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW: DeepSpeed's fused (GPU) Adam when it builds, else torch's (fused on CUDA, foreach on CPU)."""
+    groups = param_groups(model, cfg.optim.weight_decay)
+    kwargs = dict(lr=cfg.optim.lr, betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2), eps=cfg.optim.adam_eps)
+    on_cuda = any(p.is_cuda for g in groups for p in g["params"])
+    if on_cuda:
+        try:
+            from deepspeed.ops.adam import FusedAdam
+
+            opt = FusedAdam(groups, adam_w_mode=True, **kwargs)
+            logger.info("optimizer: DeepSpeed FusedAdam (AdamW mode)")
+            return opt
+        except Exception as e:  # the op may fail to build on this machine
+            logger.info("optimizer: DeepSpeed FusedAdam unavailable (%s); using torch.optim.AdamW(fused)", e)
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+    logger.info("optimizer: torch.optim.AdamW (CPU)")
+    return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+def initialize_engine(cfg: Config, model: nn.Module, groups: ParallelGroups, ds_config: dict[str, Any]):
+    """``deepspeed.initialize`` with the framework's optimizer, LR schedule and groups; returns the engine."""
+    import deepspeed
+
+    optimizer = build_optimizer(model, cfg)
+    schedule = lr_schedule(cfg.optim, cfg.train.train_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step) / cfg.optim.lr)
+    pipeline = cfg.parallel.pipeline_parallel > 1
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=ds_config,
+        mpu=None if pipeline else DeepSpeedMPU(groups),
+        dist_init_required=not dist.is_initialized(),
+    )
+    return engine
