@@ -11,6 +11,7 @@ call with that rank's traceback; a rank that hangs fails it after ``timeout`` se
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import traceback
@@ -40,7 +41,11 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, que
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", result))
+        # Serialise here: tensors put on a torch.multiprocessing queue travel as shared-memory handles that
+        # die with this process, which may exit before the parent reads them.
+        buffer = io.BytesIO()
+        torch.save(result, buffer)
+        queue.put((rank, "ok", buffer.getvalue()))
     except BaseException:
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -64,7 +69,7 @@ def run_distributed(fn: Callable, world_size: int, args: tuple = (), timeout: fl
         for _ in range(world_size):
             rank, status, payload = queue.get(timeout=timeout)
             if status == "ok":
-                results[rank] = payload
+                results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
             else:
                 errors.append(f"rank {rank} failed:\n{payload}")
                 break

@@ -130,7 +130,13 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = copy_to_tp_region(x, self.group)
         y = F.linear(x, self.weight, self.bias)
-        return gather_from_tp_region(y, self.group) if self.gather_output else y
+        if not self.gather_output:
+            return y
+        y = gather_from_tp_region(y, self.group)
+        tp = group_size(self.group)
+        if tp > 1 and len(self.output_sizes) > 1:  # rank order [q0 k0 v0 q1 ...] -> the full weight's [q k v]
+            y = unshard_rows(y.chunk(tp, dim=-1), self.output_sizes, dim=-1)
+        return y
 
     def extra_repr(self) -> str:
         return f"in={self.input_size}, out={self.output_size}, out_per_partition={self.output_size_per_partition}"

@@ -44,6 +44,10 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if cfg.ki.enabled and cfg.parallel.pipeline_parallel > 1:
+        # The KI activation changes shape when the teacher is released (dynamic shapes); DeepSpeed caches the
+        # metadata of TP-partitioned pipeline activations once, so send them whole.
+        ds["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
     if train.zero_stage > 0:
         ds["zero_optimization"].update(
             {

@@ -103,6 +103,29 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
+def clip_grad_norm(parameters, max_norm: float, groups: ParallelGroups) -> torch.Tensor:
+    """Clip gradients by their global 2-norm, counting each parameter once over tensor x pipeline ranks.
+
+    TP-sharded parameters count on every TP rank, replicated ones on TP rank 0 only, and a pipeline
+    replica of a tied weight (``ds_pipe_replicated``) not at all. Used for fp32 without ZeRO, where
+    DeepSpeed's own clipping miscounts under pipeline parallelism.
+    """
+    params = [p for p in parameters if p.grad is not None]
+    total = torch.zeros((), dtype=torch.float32, device=params[0].device if params else "cpu")
+    for p in params:
+        if getattr(p, "ds_pipe_replicated", False):
+            continue
+        if groups.tp_rank == 0 or getattr(p, "tensor_model_parallel", False):
+            total += p.grad.detach().float().pow(2).sum()
+    if groups.model_parallel is not None:
+        dist.all_reduce(total, group=groups.model_parallel)
+    norm = total.sqrt()
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for p in params:
+        p.grad.detach().mul_(coef.to(p.grad.dtype))
+    return norm
+
+
 def initialize_engine(cfg: Config, model: nn.Module, groups: ParallelGroups, ds_config: dict[str, Any]):
     """``deepspeed.initialize`` with the framework's optimizer, LR schedule and groups; returns the engine."""
     import deepspeed
@@ -119,4 +142,7 @@ def initialize_engine(cfg: Config, model: nn.Module, groups: ParallelGroups, ds_
         mpu=None if pipeline else DeepSpeedMPU(groups),
         dist_init_required=not dist.is_initialized(),
     )
+    fp32_plain = cfg.train.precision == "fp32" and cfg.train.zero_stage == 0
+    if fp32_plain and cfg.optim.clip_grad > 0:
+        engine.clip_fp32_gradients = lambda: clip_grad_norm(engine.module.parameters(), cfg.optim.clip_grad, groups)
     return engine
