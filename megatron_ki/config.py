@@ -358,6 +358,9 @@ class TrainConfig:
     """Abort after this many consecutive steps with a non-finite loss or gradient."""
     deepspeed_config: str | None = None
     """Optional DeepSpeed JSON whose entries override the generated config."""
+    collective_timeout_s: int = 600
+    """Seconds a collective may wait for a peer before failing, so a crashed rank ends the job instead of
+    hanging it."""
 
     def __post_init__(self) -> None:
         _check(
@@ -373,6 +376,7 @@ class TrainConfig:
         _check(self.train_steps >= 0, "train.train_steps", "must be >= 0")
         _check(self.zero_stage in (0, 1, 2), "train.zero_stage", f"must be 0, 1 or 2, got {self.zero_stage}")
         _check(self.eval_interval >= 0, "train.eval_interval", "must be >= 0")
+        _check(self.collective_timeout_s > 0, "train.collective_timeout_s", "must be positive")
 
 
 # ---------------------------------------------------------------------------------------- checkpoint

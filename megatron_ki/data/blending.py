@@ -1,0 +1,227 @@
+"""Blending several datasets by weight, train/valid/test splits, and the data-parallel batch sampler.
+
+``--data-path 0.3 prefixA 0.7 prefixB`` (Megatron's form; weights normalised) and ``--split 969,30,1``
+(proportions of each dataset's documents) give three blended datasets. The sampler hands each data-parallel
+rank its own slice of every global micro-batch and resumes from a consumed-sample count.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Literal
+
+import numpy as np
+import torch
+
+from megatron_ki.data.gpt_dataset import GPTDataset
+from megatron_ki.data.helpers import build_blending_indices
+from megatron_ki.data.indexed import IndexedDataset
+from megatron_ki.data.mlm_dataset import MLMDataset
+
+SPLIT_NAMES = ("train", "valid", "test")
+
+
+def parse_data_path(data_path: list[str] | str) -> tuple[list[float], list[str]]:
+    """``[prefix]`` or ``[w1, p1, w2, p2, ...]`` -> (normalised weights, prefixes)."""
+    items = data_path.split() if isinstance(data_path, str) else [str(x) for x in data_path]
+    if not items:
+        raise ValueError("--data-path: no dataset given")
+    if len(items) == 1:
+        return [1.0], items
+    if len(items) % 2:
+        raise ValueError(f"--data-path: expected pairs of 'weight prefix', got {len(items)} entries: {items}")
+    weights, prefixes = [], []
+    for i in range(0, len(items), 2):
+        try:
+            w = float(items[i])
+        except ValueError:
+            raise ValueError(f"--data-path: entry {i} should be a weight, got {items[i]!r}") from None
+        if w < 0 or not math.isfinite(w):
+            raise ValueError(f"--data-path: weight {items[i]} of {items[i + 1]} must be a finite number >= 0")
+        weights.append(w)
+        prefixes.append(items[i + 1])
+    total = sum(weights)
+    if total <= 0:
+        raise ValueError("--data-path: weights sum to 0")
+    return [w / total for w in weights], prefixes
+
+
+def split_ranges(split: str, num_documents: int) -> list[tuple[int, int]]:
+    """Megatron's split of ``num_documents`` into train/valid/test ``[start, end)`` ranges."""
+    parts = [float(s) for s in split.replace("/", ",").split(",") if s.strip()]
+    if not parts or len(parts) > 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
+        raise ValueError(f"--split {split!r}: expected up to three non-negative numbers with a positive sum")
+    parts += [0.0] * (3 - len(parts))
+    total = sum(parts)
+    bounds = [0]
+    for p in parts:
+        bounds.append(bounds[-1] + round(p / total * num_documents))
+    diff = bounds[-1] - num_documents
+    bounds = [bounds[0]] + [b - diff for b in bounds[1:]]
+    return [(bounds[i], bounds[i + 1]) for i in range(3)]
+
+
+class BlendedDataset(torch.utils.data.Dataset):
+    """``size`` samples drawn from ``datasets`` in proportion to ``weights`` (deterministic greedy order)."""
+
+    def __init__(self, datasets: list, weights: list[float], size: int, use_cpp: bool | None = None):
+        if len(datasets) != len(weights) or not datasets:
+            raise ValueError("BlendedDataset: need as many weights as datasets, at least one")
+        self.datasets = datasets
+        w = np.asarray(weights, dtype=np.float64)
+        self.weights = w / w.sum()
+        self.size = int(size)
+        self.dataset_index, self.dataset_sample_index = build_blending_indices(
+            self.weights, self.size, use_cpp
+        )
+        counts = np.bincount(self.dataset_index, minlength=len(datasets))
+        for d, ds in enumerate(datasets):
+            if counts[d] > len(ds):
+                raise ValueError(
+                    f"BlendedDataset: dataset {d} is asked for {counts[d]} samples but holds {len(ds)}"
+                )
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        d = int(self.dataset_index[i])
+        sample = dict(self.datasets[d][int(self.dataset_sample_index[i])])
+        sample["dataset_id"] = np.int64(d)
+        return sample
+
+
+def build_train_valid_test_datasets(
+    data_path: list[str] | str,
+    split: str,
+    seq_length: int,
+    seed: int,
+    num_samples: tuple[int | None, int | None, int | None],
+    kind: Literal["gpt", "mlm"] = "gpt",
+    tokenizer=None,
+    cache_dir: str | None = "",
+    **mlm_kwargs,
+) -> list[torch.utils.data.Dataset | None]:
+    """Train/valid/test datasets (None where a split is empty or asks for 0 samples), blended by weight."""
+    weights, prefixes = parse_data_path(data_path)
+    per_split: list[list] = [[], [], []]
+    for prefix, w in zip(prefixes, weights):
+        indexed = IndexedDataset(prefix)
+        ranges = split_ranges(split, indexed.num_documents)
+        for s, (lo, hi) in enumerate(ranges):
+            want = num_samples[s]
+            if hi <= lo or want == 0:
+                per_split[s].append(None)
+                continue
+            seq_lo, seq_hi = int(indexed.document_indices[lo]), int(indexed.document_indices[hi])
+            documents = np.arange(seq_lo, seq_hi, dtype=np.int64)
+            n = None if want is None else (want if len(prefixes) == 1 else math.ceil(want * w * 1.005))
+            if kind == "gpt":
+                ds = GPTDataset(indexed, documents, seq_length, n, seed, cache_dir, SPLIT_NAMES[s])
+            elif kind == "mlm":
+                if tokenizer is None:
+                    raise ValueError("build_train_valid_test_datasets: kind='mlm' needs a tokenizer")
+                ds = MLMDataset(
+                    indexed,
+                    documents,
+                    seq_length,
+                    n,
+                    seed,
+                    tokenizer,
+                    cache_dir=cache_dir,
+                    name=SPLIT_NAMES[s],
+                    **mlm_kwargs,
+                )
+            else:
+                raise ValueError(f"kind must be 'gpt' or 'mlm', got {kind!r}")
+            per_split[s].append(ds)
+    out: list[torch.utils.data.Dataset | None] = []
+    for s in range(3):
+        parts = per_split[s]
+        if all(p is None for p in parts):
+            out.append(None)
+        elif len(parts) == 1:
+            out.append(parts[0])
+        else:
+            keep = [(p, w) for p, w in zip(parts, weights) if p is not None]
+            size = num_samples[s]
+            if size is None:
+                size = min(int(len(p) / w) for p, w in keep if w > 0)
+            out.append(BlendedDataset([p for p, _ in keep], [w for _, w in keep], size))
+    return out
+
+
+class PretrainingSampler(torch.utils.data.Sampler):
+    """Batch sampler: rank ``r`` gets indices ``[r*mbs, (r+1)*mbs)`` of each global micro-batch of
+    ``mbs * dp`` consecutive samples, starting at ``consumed_samples`` (Megatron's pretraining sampler).
+
+    Use as ``DataLoader(ds, batch_sampler=PretrainingSampler(...))``. Resuming with the consumed count saved
+    in a checkpoint continues exactly where the run stopped, on every rank.
+    """
+
+    def __init__(
+        self,
+        total_samples: int,
+        consumed_samples: int,
+        micro_batch_size: int,
+        data_parallel_rank: int,
+        data_parallel_size: int,
+        drop_last: bool = True,
+    ):
+        if total_samples <= 0:
+            raise ValueError(f"PretrainingSampler: no samples to draw (total_samples={total_samples})")
+        if micro_batch_size <= 0 or data_parallel_size <= 0:
+            raise ValueError("PretrainingSampler: micro_batch_size and data_parallel_size must be positive")
+        if not 0 <= data_parallel_rank < data_parallel_size:
+            raise ValueError(
+                f"PretrainingSampler: rank {data_parallel_rank} not in [0, {data_parallel_size})"
+            )
+        if consumed_samples < 0:
+            raise ValueError(f"PretrainingSampler: consumed_samples must be >= 0, got {consumed_samples}")
+        self.total_samples = total_samples
+        self.consumed_samples = consumed_samples
+        self.micro_batch_size = micro_batch_size
+        self.rank = data_parallel_rank
+        self.dp = data_parallel_size
+        self.drop_last = drop_last
+        self.global_micro = micro_batch_size * data_parallel_size
+
+    def __len__(self) -> int:
+        remaining = max(0, self.total_samples - self.consumed_samples)
+        return remaining // self.global_micro if self.drop_last else -(-remaining // self.global_micro)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        lo, hi = self.rank * self.micro_batch_size, (self.rank + 1) * self.micro_batch_size
+        for start in range(self.consumed_samples, self.total_samples, self.global_micro):
+            batch = list(range(start, min(start + self.global_micro, self.total_samples)))
+            if len(batch) == self.global_micro:
+                yield batch[lo:hi]
+            elif not self.drop_last:
+                # the last partial global batch is spread over ranks as evenly as possible
+                mine = batch[self.rank :: self.dp]
+                if mine:
+                    yield mine
+
+
+def build_datasets_from_config(
+    data_cfg,
+    num_samples: tuple[int | None, int | None, int | None],
+    kind: Literal["gpt", "mlm"] = "gpt",
+    tokenizer=None,
+) -> list[torch.utils.data.Dataset | None]:
+    """Train/valid/test datasets from a :class:`megatron_ki.config.DataConfig` (``cache_dir=None``: beside data)."""
+    extra = {}
+    if kind == "mlm":
+        extra = {"mask_prob": data_cfg.mask_prob, "whole_word_masking": data_cfg.whole_word_masking}
+    return build_train_valid_test_datasets(
+        data_cfg.data_path,
+        data_cfg.split,
+        data_cfg.seq_length,
+        data_cfg.seed,
+        num_samples,
+        kind=kind,
+        tokenizer=tokenizer,
+        cache_dir="" if data_cfg.cache_dir is None else data_cfg.cache_dir,
+        **extra,
+    )

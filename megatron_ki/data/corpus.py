@@ -1,0 +1,99 @@
+"""Streaming access to raw corpora: ``.jsonl``, ``.jsonl.gz``, ``.txt`` (optionally ``.gz``), by glob.
+
+Lines are read one at a time as bytes so that a bad line can be reported as ``file:line`` with its reason and
+memory never depends on the file size.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+from collections.abc import Iterator
+from typing import IO
+
+
+class CorpusError(ValueError):
+    """Bad input: the message starts with ``file:line`` where there is one."""
+
+
+def expand_inputs(patterns: list[str] | str) -> list[str]:
+    """Files matched by each pattern (glob or path), sorted per pattern, de-duplicated, order kept."""
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    files: list[str] = []
+    for pat in patterns:
+        matches = sorted(glob.glob(pat)) if glob.has_magic(pat) else ([pat] if os.path.exists(pat) else [])
+        matches = [m for m in matches if os.path.isfile(m)]
+        if not matches:
+            raise CorpusError(f"--input {pat}: no file matches")
+        for m in matches:
+            if m not in files:
+                files.append(m)
+    return files
+
+
+def open_binary(path: str) -> IO[bytes]:
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+def is_jsonl(path: str) -> bool:
+    return path.removesuffix(".gz").endswith((".jsonl", ".json"))
+
+
+def parse_json_line(raw: bytes, keys: list[str]) -> tuple[list[str] | None, str | None]:
+    """Texts for ``keys`` from one JSON line, or ``(None, reason)`` when the line is bad."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, f"not valid UTF-8 (byte {e.start})"
+    if not line.strip():
+        return None, "empty line, expected a JSON object"
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        return None, f"not valid JSON ({e.msg} at column {e.colno})"
+    if not isinstance(obj, dict):
+        return None, f"expected a JSON object, got {type(obj).__name__}"
+    texts = []
+    for k in keys:
+        if k not in obj:
+            return None, f"missing key {k!r} (keys present: {sorted(obj)[:8]})"
+        v = obj[k]
+        if not isinstance(v, str):
+            return None, f"key {k!r} holds {type(v).__name__}, expected a string"
+        texts.append(v)
+    return texts, None
+
+
+def iter_texts(
+    files: list[str], json_key: str = "text", skip_bad_lines: bool = False, split_lines: bool = False
+) -> Iterator[str]:
+    """Stream texts: the ``json_key`` of each ``.jsonl`` line, or each non-empty line of a ``.txt`` file.
+
+    With ``split_lines`` a JSON text is further split into its lines (sentencepiece trains on lines).
+    """
+    for path in files:
+        with open_binary(path) as f:
+            for lineno, raw in enumerate(f, 1):
+                if is_jsonl(path):
+                    texts, reason = parse_json_line(raw, [json_key])
+                    if texts is None:
+                        if skip_bad_lines:
+                            continue
+                        raise CorpusError(f"{path}:{lineno}: {reason}")
+                    text = texts[0]
+                else:
+                    try:
+                        text = raw.decode("utf-8")
+                    except UnicodeDecodeError:
+                        if skip_bad_lines:
+                            continue
+                        raise CorpusError(f"{path}:{lineno}: not valid UTF-8") from None
+                if split_lines:
+                    for part in text.splitlines():
+                        if part.strip():
+                            yield part
+                elif text.strip():
+                    yield text.rstrip("\n")

@@ -1,0 +1,347 @@
+"""Megatron's MMIDIDX v1 indexed dataset: a zero-copy reader over ``np.memmap`` and a streaming writer.
+
+Byte layout of ``{prefix}.idx`` (little-endian): magic ``b"MMIDIDX\\x00\\x00"``, version ``<Q`` = 1, dtype code
+``<B``, sequence_count ``<Q``, document_count ``<Q`` (documents + 1), then int32 sequence_lengths, int64
+sequence_pointers (byte offsets into ``.bin``) and int64 document_indices (0 ... sequence_count).
+``{prefix}.bin`` holds the tokens back to back. Files written here are read by Megatron-LM and vice versa.
+
+The writer keeps nothing per document in RAM: lengths and document boundaries are appended to side files
+and the index is assembled in chunks at :meth:`IndexedDatasetBuilder.finalize`, so memory does not grow with
+the corpus. Everything is written under temporary names and renamed only on success, ``.idx`` last, so an
+interrupted run never leaves a pair that looks complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = b"MMIDIDX\x00\x00"
+VERSION = 1
+HEADER_SIZE = len(MAGIC) + 8 + 1 + 8 + 8  # 34 bytes
+
+DTYPE_CODES: dict[int, type] = {
+    1: np.uint8,
+    2: np.int8,
+    3: np.int16,
+    4: np.int32,
+    5: np.int64,
+    6: np.float64,
+    7: np.float32,
+    8: np.uint16,
+}
+CODE_OF_DTYPE = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
+
+_CHUNK = 1 << 20  # entries per chunk when streaming index arrays
+
+
+class IndexedDatasetError(ValueError):
+    """An ``.idx``/``.bin`` pair is malformed; the message names the file and what was expected."""
+
+
+def optimal_dtype(vocab_size: int | None) -> type:
+    """Megatron's rule: uint16 tokens when the vocabulary is under 65500, else int32."""
+    if vocab_size is not None and vocab_size < 65500:
+        return np.uint16
+    return np.int32
+
+
+def idx_path(prefix: str | os.PathLike) -> str:
+    return f"{os.fspath(prefix)}.idx"
+
+
+def bin_path(prefix: str | os.PathLike) -> str:
+    return f"{os.fspath(prefix)}.bin"
+
+
+def dataset_exists(prefix: str | os.PathLike) -> bool:
+    return os.path.isfile(idx_path(prefix)) and os.path.isfile(bin_path(prefix))
+
+
+class IndexedDataset:
+    """Read-only view of ``{prefix}.idx/.bin``; opening costs a few page faults, not a read of the data.
+
+    ``ds[i]`` is sequence ``i`` (a read-only NumPy view into the memory-mapped ``.bin``); ``ds.get(i, offset,
+    length)`` a slice of it. ``sizes``, ``pointers`` and ``document_indices`` are memory-mapped too.
+    """
+
+    def __init__(self, prefix: str | os.PathLike):
+        self.prefix = os.fspath(prefix)
+        ipath, bpath = idx_path(self.prefix), bin_path(self.prefix)
+        if not os.path.isfile(ipath):
+            raise FileNotFoundError(f"{ipath}: index file not found (expected {{prefix}}.idx beside .bin)")
+        if not os.path.isfile(bpath):
+            raise FileNotFoundError(f"{bpath}: data file not found (expected {{prefix}}.bin beside .idx)")
+        idx_size = os.path.getsize(ipath)
+        with open(ipath, "rb") as f:
+            header = f.read(HEADER_SIZE)
+        if len(header) < HEADER_SIZE:
+            raise IndexedDatasetError(
+                f"{ipath}: truncated index, {len(header)} bytes but the MMIDIDX header alone is {HEADER_SIZE}"
+            )
+        if header[: len(MAGIC)] != MAGIC:
+            raise IndexedDatasetError(
+                f"{ipath}: bad magic {header[: len(MAGIC)]!r}, expected {MAGIC!r} (not a Megatron MMIDIDX index)"
+            )
+        (version,) = struct.unpack_from("<Q", header, 9)
+        if version != VERSION:
+            raise IndexedDatasetError(f"{ipath}: unsupported index version {version}, expected {VERSION}")
+        (code,) = struct.unpack_from("<B", header, 17)
+        if code not in DTYPE_CODES:
+            raise IndexedDatasetError(
+                f"{ipath}: unknown dtype code {code}, expected one of {sorted(DTYPE_CODES)}"
+            )
+        self.dtype = np.dtype(DTYPE_CODES[code])
+        self.sequence_count, self.document_count = struct.unpack_from("<QQ", header, 18)
+        expected = HEADER_SIZE + self.sequence_count * (4 + 8) + self.document_count * 8
+        if idx_size < expected:
+            raise IndexedDatasetError(
+                f"{ipath}: truncated index, {idx_size} bytes but {self.sequence_count} sequences and "
+                f"{self.document_count} document indices need {expected}"
+            )
+        if self.document_count < 1:
+            raise IndexedDatasetError(f"{ipath}: document_count is 0, expected at least 1 (the leading 0)")
+        self._idx_map = np.memmap(ipath, mode="r", dtype=np.uint8)
+        off = HEADER_SIZE
+        n = self.sequence_count
+        self.sizes = np.frombuffer(self._idx_map, dtype=np.int32, count=n, offset=off)
+        off += n * 4
+        self.pointers = np.frombuffer(self._idx_map, dtype=np.int64, count=n, offset=off)
+        off += n * 8
+        self.document_indices = np.frombuffer(
+            self._idx_map, dtype=np.int64, count=self.document_count, offset=off
+        )
+        bin_size = os.path.getsize(bpath)
+        data_bytes = 0 if n == 0 else int(self.pointers[-1]) + int(self.sizes[-1]) * self.dtype.itemsize
+        if bin_size != data_bytes:
+            raise IndexedDatasetError(
+                f"{bpath}: size {bin_size} bytes does not match the index {ipath}, which describes "
+                f"{data_bytes} bytes of {self.dtype.name} tokens"
+            )
+        if self.document_indices[0] != 0 or self.document_indices[-1] != n:
+            raise IndexedDatasetError(
+                f"{ipath}: document_indices must run from 0 to sequence_count={n}, got "
+                f"{int(self.document_indices[0])} ... {int(self.document_indices[-1])}"
+            )
+        self._bin_map = np.memmap(bpath, mode="r", dtype=np.uint8) if bin_size else np.zeros(0, np.uint8)
+
+    def __getstate__(self) -> dict:
+        # pickled (DataLoader workers, spawn) as its path: re-mapped on load instead of copying the data
+        return {"prefix": self.prefix}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["prefix"])  # type: ignore[misc]
+
+    def __len__(self) -> int:
+        return int(self.sequence_count)
+
+    @property
+    def num_documents(self) -> int:
+        return int(self.document_count) - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.sizes.sum(dtype=np.int64))
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"{self.prefix}: sequence {i} out of range for {len(self)} sequences")
+        i = int(i) % len(self)
+        return np.frombuffer(
+            self._bin_map, dtype=self.dtype, count=int(self.sizes[i]), offset=int(self.pointers[i])
+        )
+
+    def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
+        """Tokens ``[offset, offset + length)`` of sequence ``i`` (to its end when length is None)."""
+        size = int(self.sizes[i])
+        if length is None:
+            length = size - offset
+        if offset < 0 or length < 0 or offset + length > size:
+            raise IndexError(
+                f"{self.prefix}: slice [{offset}, {offset + length}) outside sequence {i} of {size}"
+            )
+        start = int(self.pointers[i]) + offset * self.dtype.itemsize
+        return np.frombuffer(self._bin_map, dtype=self.dtype, count=length, offset=start)
+
+    def document(self, d: int) -> list[np.ndarray]:
+        """The sequences of document ``d`` (one per document when written without sentence splitting)."""
+        lo, hi = int(self.document_indices[d]), int(self.document_indices[d + 1])
+        return [self[i] for i in range(lo, hi)]
+
+
+class IndexedDatasetBuilder:
+    """Streams sequences into ``{prefix}.bin/.idx`` under temporary names; :meth:`finalize` renames them.
+
+    Use as a context manager: an exception (or KeyboardInterrupt) inside removes every temporary file.
+    """
+
+    def __init__(self, prefix: str | os.PathLike, dtype: type | np.dtype = np.int32):
+        self.prefix = os.fspath(prefix)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in CODE_OF_DTYPE:
+            raise ValueError(
+                f"{self.prefix}: dtype {self.dtype} has no MMIDIDX code; use one of {list(CODE_OF_DTYPE)}"
+            )
+        out_dir = os.path.dirname(os.path.abspath(self.prefix))
+        if not os.path.isdir(out_dir):
+            raise FileNotFoundError(f"output directory {out_dir} does not exist (from prefix {self.prefix})")
+        tag = f".tmp-{os.getpid()}"
+        self._tmp_bin = bin_path(self.prefix) + tag
+        self._tmp_idx = idx_path(self.prefix) + tag
+        self._tmp_lengths = idx_path(self.prefix) + tag + ".lengths"
+        self._tmp_docs = idx_path(self.prefix) + tag + ".docs"
+        # three append-only streams kept open for the builder's lifetime; closed by finalize() or abort()
+        try:
+            self._bin = open(self._tmp_bin, "wb")  # noqa: SIM115
+        except OSError as e:
+            raise PermissionError(f"cannot write to output directory {out_dir}: {e.strerror}") from None
+        self._lengths = open(self._tmp_lengths, "wb")  # noqa: SIM115
+        self._docs = open(self._tmp_docs, "wb")  # noqa: SIM115
+        self.sequence_count = 0
+        self.document_count = 0
+        self.token_count = 0
+        self._finalized = False
+        self._last_doc_end = 0
+
+    # ------------------------------------------------------------------ writing
+    def add_item(self, tokens: np.ndarray | Iterable[int]) -> None:
+        """Append one sequence (no document boundary)."""
+        arr = np.asarray(tokens, dtype=self.dtype)
+        self._bin.write(arr.tobytes(order="C"))
+        self._lengths.write(np.int32(arr.size).tobytes())
+        self.sequence_count += 1
+        self.token_count += int(arr.size)
+
+    def add_items(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append several sequences given back to back in ``tokens`` with their ``lengths`` (one write)."""
+        tokens = np.ascontiguousarray(tokens, dtype=self.dtype)
+        lengths = np.ascontiguousarray(lengths, dtype=np.int32)
+        if int(lengths.sum(dtype=np.int64)) != tokens.size:
+            raise ValueError(
+                f"{self.prefix}: lengths sum to {int(lengths.sum())} but {tokens.size} tokens given"
+            )
+        self._bin.write(tokens.tobytes())
+        self._lengths.write(lengths.tobytes())
+        self.sequence_count += int(lengths.size)
+        self.token_count += int(tokens.size)
+
+    def end_document(self) -> None:
+        """Close the current document: its sequences are those added since the previous boundary."""
+        self._docs.write(np.int64(self.sequence_count).tobytes())
+        self.document_count += 1
+        self._last_doc_end = self.sequence_count
+
+    def add_document(self, tokens: np.ndarray | Iterable[int], lengths: Iterable[int] | None = None) -> None:
+        """Append one document made of one sequence, or of ``lengths`` sequences (sentence splitting)."""
+        if lengths is None:
+            self.add_item(tokens)
+        else:
+            self.add_items(np.asarray(tokens), np.asarray(list(lengths)))
+        self.end_document()
+
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append many one-sequence documents at once (the fast path used by preprocess_data.py)."""
+        self.add_items(tokens, lengths)
+        start = self.sequence_count - int(np.asarray(lengths).size)
+        ends = np.arange(start + 1, self.sequence_count + 1, dtype=np.int64)
+        self._docs.write(ends.tobytes())
+        self.document_count += int(ends.size)
+        self._last_doc_end = self.sequence_count
+
+    def add_index(self, prefix: str | os.PathLike) -> None:
+        """Append a whole existing dataset, streaming its ``.bin`` and keeping its document boundaries."""
+        other = IndexedDataset(prefix)
+        if other.dtype != self.dtype:
+            raise ValueError(
+                f"{idx_path(prefix)}: dtype {other.dtype.name} differs from the output's {self.dtype.name}; "
+                "datasets made with different vocabularies cannot be merged"
+            )
+        base = self.sequence_count
+        self._bin.flush()
+        with open(bin_path(prefix), "rb") as src:
+            shutil.copyfileobj(src, self._bin, 16 << 20)
+        for lo in range(0, len(other), _CHUNK):
+            self._lengths.write(np.ascontiguousarray(other.sizes[lo : lo + _CHUNK]).tobytes())
+        docs = other.document_indices
+        for lo in range(1, len(docs), _CHUNK):
+            self._docs.write((docs[lo : lo + _CHUNK].astype(np.int64) + base).tobytes())
+        self.sequence_count += len(other)
+        self.document_count += other.num_documents
+        self.token_count += other.num_tokens
+        self._last_doc_end = self.sequence_count
+
+    # ---------------------------------------------------------------- finishing
+    def finalize(self) -> None:
+        """Write the index from the side files in chunks and rename ``.bin`` then ``.idx`` into place."""
+        if self._finalized:
+            return
+        if self.sequence_count > self._last_doc_end:
+            self.end_document()  # sequences after the last boundary form the final document
+        for f in (self._bin, self._lengths, self._docs):
+            f.close()
+        with open(self._tmp_idx, "wb") as out:
+            out.write(MAGIC)
+            out.write(struct.pack("<Q", VERSION))
+            out.write(struct.pack("<B", CODE_OF_DTYPE[self.dtype]))
+            out.write(struct.pack("<Q", self.sequence_count))
+            out.write(struct.pack("<Q", self.document_count + 1))
+            with open(self._tmp_lengths, "rb") as src:
+                shutil.copyfileobj(src, out, 16 << 20)
+            if self.sequence_count:
+                lengths = np.memmap(self._tmp_lengths, dtype=np.int32, mode="r")
+                carry = 0
+                itemsize = self.dtype.itemsize
+                for lo in range(0, lengths.size, _CHUNK):
+                    nbytes = lengths[lo : lo + _CHUNK].astype(np.int64) * itemsize
+                    ends = np.cumsum(nbytes) + carry
+                    pointers = ends - nbytes
+                    carry = int(ends[-1])
+                    out.write(pointers.tobytes())
+                del lengths
+            out.write(np.int64(0).tobytes())
+            with open(self._tmp_docs, "rb") as src:
+                shutil.copyfileobj(src, out, 16 << 20)
+        os.remove(self._tmp_lengths)
+        os.remove(self._tmp_docs)
+        os.replace(self._tmp_bin, bin_path(self.prefix))
+        os.replace(self._tmp_idx, idx_path(self.prefix))
+        self._finalized = True
+
+    def abort(self) -> None:
+        """Close and delete every temporary file (nothing that looks like an output remains)."""
+        for f in (self._bin, self._lengths, self._docs):
+            f.close()
+        for p in (self._tmp_bin, self._tmp_idx, self._tmp_lengths, self._tmp_docs):
+            if os.path.exists(p):
+                os.remove(p)
+        self._finalized = True
+
+    def __enter__(self) -> IndexedDatasetBuilder:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif not self._finalized:
+            self.finalize()
+
+
+def merge_datasets(prefixes: list[str | os.PathLike], output_prefix: str | os.PathLike) -> IndexedDataset:
+    """Concatenate datasets (same dtype) into ``output_prefix`` without loading them; returns the result."""
+    if not prefixes:
+        raise ValueError("merge_datasets: no input prefixes given")
+    first = IndexedDataset(prefixes[0])
+    with IndexedDatasetBuilder(output_prefix, first.dtype) as builder:
+        for p in prefixes:
+            builder.add_index(p)
+    return IndexedDataset(output_prefix)
+
+
+def remove_dataset(prefix: str | os.PathLike) -> None:
+    for p in (bin_path(prefix), idx_path(prefix)):
+        Path(p).unlink(missing_ok=True)

@@ -1,0 +1,330 @@
+"""Tokenize JSON-lines corpora into Megatron MMIDIDX datasets (the engine of ``tools/preprocess_data.py``).
+
+The main process reads lines in chunks and hands them to a worker pool with a bounded number of chunks in
+flight, so memory stays flat however large the corpus is (Megatron's own tool holds whole shards). Workers
+parse, validate and tokenize; results come back in input order and are streamed into
+:class:`IndexedDatasetBuilder` instances, which write under temporary names and rename only on success.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import multiprocessing as mp
+import os
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from megatron_ki.data.corpus import CorpusError, expand_inputs, open_binary, parse_json_line
+from megatron_ki.data.indexed import IndexedDatasetBuilder, merge_datasets, optimal_dtype, remove_dataset
+from megatron_ki.data.tokenizers import TOKENIZER_TYPES, Tokenizer, build_tokenizer
+
+
+class PreprocessError(RuntimeError):
+    """A failure with a one-line message meant for the user (the tool prints it and exits 1)."""
+
+
+@dataclass
+class Stats:
+    documents: int = 0
+    tokens: int = 0
+    empty: int = 0
+    bad_lines: int = 0
+    bytes: int = 0
+    bad_examples: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------- workers
+_WORKER: dict = {}
+
+
+def _init_worker(tok_args: tuple, keys: list[str], append_eod: bool, dtype: str, skip_bad: bool) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER.update(
+        tokenizer=build_tokenizer(*tok_args),
+        keys=keys,
+        append_eod=append_eod,
+        dtype=np.dtype(dtype),
+        skip=skip_bad,
+    )
+
+
+def _init_pool_worker(*args) -> None:
+    """Pool workers leave interrupts to the main process, which cleans up and terminates them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _init_worker(*args)
+
+
+def _encode(tok: Tokenizer, texts: list[str]) -> list[list[int]]:
+    if hasattr(tok, "sp"):
+        return tok.sp.encode(texts, num_threads=1)  # type: ignore[attr-defined]
+    return tok.tokenize_batch(texts)
+
+
+def _process_chunk(chunk: tuple[str, int, list[bytes]]) -> dict:
+    """Parse and tokenize one chunk of lines; bad lines are reported, never raised, to keep order."""
+    path, first_line, lines = chunk
+    tok: Tokenizer = _WORKER["tokenizer"]
+    keys: list[str] = _WORKER["keys"]
+    good: list[list[str]] = []
+    bad: list[str] = []
+    nbytes = 0
+    for i, raw in enumerate(lines):
+        nbytes += len(raw)
+        texts, reason = parse_json_line(raw, keys)
+        if texts is None:
+            bad.append(f"{path}:{first_line + i}: {reason}")
+            if not _WORKER["skip"]:
+                break
+            continue
+        good.append(texts)
+    out: dict = {"bad": bad, "bytes": nbytes, "keys": {}}
+    eod = tok.eod
+    for k_i, key in enumerate(keys):
+        ids = _encode(tok, [g[k_i] for g in good]) if good else []
+        ids = [x for x in ids if x]
+        empty = len(good) - len(ids)
+        if _WORKER["append_eod"]:
+            if eod is None:
+                raise PreprocessError(f"--append-eod: tokenizer {tok.name} has no end-of-document token")
+            for x in ids:
+                x.append(eod)
+        lengths = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
+        total = int(lengths.sum(dtype=np.int64))
+        tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=_WORKER["dtype"], count=total)
+        out["keys"][key] = (tokens, lengths, empty)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- reading
+def _chunks(files: list[str], chunk_lines: int, chunk_bytes: int) -> Iterator[tuple[str, int, list[bytes]]]:
+    for path in files:
+        with open_binary(path) as f:
+            buf: list[bytes] = []
+            size = 0
+            first = 1
+            for lineno, raw in enumerate(f, 1):
+                buf.append(raw)
+                size += len(raw)
+                if len(buf) >= chunk_lines or size >= chunk_bytes:
+                    yield path, first, buf
+                    buf, size, first = [], 0, lineno + 1
+            if buf:
+                yield path, first, buf
+
+
+def _ordered_map(pool, chunks: Iterator, inflight: int) -> Iterator[dict]:
+    """Like ``pool.imap`` but with at most ``inflight`` chunks read ahead (imap reads the whole input)."""
+    if pool is None:
+        for c in chunks:
+            yield _process_chunk(c)
+        return
+    pending: deque = deque()
+    for c in chunks:
+        pending.append(pool.apply_async(_process_chunk, (c,)))
+        if len(pending) >= inflight:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+class _Progress:
+    def __init__(self, interval: int, stream=None):
+        self.interval, self.stream = interval, stream or sys.stderr
+        self.start = time.perf_counter()
+        self.next = interval
+
+    def update(self, s: Stats, final: bool = False) -> None:
+        if not final and (self.interval <= 0 or s.documents < self.next):
+            return
+        while self.interval > 0 and self.next <= s.documents:
+            self.next += self.interval
+        dt = max(time.perf_counter() - self.start, 1e-9)
+        print(
+            f"[preprocess] {s.documents:,} docs | {s.documents / dt:,.0f} docs/s | {s.tokens / dt:,.0f} tokens/s"
+            f" | {s.bytes / dt / 1e6:,.2f} MB/s | {dt:,.1f} s",
+            file=self.stream,
+            flush=True,
+        )
+
+
+# -------------------------------------------------------------------------------------------- driver
+def output_prefix_for(prefix: str, key: str) -> str:
+    return f"{prefix}_{key}_document"
+
+
+def _check_output_dir(prefix: str) -> None:
+    out_dir = os.path.dirname(os.path.abspath(prefix))
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise PreprocessError(
+            f"--output-prefix {prefix}: cannot create output directory {out_dir}: {e.strerror}"
+        ) from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise PreprocessError(f"--output-prefix {prefix}: output directory {out_dir} is not writable")
+
+
+def _run_partition(
+    files: list[str], prefixes: dict[str, str], args, tok: Tokenizer, pool, stats: Stats, progress: _Progress
+) -> None:
+    dtype = optimal_dtype(tok.vocab_size)
+    builders = {k: IndexedDatasetBuilder(p, dtype) for k, p in prefixes.items()}
+    try:
+        chunks = _chunks(files, args.chunk_lines, args.chunk_bytes)
+        for res in _ordered_map(pool, chunks, inflight=max(2, 2 * args.workers)):
+            if res["bad"]:
+                if not args.skip_bad_lines:
+                    raise PreprocessError(
+                        f"{res['bad'][0]} (use --skip-bad-lines to count such lines and go on)"
+                    )
+                stats.bad_lines += len(res["bad"])
+                stats.bad_examples.extend(res["bad"][: max(0, 5 - len(stats.bad_examples))])
+            stats.bytes += res["bytes"]
+            for key, (tokens, lengths, empty) in res["keys"].items():
+                builders[key].add_documents(tokens, lengths)
+                stats.empty += empty
+                if key == args.json_keys[0]:
+                    stats.documents += int(lengths.size)
+                stats.tokens += int(tokens.size)
+            progress.update(stats)
+        for b in builders.values():
+            b.finalize()
+    except BaseException:
+        for b in builders.values():
+            b.abort()
+        raise
+
+
+def preprocess(args: argparse.Namespace) -> Stats:
+    """Run the whole job described by parsed ``args``; raises PreprocessError with a one-line reason."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        files = expand_inputs(args.input)
+    except CorpusError as e:
+        raise PreprocessError(str(e)) from None
+    if all(os.path.getsize(f) == 0 for f in files):
+        raise PreprocessError(f"--input {' '.join(args.input)}: the input is empty (0 bytes)")
+    tok_args = (args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file)
+    try:
+        tok = build_tokenizer(*tok_args)
+    except (FileNotFoundError, ValueError) as e:
+        raise PreprocessError(str(e)) from None
+    if args.append_eod and tok.eod is None:
+        raise PreprocessError(f"--append-eod: tokenizer {tok.name} has no end-of-document token")
+    _check_output_dir(args.output_prefix)
+    dtype = np.dtype(optimal_dtype(tok.vocab_size)).name
+    init = (tok_args, list(args.json_keys), args.append_eod, dtype, args.skip_bad_lines)
+    final = {k: output_prefix_for(args.output_prefix, k) for k in args.json_keys}
+    n_parts = max(1, min(args.partitions, len(files)))
+    groups = [files[i::n_parts] for i in range(n_parts)]
+    stats = Stats()
+    progress = _Progress(args.log_interval)
+    pool = None
+    part_prefixes: list[dict[str, str]] = []
+    if args.workers > 1:
+        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        pool = ctx.Pool(args.workers, initializer=_init_pool_worker, initargs=init)
+    else:
+        _init_worker(*init)
+    try:
+        for i, group in enumerate(groups):
+            prefixes = final if n_parts == 1 else {k: f"{p}.part{i:03d}" for k, p in final.items()}
+            part_prefixes.append(prefixes)
+            _run_partition(group, prefixes, args, tok, pool, stats, progress)
+        if stats.documents == 0:
+            for p in final.values():
+                remove_dataset(p)
+            raise PreprocessError(
+                f"--input {' '.join(args.input)}: no non-empty documents found "
+                f"({stats.empty} empty, {stats.bad_lines} bad lines)"
+            )
+        if n_parts > 1:
+            for k, p in final.items():
+                merge_datasets([pp[k] for pp in part_prefixes], p)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        if n_parts > 1:
+            for pp in part_prefixes:
+                for p in pp.values():
+                    remove_dataset(p)
+    progress.update(stats, final=True)
+    return stats
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Tokenize .jsonl/.jsonl.gz into Megatron MMIDIDX {prefix}_{key}_document.bin/.idx",
+    )
+    g = p.add_argument_group("input")
+    g.add_argument("--input", nargs="+", required=True, help="input file(s) or glob(s): .jsonl or .jsonl.gz")
+    g.add_argument("--json-keys", nargs="+", default=["text"], help="JSON keys to tokenize (default: text)")
+    g.add_argument(
+        "--skip-bad-lines",
+        action="store_true",
+        help="count and report bad lines instead of stopping at the first one",
+    )
+    g = p.add_argument_group("tokenizer")
+    g.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
+    g.add_argument("--tokenizer-model", help="sentencepiece .model or local Hugging Face tokenizer directory")
+    g.add_argument("--vocab-file", help="GPT2BPETokenizer vocab.json")
+    g.add_argument("--merge-file", help="GPT2BPETokenizer merges.txt")
+    g.add_argument(
+        "--append-eod", action="store_true", help="append the end-of-document token to each document"
+    )
+    g = p.add_argument_group("output")
+    g.add_argument("--output-prefix", required=True, help="outputs are {prefix}_{key}_document.bin/.idx")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--workers", type=int, default=1, help="tokenizer processes (1: tokenize in this process)")
+    g.add_argument(
+        "--partitions",
+        type=int,
+        default=1,
+        help="split the input files into this many groups written separately, then merged",
+    )
+    g.add_argument("--log-interval", type=int, default=10000, help="print progress every this many documents")
+    g.add_argument("--chunk-lines", type=int, default=512, help="lines per work unit sent to a worker")
+    g.add_argument("--chunk-bytes", type=int, default=1 << 20, help="bytes per work unit sent to a worker")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.workers < 1 or args.partitions < 1 or args.chunk_lines < 1:
+        print("error: --workers, --partitions and --chunk-lines must be >= 1", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+
+    def _terminate(signum, frame):
+        raise KeyboardInterrupt  # clean up temporary outputs on SIGTERM as on Ctrl-C
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        stats = preprocess(args)
+    except (PreprocessError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: no output was written", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    dt = time.perf_counter() - t0
+    print(
+        f"documents: {stats.documents}  tokens: {stats.tokens}  skipped empty documents: {stats.empty}  "
+        f"bad lines: {stats.bad_lines}  time: {dt:.2f} s  tokens/s: {stats.tokens / max(dt, 1e-9):.0f}"
+    )
+    for ex in stats.bad_examples:
+        print(f"  bad line: {ex}")
+    for key in args.json_keys:
+        print(f"wrote {output_prefix_for(args.output_prefix, key)}.bin/.idx")
+    return 0

@@ -1,0 +1,218 @@
+"""One tokenizer interface over sentencepiece, local Hugging Face tokenizers and GPT-2 BPE files.
+
+Training and preprocessing only need ids: ``vocab_size``, ``eod`` (appended after each document), ``pad``,
+``mask``, ``cls``/``sep``/``bos``/``eos`` where the vocabulary has them (None otherwise), ``tokenize`` and
+``detokenize``. ``word_start_mask()`` tells which ids begin a word, for whole-word masking.
+Everything loads from local files: no network access is ever attempted.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import numpy as np
+
+TokenizerType = Literal["SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer"]
+TOKENIZER_TYPES: tuple[str, ...] = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer")
+
+
+class Tokenizer:
+    """Common surface; subclasses fill the ids in ``__init__``."""
+
+    name: str = "tokenizer"
+    vocab_size: int
+    eod: int | None = None
+    pad: int | None = None
+    mask: int | None = None
+    cls: int | None = None
+    sep: int | None = None
+    bos: int | None = None
+    eos: int | None = None
+    unk: int | None = None
+
+    def tokenize(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.tokenize(t) for t in texts]
+
+    def detokenize(self, ids: list[int] | np.ndarray) -> str:
+        raise NotImplementedError
+
+    def id_to_piece(self, i: int) -> str:
+        raise NotImplementedError
+
+    @property
+    def special_ids(self) -> list[int]:
+        """Ids that MLM never masks nor samples as random replacements."""
+        ids = {self.eod, self.pad, self.mask, self.cls, self.sep, self.bos, self.eos, self.unk}
+        return sorted(i for i in ids if i is not None)
+
+    def word_start_mask(self) -> np.ndarray:
+        """Boolean array over the vocabulary: True where a piece begins a new word."""
+        marks = ("\u2581", "\u0120", " ")  # sentencepiece '▁', byte-level BPE 'Ġ', plain space
+        out = np.zeros(self.vocab_size, dtype=bool)
+        for i in range(self.vocab_size):
+            piece = self.id_to_piece(i) or ""
+            out[i] = piece.startswith(marks)
+        out[self.special_ids] = True
+        return out
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A sentencepiece ``.model``; specials are looked up by piece (``<eod>``, ``<pad>``, ``<mask>`` ...)."""
+
+    name = "SentencePieceTokenizer"
+
+    def __init__(self, model_file: str):
+        import sentencepiece as spm
+
+        if not os.path.isfile(model_file):
+            raise FileNotFoundError(f"--tokenizer-model {model_file}: sentencepiece model file not found")
+        self.sp = spm.SentencePieceProcessor(model_file=model_file)
+        self.vocab_size = int(self.sp.get_piece_size())
+
+        def piece(p: str) -> int | None:
+            i = self.sp.piece_to_id(p)
+            return None if i == self.sp.unk_id() and p != self.sp.id_to_piece(i) else int(i)
+
+        def own(i: int) -> int | None:
+            return None if i < 0 else int(i)
+
+        self.unk = own(self.sp.unk_id())
+        self.bos = own(self.sp.bos_id())
+        self.eos = own(self.sp.eos_id())
+        self.pad = piece("<pad>")
+        if self.pad is None:
+            self.pad = own(self.sp.pad_id())
+        self.mask = piece("<mask>")
+        self.eod = piece("<eod>")
+        if self.eod is None:
+            self.eod = self.eos
+        self.cls = piece("<cls>")
+        if self.cls is None:
+            self.cls = self.bos
+        self.sep = piece("<sep>")
+        if self.sep is None:
+            self.sep = self.eos
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts)
+
+    def detokenize(self, ids: list[int] | np.ndarray) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def id_to_piece(self, i: int) -> str:
+        return self.sp.id_to_piece(int(i))
+
+
+class _HFTokenizer(Tokenizer):
+    """Shared code for tokenizers built on ``transformers``' fast tokenizers (no special tokens added)."""
+
+    def _set_ids(self) -> None:
+        tok = self.tok
+        self.vocab_size = len(tok)
+        vocab = tok.get_vocab()
+
+        def first(*names: str | None) -> int | None:
+            for n in names:
+                if n is not None and n in vocab:
+                    return int(vocab[n])
+            return None
+
+        self.bos = tok.bos_token_id
+        self.eos = tok.eos_token_id
+        self.unk = tok.unk_token_id
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else first("<pad>", "[PAD]")
+        self.mask = tok.mask_token_id if tok.mask_token_id is not None else first("<mask>", "[MASK]")
+        self.cls = tok.cls_token_id if tok.cls_token_id is not None else first("<cls>", "[CLS]", "<s>")
+        self.sep = tok.sep_token_id if tok.sep_token_id is not None else first("<sep>", "[SEP]", "</s>")
+        self.eod = first("<eod>", "<|endoftext|>")
+        if self.eod is None:
+            self.eod = self.eos if self.eos is not None else self.sep
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.tok(texts, add_special_tokens=False)["input_ids"]
+
+    def detokenize(self, ids: list[int] | np.ndarray) -> str:
+        return self.tok.decode([int(i) for i in ids])
+
+    def id_to_piece(self, i: int) -> str:
+        return self.tok.convert_ids_to_tokens(int(i))
+
+
+class HuggingFaceTokenizer(_HFTokenizer):
+    """A local Hugging Face tokenizer directory (``tokenizer.json`` and/or ``tokenizer_config.json``)."""
+
+    name = "HuggingFaceTokenizer"
+
+    def __init__(self, path: str):
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--tokenizer-model {path}: Hugging Face tokenizer directory not found")
+        tok_json = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        try:
+            self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception as first_error:
+            if not os.path.isfile(tok_json):
+                raise ValueError(
+                    f"--tokenizer-model {path}: cannot load a Hugging Face tokenizer ({first_error})"
+                ) from None
+            self.tok = PreTrainedTokenizerFast(tokenizer_file=tok_json)
+        self._set_ids()
+
+
+class GPT2BPETokenizer(_HFTokenizer):
+    """GPT-2 byte-level BPE from ``vocab.json`` + ``merges.txt`` (Megatron's ``--vocab-file/--merge-file``)."""
+
+    name = "GPT2BPETokenizer"
+
+    def __init__(self, vocab_file: str, merge_file: str):
+        from tokenizers import Tokenizer as RawTokenizer
+        from tokenizers import decoders, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        for flag, f in (("--vocab-file", vocab_file), ("--merge-file", merge_file)):
+            if not f or not os.path.isfile(f):
+                raise FileNotFoundError(
+                    f"{flag} {f}: file not found (GPT2BPETokenizer needs vocab.json and merges.txt)"
+                )
+        # Built from the `tokenizers` library directly: GPT2TokenizerFast changed its file arguments in
+        # transformers 5, this works with every version.
+        raw = RawTokenizer(models.BPE.from_file(vocab_file, merge_file))
+        raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        raw.decoder = decoders.ByteLevel()
+        eot = "<|endoftext|>"
+        specials = (
+            {"bos_token": eot, "eos_token": eot, "unk_token": eot} if raw.token_to_id(eot) is not None else {}
+        )
+        self.tok = PreTrainedTokenizerFast(tokenizer_object=raw, **specials)
+        self._set_ids()
+
+
+def build_tokenizer(
+    tokenizer_type: str,
+    tokenizer_model: str | None = None,
+    vocab_file: str | None = None,
+    merge_file: str | None = None,
+) -> Tokenizer:
+    """Build a tokenizer by Megatron's type name from local files."""
+    if tokenizer_type == "SentencePieceTokenizer":
+        if not tokenizer_model:
+            raise ValueError("SentencePieceTokenizer needs --tokenizer-model (a sentencepiece .model file)")
+        return SentencePieceTokenizer(tokenizer_model)
+    if tokenizer_type == "HuggingFaceTokenizer":
+        if not tokenizer_model:
+            raise ValueError("HuggingFaceTokenizer needs --tokenizer-model (a local tokenizer directory)")
+        return HuggingFaceTokenizer(tokenizer_model)
+    if tokenizer_type == "GPT2BPETokenizer":
+        return GPT2BPETokenizer(vocab_file or "", merge_file or "")
+    raise ValueError(f"--tokenizer-type {tokenizer_type!r}: expected one of {list(TOKENIZER_TYPES)}")
