@@ -162,11 +162,14 @@ class ModelConfig:
         b = 1 if self.add_bias_linear else 0
         attn = h * (h + 2 * kv) + b * (h + 2 * kv) + h * h + b * h
         mlp = (3 * h * f if self.activation == "swiglu" else 2 * h * f) + b * (f + h)
-        norms = (2 if self.normalization == "layernorm" else 1) * h * 2
-        per_layer = attn + mlp + norms
-        emb = v * h + (self.max_position_embeddings * h if self.position_embedding == "learned" else 0)
-        emb += self.type_vocab_size * h
-        head = 0 if self.tie_word_embeddings else v * h
+        per_layer = attn + mlp + 2 * (2 if self.normalization == "layernorm" else 1) * h
+        norm = (2 if self.normalization == "layernorm" else 1) * h  # one norm's weight (+ bias)
+        positions = self.max_position_embeddings + self.position_offset
+        emb = v * h + (positions * h if self.position_embedding == "learned" else 0)
+        emb += self.type_vocab_size * h + (norm if self.embedding_norm else 0)
+        head = (norm if self.pre_norm else 0) + (0 if self.tie_word_embeddings else v * h)
+        if not self.causal:  # MLM head: dense + norm + output bias
+            head += h * h + h + norm + v
         return self.num_layers * per_layer + emb + head
 
 
@@ -637,8 +640,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         is_list = typing.get_origin(hint) is list
         if len(texts) > 1 and not is_list:
             raise ConfigError(key, f"takes one value, got {len(texts)}: {texts}")
-        if is_list and len(texts) > 1:
+        if is_list:
             value: Any = [_parse_scalar(t) for t in texts]
+            if len(value) == 1 and isinstance(value[0], list):  # --key '[a, b]'
+                value = value[0]
         elif hint is str or (
             typing.get_origin(hint) in (Union, types.UnionType) and str in typing.get_args(hint)
         ):

@@ -208,3 +208,18 @@ def test_every_field_is_documented():
     groups += [c.CheckpointConfig, c.LoggingConfig, Config]
     assert sum(walk(g) for g in groups) > 60
     assert len(describe()) > 60
+
+
+@pytest.mark.parametrize("name", ["tiny_gpt2", "tiny_llama", "tiny_bert", "tiny_roberta"])
+@pytest.mark.parametrize("tp", [1, 2])
+def test_num_parameters_counts_the_built_model(name, tp):
+    import torch
+
+    from megatron_ki.models import build_model
+
+    cfg = model_config_from_yaml(CONFIGS / f"{name}.yaml")
+    with torch.device("meta"):
+        model = build_model(cfg)
+    built = sum(p.numel() for p in model.parameters())
+    assert cfg.num_parameters(tp=1) == built
+    assert cfg.num_parameters(tp=tp) >= built

@@ -84,12 +84,41 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that skips the update (and counts it) when any rank holds a non-finite gradient.
+
+    DeepSpeed skips overflowing steps itself for fp16 (and bf16 with ZeRO); this covers fp32 and the other
+    paths, so a NaN batch never poisons the weights. Every rank calls ``step`` together, so the one
+    all-reduce of a flag is safe.
+    """
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, **kwargs)
+        self.nonfinite_skips = 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        finite = torch.ones((), dtype=torch.float32)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and not torch.isfinite(p.grad).all():
+                    finite.zero_()
+                    break
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item() == 0:
+            self.nonfinite_skips += 1
+            self.zero_grad(set_to_none=True)
+            return None
+        return super().step(closure)
+
+
 def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW: DeepSpeed's fused (GPU) Adam when it builds, else torch's (fused on CUDA, foreach on CPU)."""
+    """AdamW: DeepSpeed's fused (GPU) Adam when it builds, else torch's guarded AdamW (fused on CUDA)."""
     groups = param_groups(model, cfg.optim.weight_decay)
     kwargs = dict(lr=cfg.optim.lr, betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2), eps=cfg.optim.adam_eps)
     on_cuda = any(p.is_cuda for g in groups for p in g["params"])
-    if on_cuda:
+    if on_cuda and cfg.train.precision != "fp32":
         try:
             from deepspeed.ops.adam import FusedAdam
 
@@ -97,10 +126,9 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
             logger.info("optimizer: DeepSpeed FusedAdam (AdamW mode)")
             return opt
         except Exception as e:  # the op may fail to build on this machine
-            logger.info("optimizer: DeepSpeed FusedAdam unavailable (%s); using torch.optim.AdamW(fused)", e)
-            return torch.optim.AdamW(groups, fused=True, **kwargs)
-    logger.info("optimizer: torch.optim.AdamW (CPU)")
-    return torch.optim.AdamW(groups, foreach=True, **kwargs)
+            logger.info("optimizer: DeepSpeed FusedAdam unavailable (%s); using torch AdamW", e)
+    logger.info("optimizer: torch AdamW with non-finite step guard (%s)", "fused" if on_cuda else "foreach")
+    return GuardedAdamW(groups, fused=on_cuda or None, foreach=None if on_cuda else True, **kwargs)
 
 
 def clip_grad_norm(parameters, max_norm: float, groups: ParallelGroups) -> torch.Tensor:
@@ -144,5 +172,10 @@ def initialize_engine(cfg: Config, model: nn.Module, groups: ParallelGroups, ds_
     )
     fp32_plain = cfg.train.precision == "fp32" and cfg.train.zero_stage == 0
     if fp32_plain and cfg.optim.clip_grad > 0:
-        engine.clip_fp32_gradients = lambda: clip_grad_norm(engine.module.parameters(), cfg.optim.clip_grad, groups)
+
+        def clip() -> None:
+            engine._global_grad_norm = clip_grad_norm(engine.module.parameters(), cfg.optim.clip_grad, groups)
+
+        engine.clip_fp32_gradients = clip
+    engine.guarded_optimizer = optimizer if isinstance(optimizer, GuardedAdamW) else None
     return engine

@@ -1,0 +1,288 @@
+"""Framework checkpoints at any tensor/pipeline layout <-> one full (tp=1, pp=1) state dict.
+
+A checkpoint directory holds ``latest`` (the published tag) and, per tag, DeepSpeed's files:
+``mp_rank_{tp:02d}_model_states.pt`` (key ``module``) when pp = 1, or ``layer_{idx:02d}-model_{tp:02d}-
+model_states.pt`` per pipeline layer when pp > 1, plus the framework's ``meta.json`` (config, step, layout).
+
+The *full* state dict uses the single-process model's names (``embedding.*``, ``layers.{i}.*``, ``head.*``);
+it keeps the source's vocabulary padding, and :func:`shard_state_dict` re-pads it for the target tp. The
+layout of every tensor-parallel parameter comes from the model itself (built on the meta device, free), so
+there is no second table of names to keep in sync.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_ki.config import Config, ModelConfig, config_from_dict
+from megatron_ki.tensor_parallel import shard_rows, unshard_rows
+
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+LATEST_FILE = "latest"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete or does not fit; the message names the file."""
+
+
+# ------------------------------------------------------------------------------------------ layout
+@lru_cache(maxsize=16)
+def _layout(
+    cfg_json: str,
+) -> tuple[tuple[tuple[str, tuple[int, tuple[int, ...]] | None], ...], tuple[str, ...]]:
+    from megatron_ki.models import build_model, partition_info
+
+    cfg = ModelConfig(**json.loads(cfg_json))
+    with torch.device("meta"):
+        model = build_model(cfg)
+    info = partition_info(model)
+    names = tuple(n for n, _ in model.named_parameters())
+    return tuple((n, (info[n][0], tuple(info[n][1])) if n in info else None) for n in names), names
+
+
+def tp_layout(cfg: ModelConfig) -> dict[str, tuple[int, list[int]] | None]:
+    """``{full parameter name: (partition dim, segment sizes at tp=1) or None if replicated}``."""
+    entries, _ = _layout(json.dumps(cfg.__dict__, sort_keys=True))
+    return {n: (v[0], list(v[1])) if v is not None else None for n, v in entries}
+
+
+def _is_vocab(name: str) -> bool:
+    return name.endswith("word_embeddings.weight") or name in ("head.output.weight", "head.bias")
+
+
+def _resize_vocab(t: torch.Tensor, rows: int, vocab_size: int, name: str) -> torch.Tensor:
+    if t.shape[0] == rows:
+        return t
+    if t.shape[0] > rows:
+        if rows < vocab_size:
+            raise CheckpointError(
+                f"{name}: cannot trim {t.shape[0]} vocabulary rows to {rows} < vocab {vocab_size}"
+            )
+        return t[:rows]
+    pad = torch.zeros((rows - t.shape[0], *t.shape[1:]), dtype=t.dtype)
+    return torch.cat([t, pad], dim=0)
+
+
+# ------------------------------------------------------------------------------------ shard/unshard
+def unshard_state_dicts(shards: list[dict[str, torch.Tensor]], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Join per-TP-rank state dicts (full-model names) into one full state dict."""
+    layout = tp_layout(cfg)
+    full = {}
+    for name in shards[0]:
+        info = layout.get(name)
+        if name not in layout:
+            raise CheckpointError(f"unexpected parameter '{name}' for a {cfg.family} model")
+        if info is None:
+            full[name] = shards[0][name]
+            continue
+        dim, sizes = info
+        parts = [s[name] for s in shards]
+        if len(sizes) == 1:
+            full[name] = torch.cat(parts, dim=dim)
+        else:
+            full[name] = unshard_rows(parts, sizes, dim=dim)
+    return full
+
+
+def shard_state_dict(
+    full: dict[str, torch.Tensor],
+    cfg: ModelConfig,
+    tp: int,
+    rank: int,
+    names: list[str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """This TP rank's tensors (full-model names), the vocabulary re-padded for ``tp``."""
+    layout = tp_layout(cfg)
+    vocab_rows = cfg.padded_vocab_size(tp)
+    out = {}
+    for name in names if names is not None else list(layout):
+        if name not in full:
+            raise CheckpointError(f"state dict has no '{name}'")
+        t = full[name]
+        if _is_vocab(name):
+            t = _resize_vocab(t, vocab_rows, cfg.vocab_size, name)
+        info = layout[name]
+        if info is None:
+            out[name] = t.clone()
+            continue
+        dim, sizes = info
+        if len(sizes) == 1:
+            sizes = [t.shape[dim]]
+        if any(s % tp for s in sizes):
+            raise CheckpointError(f"{name}: sizes {sizes} are not divisible by tensor_parallel={tp}")
+        out[name] = shard_rows(t, sizes, tp, rank, dim=dim).clone()
+    return out
+
+
+# ------------------------------------------------------------------------------- pipeline naming
+def pipe_layer_of(name: str, num_layers: int) -> tuple[int, str]:
+    """Pipeline layer index and the name inside that layer for a full-model parameter name."""
+    if name.startswith("embedding."):
+        return 0, f"model.{name}"
+    if name.startswith("head."):
+        return num_layers + 1, f"model.{name}"
+    if name.startswith("layers."):
+        _, idx, rest = name.split(".", 2)
+        return int(idx) + 1, f"model.layers.0.{rest}"
+    raise CheckpointError(f"parameter '{name}' belongs to no pipeline layer")
+
+
+def full_name_of(layer_idx: int, name: str, num_layers: int) -> str:
+    """Inverse of :func:`pipe_layer_of`."""
+    if not name.startswith("model."):
+        raise CheckpointError(f"pipeline layer {layer_idx}: unexpected key '{name}'")
+    rest = name[len("model.") :]
+    if 1 <= layer_idx <= num_layers:
+        return f"layers.{layer_idx - 1}.{rest.split('.', 2)[2]}"
+    return rest
+
+
+# ------------------------------------------------------------------------------------------ reading
+def read_latest(root: str | Path) -> str | None:
+    path = Path(root) / LATEST_FILE
+    return path.read_text(encoding="utf-8").strip() if path.is_file() else None
+
+
+def read_meta(root: str | Path, tag: str | None = None) -> tuple[str, dict[str, Any]]:
+    root = Path(root)
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {root}")
+    tag = tag or read_latest(root)
+    if tag is None:
+        raise CheckpointError(f"{root} has no '{LATEST_FILE}' file: not a published checkpoint")
+    path = root / tag / META_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: not a megatron_ki checkpoint (or an interrupted save)")
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {meta.get('format_version')} != {FORMAT_VERSION}")
+    return tag, meta
+
+
+def meta_config(meta: dict[str, Any]) -> Config:
+    return config_from_dict(meta["config"])
+
+
+def _load(path: Path) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file missing: {path}")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_full_state(
+    root: str | Path, tag: str | None = None
+) -> tuple[dict[str, Any], ModelConfig, dict[str, torch.Tensor]]:
+    """``(meta, model config, full state dict)`` of a checkpoint saved at any tp/pp (any dp, ZeRO stage)."""
+    tag, meta = read_meta(root, tag)
+    cfg = meta_config(meta).model
+    tp, pp = meta["layout"]["tp"], meta["layout"]["pp"]
+    folder = Path(root) / tag
+    shards: list[dict[str, torch.Tensor]] = []
+    for t in range(tp):
+        if pp == 1:
+            shards.append(dict(_load(folder / f"mp_rank_{t:02d}_model_states.pt")["module"]))
+            continue
+        merged: dict[str, torch.Tensor] = {}
+        for idx in range(cfg.num_layers + 2):
+            layer = _load(folder / f"layer_{idx:02d}-model_{t:02d}-model_states.pt")
+            for name, value in layer.items():
+                full = full_name_of(idx, name, cfg.num_layers)
+                if full == "head.word_embeddings.weight":  # the last stage's copy of the tied embedding
+                    continue
+                merged[full] = value
+        shards.append(merged)
+    return meta, cfg, unshard_state_dicts(shards, cfg)
+
+
+# ------------------------------------------------------------------------------------------ writing
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """A temporary sibling directory renamed to ``final`` only if the body succeeds."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_checkpoint(
+    full: dict[str, torch.Tensor],
+    config: Config,
+    root: str | Path,
+    tp: int,
+    pp: int,
+    tag: str = "converted",
+    extra_meta: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``full`` as a weights-only framework checkpoint at ``tp``/``pp`` (DeepSpeed's file layout), published
+    atomically: a failure leaves no partial tag and does not touch ``latest``."""
+    cfg = config.model
+    if cfg.num_attention_heads % tp or cfg.kv_heads % tp or cfg.ffn_size % tp:
+        raise CheckpointError(
+            f"tensor_parallel={tp} does not divide heads ({cfg.num_attention_heads}), key/value heads "
+            f"({cfg.kv_heads}) and FFN ({cfg.ffn_size}) of the model"
+        )
+    if pp > cfg.num_layers:
+        raise CheckpointError(f"pipeline_parallel={pp} is more than the model's {cfg.num_layers} layers")
+    root = Path(root)
+    final = root / tag
+    with atomic_dir(final) as folder:
+        _write_shards(full, cfg, folder, tp, pp)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "step": 0,
+            "consumed_samples": 0,
+            "layout": {"tp": tp, "pp": pp, "dp": 1, "zero_stage": 0},
+            "weights_only": True,
+            "config": config.to_dict(),
+            **(extra_meta or {}),
+        }
+        write_text_atomic(folder / META_FILE, json.dumps(meta, indent=2))
+    write_text_atomic(root / LATEST_FILE, tag)
+    return final
+
+
+def _write_shards(full: dict[str, torch.Tensor], cfg: ModelConfig, folder: Path, tp: int, pp: int) -> None:
+    for t in range(tp):
+        shard = shard_state_dict(full, cfg, tp, t)
+        if pp == 1:
+            torch.save(
+                {"module": shard, "global_steps": 0, "skipped_steps": 0},
+                folder / f"mp_rank_{t:02d}_model_states.pt",
+            )
+            continue
+        layers: dict[int, dict[str, torch.Tensor]] = {}
+        for name, value in shard.items():
+            idx, local = pipe_layer_of(name, cfg.num_layers)
+            layers.setdefault(idx, {})[local] = value
+        if cfg.tie_word_embeddings:
+            layers.setdefault(cfg.num_layers + 1, {})["model.head.word_embeddings.weight"] = shard[
+                "embedding.word_embeddings.weight"
+            ]
+        for idx in range(cfg.num_layers + 2):
+            torch.save(layers.get(idx, {}), folder / f"layer_{idx:02d}-model_{t:02d}-model_states.pt")

@@ -1,0 +1,106 @@
+"""The frozen teacher and the KI loss as the pipeline's (or the loop's) loss function.
+
+With pp = 1 the teacher is a whole frozen model beside the student (:func:`frozen_teacher`); with pp > 1 it
+is a :class:`megatron_ki.models.pipe.Companion` whose layers are split over the student's stages. In both
+cases it is never registered in the student's module: no optimizer state, no gradient, never saved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.distributed import ProcessGroup
+
+from megatron_ki.config import KIConfig, ModelConfig
+from megatron_ki.models import build_model
+from megatron_ki.models.transformer import DTYPES
+
+from .loss import KILossOutput, ki_loss
+
+
+class TeacherError(ValueError):
+    """The teacher does not fit the student (vocabulary, tokenizer, tensor-parallel split)."""
+
+
+def check_teacher_fits(student: ModelConfig, teacher: ModelConfig, tp: int) -> None:
+    """Same tokenizer (vocabulary size) and a split that works at the student's tensor-parallel size."""
+    if teacher.vocab_size != student.vocab_size:
+        raise TeacherError(
+            f"teacher vocabulary size {teacher.vocab_size} differs from the student's {student.vocab_size}: "
+            "teacher and student must share the tokenizer"
+        )
+    if teacher.padded_vocab_size(tp) != student.padded_vocab_size(tp):
+        raise TeacherError(
+            f"teacher padded vocabulary {teacher.padded_vocab_size(tp)} differs from the student's "
+            f"{student.padded_vocab_size(tp)} at tensor_parallel={tp}: set the same make_vocab_size_divisible_by"
+        )
+    for name, value in (("num_attention_heads", teacher.num_attention_heads), ("kv heads", teacher.kv_heads)):
+        if value % tp:
+            raise TeacherError(f"teacher {name}={value} is not divisible by tensor_parallel={tp}")
+    if teacher.causal != student.causal:
+        raise TeacherError(
+            f"teacher family {teacher.family!r} and student family {student.family!r} differ in attention "
+            "(causal vs bidirectional): their distributions are over different tasks"
+        )
+
+
+def freeze(model: nn.Module, dtype: str) -> nn.Module:
+    """Eval mode (no dropout), no gradients, stored in ``dtype``."""
+    model.to(dtype=DTYPES[dtype]).eval().requires_grad_(False)
+    return model
+
+
+def frozen_teacher(
+    cfg: ModelConfig,
+    ki: KIConfig,
+    tp_group: ProcessGroup | None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> nn.Module:
+    """The whole teacher on this TP rank (pp = 1), weights from ``state_dict`` (this rank's shards)."""
+    model = build_model(cfg, tp_group=tp_group, seed=seed)
+    if state_dict is not None:
+        model.load_state_dict(state_dict, strict=True)
+    return freeze(model.to(device) if device is not None else model, ki.teacher_dtype)
+
+
+@dataclass
+class KILossFunction:
+    """``loss_fn(outputs, labels)`` for DeepSpeed's PipelineModule and for the pp = 1 loop.
+
+    ``outputs`` is the student's vocab-sharded logits, or ``(student_logits, teacher_logits)`` while the
+    teacher runs. The loop sets :attr:`alpha` before each step; every call appends its
+    :class:`KILossOutput` to :attr:`records` so the loop can log lm_loss, kd_loss and the teacher's loss.
+    """
+
+    ki: KIConfig
+    tp_group: ProcessGroup | None = None
+    alpha: float = 0.0
+    records: list[KILossOutput] = field(default_factory=list)
+    teacher_forward_calls: int = 0
+    __name__ = "ki_loss"
+
+    def __call__(self, outputs, labels: torch.Tensor) -> torch.Tensor:
+        if isinstance(outputs, tuple):
+            student_logits, teacher_logits = outputs
+            self.teacher_forward_calls += 1
+        else:
+            student_logits, teacher_logits = outputs, None
+        out = ki_loss(
+            student_logits,
+            teacher_logits,
+            labels,
+            self.alpha if teacher_logits is not None else 0.0,
+            temperature=self.ki.temperature,
+            divergence=self.ki.divergence,
+            tp_group=self.tp_group,
+        )
+        self.records.append(out)
+        return out.loss
+
+    def pop_records(self) -> list[KILossOutput]:
+        records, self.records = self.records, []
+        return records

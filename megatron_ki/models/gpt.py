@@ -1,0 +1,13 @@
+"""Causal language models: GPT-2 (learned positions, LayerNorm, tanh-GELU, tied) and Llama (RoPE, RMSNorm,
+SwiGLU, GQA, untied), both the shared tensor-parallel transformer with different switches."""
+
+from __future__ import annotations
+
+from .transformer import LMHead, TransformerLanguageModel
+
+
+class GPTModel(TransformerLanguageModel):
+    """Decoder-only causal LM; ``forward(input_ids, attention_mask=None, ...)`` -> vocab-sharded logits."""
+
+    head_class = LMHead
+    families = ("gpt2", "llama")

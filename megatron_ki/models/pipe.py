@@ -1,0 +1,321 @@
+"""Pipeline-parallel model for DeepSpeed's ``PipelineModule``, with an optional frozen companion (the KI teacher)
+split over the same stages.
+
+Pipeline layers are ``[EmbeddingPipe, BlockPipe x num_layers, HeadPipe]``; each wraps a slice of the
+student built with :func:`megatron_ki.models.build_model` (so weights equal the single-process model's) and
+the slice of the companion that belongs beside it: companion layer ``j`` runs beside student block
+``floor(j * L_student / L_companion)``, so every stage runs the companion layers in proportion to its share of
+student layers, whatever the depths.
+
+Between stages one floating tensor travels: ``cat([student_hidden, companion_hidden], -1)`` with the attention
+mask (integer) beside it. DeepSpeed's pipeline engine cannot send a tuple member that does not require grad,
+so the frozen companion's hidden rides inside the student's tensor and is split again on arrival.
+
+The companion is never registered as a submodule: it is not in ``parameters()`` (no optimizer state, no
+gradient), not in ``state_dict()`` (never saved in the student's checkpoint), and ``release()`` drops it.
+The tied input/output embedding lives on the first and last stage; its gradients are all-reduced over the
+framework's embedding group (Megatron's scheme) through ``get_tied_weights_and_groups``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed import ProcessGroup
+
+from megatron_ki.config import ModelConfig
+from megatron_ki.tensor_parallel import TPRngTracker
+
+from . import build_model
+from .transformer import DTYPES, TransformerLanguageModel
+
+
+def companion_layers_for(student_layers: int, companion_layers: int) -> list[list[int]]:
+    """Companion layer indices that run beside each student block (monotone, each exactly once)."""
+    out: list[list[int]] = [[] for _ in range(student_layers)]
+    for j in range(companion_layers):
+        out[j * student_layers // companion_layers].append(j)
+    return out
+
+
+@dataclass
+class Companion:
+    """The frozen model carried beside the student, and whether it still runs (alpha > 0)."""
+
+    cfg: ModelConfig
+    seed: int = 0
+    dtype: str = "bfloat16"
+    state_dict: dict[str, torch.Tensor] | None = None
+    """Full (this TP rank's shards) state dict of the companion; None keeps the seeded initialisation."""
+    active: bool = True
+    pieces: list[Any] = field(default_factory=list)
+
+    def build(
+        self,
+        tp_group: ProcessGroup | None,
+        layer_range: tuple[int, int],
+        pre_process: bool,
+        post_process: bool,
+        device: torch.device | str | None = None,
+    ) -> TransformerLanguageModel:
+        """The companion's slice, frozen: eval mode, no grad, in ``dtype``, weights from ``state_dict``."""
+        model = build_model(
+            self.cfg,
+            tp_group=tp_group,
+            seed=self.seed,
+            layer_range=layer_range,
+            pre_process=pre_process,
+            post_process=post_process,
+        )
+        if self.state_dict is not None:
+            load_slice(model, self.state_dict, layer_range[0])
+        model.to(device=device, dtype=DTYPES[self.dtype]).eval().requires_grad_(False)
+        self.pieces.append(model)
+        return model
+
+    def release(self) -> None:
+        """Stop running the companion and free its memory (alpha is 0 from now on)."""
+        self.active = False
+        self.state_dict = None
+        self.pieces.clear()
+
+
+def load_slice(model: TransformerLanguageModel, full: dict[str, torch.Tensor], first_layer: int) -> None:
+    """Load a slice model (layers renumbered from 0) from a whole model's state dict."""
+    own = model.state_dict()
+    picked = {}
+    for name in own:
+        source = name
+        if name.startswith("layers."):
+            _, idx, rest = name.split(".", 2)
+            source = f"layers.{int(idx) + first_layer}.{rest}"
+        elif name.startswith("head.word_embeddings.") and source not in full:
+            source = name.replace("head.word_embeddings.", "embedding.word_embeddings.")
+        if source not in full:
+            raise KeyError(f"companion state dict has no '{source}' (needed for '{name}')")
+        picked[name] = full[source]
+    model.load_state_dict(picked, strict=True)
+
+
+class _Frozen:
+    """Holds a module without registering it (keeps it out of parameters() and state_dict())."""
+
+    def __init__(self, module: nn.Module | None):
+        self.module = module
+
+
+def _split(hidden: torch.Tensor, student_width: int, companion: Companion | None):
+    if companion is None or not companion.active:
+        return hidden, None
+    return hidden[..., :student_width], hidden[..., student_width:]
+
+
+def _join(student: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
+    return student if other is None else torch.cat([student, other.to(student.dtype)], dim=-1)
+
+
+class EmbeddingPipe(nn.Module):
+    """``(input_ids, attention_mask, token_type_ids) -> (hidden, attention_mask)``."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        tp_group: ProcessGroup | None,
+        seed: int,
+        companion: Companion | None = None,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        self.cfg, self.companion = cfg, companion
+        self.model = build_model(cfg, tp_group, seed=seed, layer_range=(0, 0), post_process=False)
+        self._companion = _Frozen(
+            companion.build(tp_group, (0, 0), True, False, device) if companion else None
+        )
+
+    @property
+    def word_embeddings_weight(self) -> torch.Tensor:
+        return self.model.embedding.word_embeddings.weight
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        input_ids, attention_mask, token_type_ids = inputs
+        types = token_type_ids if self.cfg.type_vocab_size > 0 else None
+        hidden = self.model(input_ids, token_type_ids=types)
+        other = None
+        if self.companion is not None and self.companion.active:
+            with torch.no_grad():
+                c = self._companion.module
+                other = c(input_ids, token_type_ids=token_type_ids if c.cfg.type_vocab_size > 0 else None)
+        return _join(hidden, other), attention_mask
+
+
+class BlockPipe(nn.Module):
+    """One student block, and the companion blocks that run beside it."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layer_number: int,
+        tp_group: ProcessGroup | None,
+        seed: int,
+        rng_tracker: TPRngTracker | None = None,
+        companion: Companion | None = None,
+        companion_layers: list[int] | None = None,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        self.cfg, self.companion = cfg, companion
+        self.model = build_model(
+            cfg,
+            tp_group,
+            seed=seed,
+            rng_tracker=rng_tracker,
+            layer_range=(layer_number, layer_number + 1),
+            pre_process=False,
+            post_process=False,
+        )
+        module = None
+        if companion is not None and companion_layers:
+            first, last = companion_layers[0], companion_layers[-1] + 1
+            module = companion.build(tp_group, (first, last), False, False, device)
+        self._companion = _Frozen(module)
+
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, attention_mask = inputs
+        student, other = _split(hidden, self.cfg.hidden_size, self.companion)
+        student = self.model(hidden_states=student, attention_mask=attention_mask)
+        if other is not None and self._companion.module is not None:
+            c = self._companion.module
+            with torch.no_grad():
+                other = c(hidden_states=other.to(next(c.parameters()).dtype), attention_mask=attention_mask)
+        return _join(student, other), attention_mask
+
+
+class HeadPipe(nn.Module):
+    """Student head (vocab-sharded logits) and, while the companion is active, the companion's logits."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        tp_group: ProcessGroup | None,
+        seed: int,
+        companion: Companion | None = None,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        self.cfg, self.companion = cfg, companion
+        last = cfg.num_layers
+        self.model = build_model(cfg, tp_group, seed=seed, layer_range=(last, last), pre_process=False)
+        module = None
+        if companion is not None:
+            n = companion.cfg.num_layers
+            module = companion.build(tp_group, (n, n), False, True, device)
+        self._companion = _Frozen(module)
+
+    @property
+    def word_embeddings_weight(self) -> torch.Tensor | None:
+        head = self.model.head
+        return head.word_embeddings.weight if getattr(head, "word_embeddings", None) is not None else None
+
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]):
+        hidden, _ = inputs
+        student, other = _split(hidden, self.cfg.hidden_size, self.companion)
+        logits = self.model(hidden_states=student)
+        if other is None:
+            return logits
+        c = self._companion.module
+        with torch.no_grad():
+            other_logits = c(hidden_states=other.to(next(c.parameters()).dtype))
+        return logits, other_logits
+
+
+def pipeline_layers(
+    cfg: ModelConfig,
+    tp_group: ProcessGroup | None,
+    seed: int,
+    rng_tracker: TPRngTracker | None = None,
+    companion: Companion | None = None,
+    device: torch.device | str | None = None,
+) -> list:
+    """LayerSpecs ``[EmbeddingPipe, BlockPipe x L, HeadPipe]``: DeepSpeed builds only this stage's layers."""
+    from deepspeed.pipe import LayerSpec
+
+    beside = companion_layers_for(cfg.num_layers, companion.cfg.num_layers) if companion else None
+    specs = [LayerSpec(EmbeddingPipe, cfg, tp_group, seed, companion, device)]
+    for i in range(cfg.num_layers):
+        specs.append(
+            LayerSpec(
+                BlockPipe,
+                cfg,
+                i,
+                tp_group,
+                seed,
+                rng_tracker,
+                companion,
+                beside[i] if beside else None,
+                device,
+            )
+        )
+    specs.append(LayerSpec(HeadPipe, cfg, tp_group, seed, companion, device))
+    return specs
+
+
+def build_pipeline_module(
+    cfg: ModelConfig,
+    topology,
+    groups,
+    seed: int,
+    loss_fn,
+    partition_method: str = "parameters",
+    rng_tracker: TPRngTracker | None = None,
+    companion: Companion | None = None,
+    device: torch.device | str | None = None,
+):
+    """A DeepSpeed ``PipelineModule`` over ``topology`` (``megatron_ki.parallel.Topology``) whose tied
+    embedding gradients are all-reduced over ``groups.embedding``."""
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.pipe import PipelineModule
+
+    if not deepspeed.comm.is_initialized():  # DeepSpeed's comm layer over the existing torch process group
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
+
+    class KIPipelineModule(PipelineModule):
+        def __init__(self):
+            super().__init__(
+                layers=pipeline_layers(cfg, groups.tp_group, seed, rng_tracker, companion, device),
+                topology=topology.to_deepspeed(),
+                loss_fn=loss_fn,
+                partition_method=partition_method,
+                dynamic_shape=companion is not None,
+            )
+            tied = []  # a plain list: assigning a Parameter attribute would register it a second time
+            if cfg.tie_word_embeddings and topology.pp > 1:
+                for layer in self.forward_funcs:
+                    weight = getattr(layer, "word_embeddings_weight", None)
+                    if isinstance(layer, (EmbeddingPipe, HeadPipe)) and weight is not None:
+                        tied.append(weight)
+                        if isinstance(layer, HeadPipe):
+                            weight.ds_pipe_replicated = True  # counted once in the gradient norm
+            if groups.tp_rank == 0:
+                # DeepSpeed's ZeRO / fp32 norms count TP-replicated parameters only where its "model parallel
+                # rank" (over pipe x tensor) is 0, i.e. on the first stage alone; mark this stage's as owned.
+                for p in self.parameters():
+                    p.model_parallel = True
+            self.tied_embedding = tied
+            self.companion = companion
+
+        def get_tied_weights_and_groups(self):
+            return super().get_tied_weights_and_groups() + [
+                (w, groups.embedding) for w in self.tied_embedding
+            ]
+
+        def allreduce_tied_weight_gradients(self):
+            super().allreduce_tied_weight_gradients()
+            for weight in self.tied_embedding:
+                if weight.grad is not None:
+                    dist.all_reduce(weight.grad, group=groups.embedding)
+
+    return KIPipelineModule()

@@ -1,0 +1,624 @@
+"""One tensor-parallel transformer with switches for GPT-2, Llama, BERT and RoBERTa.
+
+The model is a sequence of separable pieces so a pipeline stage (and the KI teacher beside it) can hold
+only some of them: :class:`Embedding` (ids -> hidden), ``layers`` (:class:`TransformerBlock`, hidden ->
+hidden) and a head (:class:`LMHead` or :class:`MLMHead`, hidden -> vocab-sharded logits). Layout is
+``[batch, seq, hidden]``; each TP rank holds its own query/key/value heads, FFN columns and vocabulary range.
+
+Initialisation does not depend on the layout: TP layers draw the full weight and keep their shard, and each
+piece is built under its own seed (:func:`seeded_init`), so the pieces of a tp=4 model or of a pipeline stage
+holding layers ``[a, b)`` equal the single-process model's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed import ProcessGroup
+
+from megatron_ki.config import ModelConfig
+from megatron_ki.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    TPRngTracker,
+    VocabParallelEmbedding,
+    copy_to_tp_region,
+    gather_from_tp_region,
+    group_size,
+    normal_init,
+    scaled_normal_init,
+)
+
+from .norms import build_norm
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# init-seed keys of the pieces: seed * _SEED_STRIDE + key
+INIT_KEY_EMBEDDING = 0
+INIT_KEY_HEAD = 1
+_SEED_STRIDE = 1_000_003
+
+
+def layer_init_key(layer_number: int) -> int:
+    """Init-seed key of block ``layer_number`` (0-based, global over the whole model)."""
+    return 2 + layer_number
+
+
+@contextlib.contextmanager
+def seeded_init(seed: int, key: int) -> Iterator[None]:
+    """Draw the parameters built in the body from ``seed``/``key`` alone, leaving the global RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * _SEED_STRIDE + key)
+        yield
+
+
+def params_dtype(cfg: ModelConfig) -> torch.dtype:
+    return DTYPES[cfg.params_dtype]
+
+
+def _divide(n: int, tp: int, what: str) -> int:
+    if n % tp != 0:
+        raise ValueError(f"{what}={n} is not divisible by the tensor-parallel size {tp}")
+    return n // tp
+
+
+def _normal_param(shape: tuple[int, ...], std: float, dtype: torch.dtype) -> nn.Parameter:
+    """Replicated parameter drawn in fp32 (like the TP layers) and cast, so draws do not depend on dtype."""
+    full = torch.empty(shape, dtype=torch.float32)
+    nn.init.normal_(full, mean=0.0, std=std)
+    return nn.Parameter(full.to(dtype))
+
+
+# ------------------------------------------------------------------------------------------- masks
+def keep_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """``[b, s]`` mask with 1/True = attend, 0/False = padding -> bool keep mask (None stays None)."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        raise ValueError(
+            f"attention_mask must be [batch, seq] (1 = attend, 0 = padding), got {tuple(attention_mask.shape)}"
+        )
+    return attention_mask.bool() if attention_mask.dtype != torch.bool else attention_mask
+
+
+def _bool_keep(
+    sq: int, sk: int, causal: bool, padding_mask: torch.Tensor | None, device
+) -> torch.Tensor | None:
+    """Bool mask ``[b|1, 1, sq, sk]`` with True = may attend, combining causal and padding."""
+    mask = None
+    if causal:
+        mask = torch.ones(sq, sk, dtype=torch.bool, device=device).tril(sk - sq)[None, None]
+    if padding_mask is not None:
+        pad = padding_mask[:, None, None, :]
+        mask = pad if mask is None else mask & pad
+    return mask
+
+
+# --------------------------------------------------------------------------------------- attention
+def core_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    padding_mask: torch.Tensor | None,
+    dropout_p: float,
+    backend: str,
+    scale: float,
+) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v for ``q [b, hq, sq, d]``, ``k, v [b, hkv, sk, d]`` (hq % hkv == 0).
+
+    ``padding_mask``: bool ``[b, sk]``, True = attend. The single place the attention backend is chosen:
+    "sdpa" (torch SDPA), "eager" (matmul + fp32 softmax) or "fused_softmax" (megatron_ki.kernels). Dropout
+    on the probabilities uses the current default generator: callers fork the TP tracker around this.
+    """
+    sq, sk = q.shape[-2], k.shape[-2]
+    if q.shape[1] != k.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    if backend == "sdpa":
+        if causal and padding_mask is None:
+            if sq != sk:
+                raise ValueError(f"causal sdpa attention expects sq == sk, got {sq} and {sk}")
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
+        mask = _bool_keep(sq, sk, causal, padding_mask, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    scores = torch.matmul(q, k.transpose(-1, -2))
+    if backend == "eager":
+        scores = scores.float() * scale
+        mask = _bool_keep(sq, sk, causal, padding_mask, q.device)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
+        probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    elif backend == "fused_softmax":
+        from megatron_ki import kernels
+
+        if causal and padding_mask is None:
+            probs = kernels.scaled_upper_triang_masked_softmax(scores, scale)
+        else:
+            keep = _bool_keep(sq, sk, causal, padding_mask, q.device)
+            masked_out = (
+                torch.zeros(1, 1, sq, sk, dtype=torch.bool, device=q.device) if keep is None else ~keep
+            )
+            probs = kernels.scaled_masked_softmax(scores, masked_out, scale)
+    else:
+        raise ValueError(
+            f"model.attention_backend: expected 'sdpa', 'eager' or 'fused_softmax', got {backend!r}"
+        )
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p, training=True)
+    return torch.matmul(probs, v)
+
+
+def rotary_cos_sin(
+    position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE tables ``[b, 1, s, head_dim]`` for ``position_ids [b, s]`` (HF Llama's rotate_half layout)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    inv_freq = inv_freq.to(position_ids.device)
+    freqs = position_ids.float()[..., None] * inv_freq  # [b, s, d/2]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin
+
+
+class SelfAttention(nn.Module):
+    """Fused-QKV column-parallel projection, core attention on this rank's heads, row-parallel output."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        group: ProcessGroup | None = None,
+        rng_tracker: TPRngTracker | None = None,
+    ):
+        super().__init__()
+        tp = group_size(group)
+        h, d = cfg.hidden_size, cfg.head_dim
+        kv = cfg.kv_heads * d
+        dtype = params_dtype(cfg)
+        self.num_heads = _divide(cfg.num_attention_heads, tp, "model.num_attention_heads")
+        self.num_kv_heads = _divide(cfg.kv_heads, tp, "model.num_key_value_heads")
+        self.head_dim = d
+        self.causal = cfg.causal
+        self.backend = cfg.attention_backend
+        self.dropout_p = cfg.attention_dropout
+        self.scale = 1.0 / math.sqrt(d)
+        self.rng_tracker = rng_tracker
+        self.qkv = ColumnParallelLinear(
+            h,
+            h + 2 * kv,
+            group,
+            bias=cfg.add_bias_linear,
+            init_method=normal_init(cfg.init_method_std),
+            output_sizes=[h, kv, kv],
+            dtype=dtype,
+        )
+        self.dense = RowParallelLinear(
+            h,
+            h,
+            group,
+            bias=cfg.add_bias_linear,
+            init_method=scaled_normal_init(cfg.init_method_std, cfg.num_layers),
+            dtype=dtype,
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        b, s, _ = x.shape
+        nq, nkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = self.qkv(x).split([nq * d, nkv * d, nkv * d], dim=-1)
+        q = q.view(b, s, nq, d).transpose(1, 2)
+        k = k.view(b, s, nkv, d).transpose(1, 2)
+        v = v.view(b, s, nkv, d).transpose(1, 2)
+        if rotary is not None:
+            cos, sin = rotary
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        dropout_p = self.dropout_p if self.training else 0.0
+        fork = (
+            self.rng_tracker.fork()
+            if (dropout_p > 0 and self.rng_tracker is not None)
+            else contextlib.nullcontext()
+        )
+        with fork:
+            ctx = core_attention(
+                q,
+                k,
+                v,
+                causal=self.causal,
+                padding_mask=padding_mask,
+                dropout_p=dropout_p,
+                backend=self.backend,
+                scale=self.scale,
+            )
+        return self.dense(ctx.transpose(1, 2).reshape(b, s, nq * d))
+
+
+class MLP(nn.Module):
+    """Column-parallel up (fused gate/up for SwiGLU), activation, row-parallel down."""
+
+    def __init__(self, cfg: ModelConfig, group: ProcessGroup | None = None):
+        super().__init__()
+        h, f = cfg.hidden_size, cfg.ffn_size
+        dtype = params_dtype(cfg)
+        self.activation = cfg.activation
+        sizes = [f, f] if cfg.activation == "swiglu" else [f]
+        self.fc1 = ColumnParallelLinear(
+            h,
+            sum(sizes),
+            group,
+            bias=cfg.add_bias_linear,
+            init_method=normal_init(cfg.init_method_std),
+            output_sizes=sizes,
+            dtype=dtype,
+        )
+        self.fc2 = RowParallelLinear(
+            f,
+            h,
+            group,
+            bias=cfg.add_bias_linear,
+            init_method=scaled_normal_init(cfg.init_method_std, cfg.num_layers),
+            dtype=dtype,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc1(x)
+        if self.activation == "swiglu":
+            gate, up = y.chunk(2, dim=-1)
+            y = F.silu(gate) * up
+        else:
+            y = activation_fn(self.activation)(y)
+        return self.fc2(y)
+
+
+def activation_fn(name: str):
+    """Element-wise activation by ``ModelConfig.activation`` name (SwiGLU's gate uses SiLU)."""
+    if name == "gelu":
+        return F.gelu
+    if name == "gelu_tanh":
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "swiglu":
+        return F.silu
+    raise ValueError(f"model.activation: expected 'gelu', 'gelu_tanh' or 'swiglu', got {name!r}")
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN (GPT-2, Llama) or post-LN (BERT, RoBERTa) block: ``block(hidden, attention_mask, rotary)``."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layer_number: int,
+        group: ProcessGroup | None = None,
+        rng_tracker: TPRngTracker | None = None,
+    ):
+        super().__init__()
+        dtype = params_dtype(cfg)
+        self.layer_number = layer_number
+        self.pre_norm = cfg.pre_norm
+        self.cfg = cfg
+        self.attn_norm = build_norm(cfg.normalization, cfg.hidden_size, cfg.norm_eps, dtype)
+        self.attention = SelfAttention(cfg, group, rng_tracker)
+        self.mlp_norm = build_norm(cfg.normalization, cfg.hidden_size, cfg.norm_eps, dtype)
+        self.mlp = MLP(cfg, group)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """``attention_mask`` ``[b, s]``: 1 = attend, 0 = padding. ``rotary`` defaults to positions 0..s-1."""
+        pad = keep_mask(attention_mask)
+        if rotary is None and self.cfg.position_embedding == "rope":
+            b, s = hidden.shape[:2]
+            pos = torch.arange(s, device=hidden.device).expand(b, s)
+            rotary = rotary_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, hidden.dtype)
+        if self.pre_norm:
+            hidden = hidden + self.dropout(self.attention(self.attn_norm(hidden), pad, rotary))
+            return hidden + self.dropout(self.mlp(self.mlp_norm(hidden)))
+        hidden = self.attn_norm(hidden + self.dropout(self.attention(hidden, pad, rotary)))
+        return self.mlp_norm(hidden + self.dropout(self.mlp(hidden)))
+
+
+# --------------------------------------------------------------------------------------- embedding
+def make_position_ids(input_ids: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Positions 0..s-1, or RoBERTa's: cumsum over non-pad tokens + pad_token_id, pads at pad_token_id."""
+    b, s = input_ids.shape
+    if cfg.position_offset > 0:
+        assert cfg.pad_token_id is not None  # checked by ModelConfig
+        not_pad = (input_ids != cfg.pad_token_id).long()
+        return torch.cumsum(not_pad, dim=1) * not_pad + cfg.pad_token_id
+    return torch.arange(s, device=input_ids.device).expand(b, s)
+
+
+class Embedding(nn.Module):
+    """Vocab-parallel word embedding (+ learned positions, token types, norm) then dropout.
+
+    The word embedding is created first so a head that must own a tied copy can redraw it identically.
+    """
+
+    def __init__(self, cfg: ModelConfig, group: ProcessGroup | None = None):
+        super().__init__()
+        self.cfg = cfg
+        dtype = params_dtype(cfg)
+        h = cfg.hidden_size
+        self.word_embeddings = VocabParallelEmbedding(
+            cfg.padded_vocab_size(group_size(group)),
+            h,
+            group,
+            init_method=normal_init(cfg.init_method_std),
+            dtype=dtype,
+        )
+        if cfg.position_embedding == "learned":
+            n = cfg.max_position_embeddings + cfg.position_offset
+            self.position_embeddings = nn.Embedding(
+                n, h, _weight=_normal_param((n, h), cfg.init_method_std, dtype)
+            )
+        else:
+            self.position_embeddings = None
+        if cfg.type_vocab_size > 0:
+            self.token_type_embeddings = nn.Embedding(
+                cfg.type_vocab_size,
+                h,
+                _weight=_normal_param((cfg.type_vocab_size, h), cfg.init_method_std, dtype),
+            )
+        else:
+            self.token_type_embeddings = None
+        self.norm = build_norm(cfg.normalization, h, cfg.norm_eps, dtype) if cfg.embedding_norm else None
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = self.word_embeddings(input_ids)
+        if self.position_embeddings is not None:
+            if position_ids is None:
+                position_ids = make_position_ids(input_ids, self.cfg)
+            x = x + self.position_embeddings(position_ids)
+        if self.token_type_embeddings is not None:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros_like(input_ids)
+            x = x + self.token_type_embeddings(token_type_ids)
+        elif token_type_ids is not None:
+            raise ValueError("token_type_ids given but model.type_vocab_size is 0")
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.dropout(x)
+
+
+# -------------------------------------------------------------------------------------------- heads
+class _TiedOutput(nn.Module):
+    """Output projection onto the (vocab-parallel) word embedding, or an untied column-parallel one.
+
+    A head on a stage without the embedding (pipeline) owns a copy of the tied weight drawn from the
+    embedding's seed; keeping the copies in sync is the pipeline's job (DeepSpeed TiedLayerSpec).
+    """
+
+    def __init__(self, cfg: ModelConfig, group: ProcessGroup | None, seed: int, owns_tied_copy: bool):
+        super().__init__()
+        self.group = group
+        self.tied = cfg.tie_word_embeddings
+        vp = cfg.padded_vocab_size(group_size(group))
+        self.output = None
+        self.word_embeddings = None
+        if not self.tied:
+            self.output = ColumnParallelLinear(
+                cfg.hidden_size,
+                vp,
+                group,
+                bias=False,
+                init_method=normal_init(cfg.init_method_std),
+                dtype=params_dtype(cfg),
+            )
+        elif owns_tied_copy:
+            with seeded_init(seed, INIT_KEY_EMBEDDING):
+                self.word_embeddings = VocabParallelEmbedding(
+                    vp,
+                    cfg.hidden_size,
+                    group,
+                    init_method=normal_init(cfg.init_method_std),
+                    dtype=params_dtype(cfg),
+                )
+
+    def project(self, x: torch.Tensor, word_embeddings_weight: torch.Tensor | None) -> torch.Tensor:
+        if self.output is not None:
+            return self.output(x)
+        weight = word_embeddings_weight
+        if weight is None:
+            if self.word_embeddings is None:
+                raise ValueError("tied output head needs the word-embedding weight (none given, no own copy)")
+            weight = self.word_embeddings.weight
+        return F.linear(copy_to_tp_region(x, self.group), weight)
+
+
+class LMHead(_TiedOutput):
+    """Final norm (pre-LN models) + output projection -> vocab-sharded logits ``[b, s, V_padded/tp]``."""
+
+    def __init__(
+        self, cfg: ModelConfig, group: ProcessGroup | None = None, seed: int = 0, owns_tied_copy: bool = False
+    ):
+        super().__init__(cfg, group, seed, owns_tied_copy)
+        dtype = params_dtype(cfg)
+        self.final_norm = (
+            build_norm(cfg.normalization, cfg.hidden_size, cfg.norm_eps, dtype) if cfg.pre_norm else None
+        )
+
+    def forward(
+        self, hidden: torch.Tensor, word_embeddings_weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if self.final_norm is not None:
+            hidden = self.final_norm(hidden)
+        return self.project(hidden, word_embeddings_weight)
+
+
+class MLMHead(_TiedOutput):
+    """BERT/RoBERTa MLM head: dense + GELU + norm, decoder (tied to the word embedding) + vocab-sharded bias."""
+
+    def __init__(
+        self, cfg: ModelConfig, group: ProcessGroup | None = None, seed: int = 0, owns_tied_copy: bool = False
+    ):
+        super().__init__(cfg, group, seed, owns_tied_copy)
+        dtype = params_dtype(cfg)
+        h = cfg.hidden_size
+        tp = group_size(group)
+        self.final_norm = build_norm(cfg.normalization, h, cfg.norm_eps, dtype) if cfg.pre_norm else None
+        self.dense = nn.Linear(h, h, dtype=dtype)
+        self.dense.weight = _normal_param((h, h), cfg.init_method_std, dtype)
+        nn.init.zeros_(self.dense.bias)
+        self.act = activation_fn("gelu" if cfg.activation == "swiglu" else cfg.activation)
+        self.norm = build_norm(cfg.normalization, h, cfg.norm_eps, dtype)
+        self.bias = nn.Parameter(torch.zeros(cfg.padded_vocab_size(tp) // tp, dtype=dtype))
+        self.bias.tensor_model_parallel = True
+        self.bias.partition_dim = 0
+
+    def forward(
+        self, hidden: torch.Tensor, word_embeddings_weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if self.final_norm is not None:
+            hidden = self.final_norm(hidden)
+        x = self.norm(self.act(self.dense(hidden)))
+        return self.project(x, word_embeddings_weight) + self.bias
+
+
+# -------------------------------------------------------------------------------------------- model
+class TransformerLanguageModel(nn.Module):
+    """Embedding -> blocks -> head, any of which a pipeline stage may leave out.
+
+    ``layer_range=(a, b)`` builds blocks a..b-1 (with the weights they have in the full model);
+    ``pre_process`` builds the embedding, ``post_process`` the head.
+    """
+
+    head_class: type[nn.Module] = LMHead
+    families: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        tp_group: ProcessGroup | None = None,
+        seed: int = 0,
+        rng_tracker: TPRngTracker | None = None,
+        layer_range: tuple[int, int] | None = None,
+        pre_process: bool = True,
+        post_process: bool = True,
+    ):
+        super().__init__()
+        if self.families and cfg.family not in self.families:
+            raise ValueError(
+                f"model.family {cfg.family!r} is not served by {type(self).__name__}; expected one of {self.families}"
+            )
+        start, end = layer_range if layer_range is not None else (0, cfg.num_layers)
+        if not 0 <= start <= end <= cfg.num_layers:
+            raise ValueError(
+                f"layer_range {layer_range} must satisfy 0 <= a <= b <= model.num_layers={cfg.num_layers}"
+            )
+        self.cfg = cfg
+        self.tp_group = tp_group
+        self.layer_range = (start, end)
+        self.pre_process, self.post_process = pre_process, post_process
+        self.embedding: Embedding | None = None
+        if pre_process:
+            with seeded_init(seed, INIT_KEY_EMBEDDING):
+                self.embedding = Embedding(cfg, tp_group)
+        blocks = []
+        for i in range(start, end):
+            with seeded_init(seed, layer_init_key(i)):
+                blocks.append(TransformerBlock(cfg, i, tp_group, rng_tracker))
+        self.layers = nn.ModuleList(blocks)
+        self.head: nn.Module | None = None
+        if post_process:
+            with seeded_init(seed, INIT_KEY_HEAD):
+                self.head = self.head_class(cfg, tp_group, seed=seed, owns_tied_copy=not pre_process)
+
+    def rotary(self, position_ids: torch.Tensor | None, batch: int, seq: int, device, dtype) -> tuple | None:
+        if self.cfg.position_embedding != "rope":
+            return None
+        if position_ids is None:
+            position_ids = torch.arange(seq, device=device).expand(batch, seq)
+        return rotary_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, dtype)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        hidden_states: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Vocab-sharded logits ``[b, s, V_padded/tp]`` (hidden ``[b, s, h]`` without the head).
+
+        Without the embedding (later pipeline stage) pass ``hidden_states`` instead of ``input_ids``.
+        """
+        if self.embedding is not None:
+            if input_ids is None:
+                raise ValueError("input_ids are required by a model with the embedding (pre_process=True)")
+            hidden = self.embedding(input_ids, position_ids, token_type_ids)
+        else:
+            if hidden_states is None:
+                raise ValueError(
+                    "hidden_states are required by a model without the embedding (pre_process=False)"
+                )
+            hidden = hidden_states
+        b, s = hidden.shape[:2]
+        rotary = self.rotary(position_ids, b, s, hidden.device, hidden.dtype)
+        for layer in self.layers:
+            hidden = layer(hidden, attention_mask=attention_mask, rotary=rotary)
+        if self.head is None:
+            return hidden
+        weight = self.embedding.word_embeddings.weight if self.embedding is not None else None
+        return self.head(hidden, weight)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def gather_logits(
+    logits: torch.Tensor, group: ProcessGroup | None, vocab_size: int | None = None
+) -> torch.Tensor:
+    """All-gather vocab-sharded logits into ``[..., V_padded]`` (autograd-aware), trimmed to ``vocab_size``."""
+    full = gather_from_tp_region(logits, group)
+    return full[..., :vocab_size] if vocab_size is not None else full
+
+
+def partition_info(model: nn.Module) -> dict[str, tuple[int, list[int]]]:
+    """``{param name: (partition dim, segment sizes of the full tensor)}`` for every TP-sharded parameter.
+
+    Pass each parameter's per-rank shards with these sizes to ``tensor_parallel.unshard_rows`` to rebuild
+    the full tensor (fused QKV / gate-up weights keep their segments per rank). Replicated ones are absent.
+    """
+    info: dict[str, tuple[int, list[int]]] = {}
+    for mod_name, mod in model.named_modules():
+        for p_name, p in mod.named_parameters(recurse=False):
+            if not getattr(p, "tensor_model_parallel", False):
+                continue
+            name = f"{mod_name}.{p_name}" if mod_name else p_name
+            dim = p.partition_dim
+            if isinstance(mod, ColumnParallelLinear):
+                sizes = list(mod.output_sizes)
+            elif isinstance(mod, RowParallelLinear):
+                sizes = [mod.input_size]
+            elif isinstance(mod, VocabParallelEmbedding):
+                sizes = [mod.num_embeddings]
+            else:
+                sizes = [p.shape[dim] * group_size(getattr(mod, "group", getattr(model, "tp_group", None)))]
+            info[name] = (dim, sizes)
+    return info

@@ -1,0 +1,229 @@
+"""The training loop: data -> (student, teacher) -> KI loss -> DeepSpeed step, evaluation, metrics, checkpoints.
+
+One code path for every layout: with pp = 1 the loop runs the micro-batches itself (teacher beside the
+engine); with pp > 1 DeepSpeed's PipelineEngine runs them (teacher inside the stages). The KI loss function
+records lm/kd/teacher losses wherever the logits are (every rank at pp = 1, the last stage at pp > 1); the
+loop sums those records over the world, so every rank sees the same numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_ki.config import Config
+from megatron_ki.ki.schedule import KISchedule
+from megatron_ki.ki.teacher import KILossFunction
+from megatron_ki.parallel import ParallelGroups
+
+logger = logging.getLogger("megatron_ki")
+
+
+class TrainingAborted(RuntimeError):
+    """Training cannot continue (too many consecutive non-finite steps)."""
+
+
+def model_inputs(
+    sample: dict[str, torch.Tensor], causal: bool
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """A collated data sample -> ``((input_ids, attention_mask, token_type_ids), labels)``.
+
+    Causal: ``text`` holds seq + 1 tokens; inputs are the first seq, labels the next-token targets.
+    MLM: ``text`` is the masked input, ``labels`` holds the targets (-100 elsewhere), ``padding_mask`` 1 = token.
+    """
+    text = sample["text"].long()
+    if causal:
+        ids, labels = text[:, :-1].contiguous(), text[:, 1:].contiguous()
+        if "loss_mask" in sample:
+            labels = labels.masked_fill(sample["loss_mask"][:, 1:] == 0, -100)
+        mask = torch.ones_like(ids)
+    else:
+        ids, labels = text, sample["labels"].long()
+        mask = sample.get("padding_mask", torch.ones_like(ids)).long()
+    return (ids, mask, torch.zeros_like(ids)), labels
+
+
+@dataclass
+class LoopState:
+    """What a resumed run needs besides the engine: the step and the samples consumed."""
+
+    step: int = 0
+    consumed_samples: int = 0
+    consecutive_skips: int = 0
+    skipped_total: int = 0
+    flops: float = 0.0
+    """Cumulative training FLOPs (student forward + backward, teacher forward while it runs)."""
+
+
+class Trainer:
+    """Drives one run; built by ``pretrain_ki.py`` from already constructed parts."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        engine,
+        groups: ParallelGroups,
+        loss_fn: KILossFunction,
+        schedule: KISchedule,
+        teacher=None,
+        companion=None,
+    ):
+        self.cfg, self.engine, self.groups = cfg, engine, groups
+        self.loss_fn, self.schedule = loss_fn, schedule
+        self.teacher, self.companion = teacher, companion
+        self.pipeline = cfg.parallel.pipeline_parallel > 1
+        self.causal = cfg.model.causal
+        self.gas = cfg.gradient_accumulation_steps(groups.topology.world_size)
+        self.state = LoopState()
+        self.tokens_per_sample = cfg.data.seq_length
+
+    # -------------------------------------------------------------------------------- teacher
+    @property
+    def teacher_active(self) -> bool:
+        if self.companion is not None:
+            return self.companion.active
+        return self.teacher is not None
+
+    def release_teacher(self) -> None:
+        """a_t is 0 from now on: stop running the teacher and free it."""
+        if self.companion is not None and self.companion.active:
+            self.companion.release()
+        self.teacher = None
+        logger.info("KI: alpha is 0 from step %d on; teacher released", self.state.step)
+
+    # ----------------------------------------------------------------------------------- steps
+    def _forward_loss(self, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
+        ids, mask, types = (t.to(self.engine.device) for t in inputs)
+        labels = labels.to(self.engine.device)
+        typed = self.cfg.model.type_vocab_size > 0
+        logits = self.engine(ids, attention_mask=mask, token_type_ids=types if typed else None)
+        if self.teacher is not None and self.teacher_active:
+            with torch.no_grad():
+                t_typed = self.teacher.cfg.type_vocab_size > 0
+                t_logits = self.teacher(ids, attention_mask=mask, token_type_ids=types if t_typed else None)
+            return self.loss_fn((logits, t_logits), labels)
+        return self.loss_fn(logits, labels)
+
+    def _aggregate(self, records) -> dict[str, float | None]:
+        """Average the loss records of all ranks (every rank gets the same numbers)."""
+        sums = torch.zeros(8, dtype=torch.float64)
+        for r in records:
+            sums[7] += float(r.loss.detach())
+            sums[0] += float(r.lm_loss)
+            sums[1] += 1
+            if r.kd_loss is not None:
+                sums[2] += float(r.kd_loss)
+                sums[3] += 1
+            if r.teacher_lm_loss is not None:
+                sums[4] += float(r.teacher_lm_loss)
+                sums[5] += 1
+            sums[6] += float(r.num_tokens)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(sums)
+        out: dict[str, float | None] = {
+            "lm_loss": (sums[0] / sums[1]).item() if sums[1] else None,
+            "kd_loss": (sums[2] / sums[3]).item() if sums[3] else None,
+            "teacher_lm_loss": (sums[4] / sums[5]).item() if sums[5] else None,
+            "loss": (sums[7] / sums[1]).item() if sums[1] else None,
+        }
+        return out
+
+    def train_step(self, data_iter: Iterator) -> dict[str, Any]:
+        step = self.state.step
+        alpha = self.schedule.alpha(step)
+        if self.teacher_active and not self.schedule.teacher_needed(step):
+            self.release_teacher()
+        self.loss_fn.alpha = alpha if self.teacher_active else 0.0
+        self.engine.train()
+        skipped_before = self._skipped()
+        start = time.perf_counter()
+        if self.pipeline:
+            loss = self.engine.train_batch(data_iter=data_iter)
+            loss_value = float(loss)
+        else:
+            total = 0.0
+            for _ in range(self.gas):
+                inputs, labels = next(data_iter)
+                loss = self._forward_loss(inputs, labels)
+                self.engine.backward(loss)
+                self.engine.step()
+                total += float(loss.detach())
+            loss_value = total / self.gas
+        elapsed = time.perf_counter() - start
+        skipped = self._skipped() - skipped_before
+        metrics = self._aggregate(self.loss_fn.pop_records())
+        self.state.step += 1
+        global_batch = self.cfg.train.global_batch_size
+        self.state.consumed_samples += global_batch
+        self.state.skipped_total += skipped
+        self.state.consecutive_skips = self.state.consecutive_skips + 1 if skipped else 0
+        if self.state.consecutive_skips >= self.cfg.train.max_consecutive_skips:
+            raise TrainingAborted(
+                f"{self.state.consecutive_skips} consecutive steps had a non-finite loss or gradient "
+                f"(train.max_consecutive_skips={self.cfg.train.max_consecutive_skips}); last loss {loss_value}"
+            )
+        tokens = global_batch * self.tokens_per_sample
+        metrics.update(
+            step=self.state.step,
+            alpha=self.loss_fn.alpha,
+            lr=self.engine.get_lr()[0],
+            grad_norm=_grad_norm(self.engine),
+            loss_scale=_loss_scale(self.engine),
+            skipped=skipped,
+            skipped_total=self.state.skipped_total,
+            consumed_samples=self.state.consumed_samples,
+            consumed_tokens=self.state.consumed_samples * self.tokens_per_sample,
+            step_time_s=elapsed,
+            tokens_per_s=tokens / elapsed if elapsed > 0 else None,
+        )
+        return metrics
+
+    def _skipped(self) -> int:
+        """Steps skipped so far: by DeepSpeed (fp16/bf16 overflow) or by the framework's guarded optimizer."""
+        guarded = getattr(self.engine, "guarded_optimizer", None)
+        return int(self.engine.skipped_steps or 0) + (guarded.nonfinite_skips if guarded is not None else 0)
+
+    # ------------------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, data_iter: Iterator, iters: int) -> dict[str, float | None]:
+        self.loss_fn.pop_records()
+        self.loss_fn.alpha = self.schedule.alpha(self.state.step) if self.teacher_active else 0.0
+        self.engine.eval()
+        for _ in range(iters):
+            if self.pipeline:
+                self.engine.eval_batch(data_iter=data_iter, return_logits=False)
+            else:
+                for _ in range(self.gas):
+                    inputs, labels = next(data_iter)
+                    self._forward_loss(inputs, labels)
+        metrics = self._aggregate(self.loss_fn.pop_records())
+        lm = metrics["lm_loss"]
+        metrics["perplexity"] = math.exp(min(lm, 50.0)) if lm is not None else None
+        self.engine.train()
+        return metrics
+
+
+def _grad_norm(engine) -> float | None:
+    try:
+        norm = engine.get_global_grad_norm()
+    except Exception:
+        return None
+    if norm is None:
+        return None
+    return float(norm)
+
+
+def _loss_scale(engine) -> float | None:
+    opt = getattr(engine, "optimizer", None)
+    scale = getattr(opt, "cur_scale", None) or getattr(opt, "loss_scale", None)
+    try:
+        return float(scale) if scale is not None else None
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,273 @@
+"""Pre-train a model with DeepSpeed, optionally inheriting knowledge from a frozen teacher.
+
+    deepspeed --num_gpus 8 pretrain_ki.py --config launch/configs/X.yaml [--group.key value ...]
+
+(``launch/pretrain_ki.sh`` builds that command.) Reads top to bottom: configuration, process groups,
+data, student and teacher, engine, resume, loop, final evaluation.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from megatron_ki.config import Config, ConfigError, parse_args
+
+logger = logging.getLogger("megatron_ki")
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"[%(asctime)s rank{rank}] %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def init_distributed(cfg: Config) -> None:
+    """DeepSpeed's comm layer over NCCL (GPU) or gloo (CPU); a dead peer fails collectives after the timeout."""
+    import deepspeed
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    deepspeed.init_distributed(
+        dist_backend=backend, timeout=timedelta(seconds=cfg.train.collective_timeout_s)
+    )
+
+
+def build_data(cfg: Config, groups, consumed_samples: int):
+    """Tokenizer, datasets, and per-data-parallel-rank iterators (train resumes at ``consumed_samples``)."""
+    from megatron_ki.data import PretrainingSampler, build_datasets_from_config, build_tokenizer
+
+    tokenizer = None
+    if cfg.data.tokenizer_type != "none":
+        tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+        if tokenizer.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(
+                "model.vocab_size",
+                f"{cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} ({cfg.data.tokenizer_model})",
+            )
+    kind = "gpt" if cfg.model.causal else "mlm"
+    gbs, train = cfg.train.global_batch_size, cfg.train
+    evals = (train.train_steps // train.eval_interval if train.eval_interval else 0) + 1
+    sizes = (train.train_steps * gbs, evals * train.eval_iters * gbs, train.eval_iters * gbs)
+    datasets = build_datasets_from_config(cfg.data, sizes, kind=kind, tokenizer=tokenizer)
+    dp, dp_rank = groups.topology.dp, groups.dp_rank
+
+    def loader(ds, consumed: int):
+        if ds is None:
+            return None
+        sampler = PretrainingSampler(len(ds), consumed, train.micro_batch_size, dp_rank, dp)
+        return torch.utils.data.DataLoader(
+            ds, batch_sampler=sampler, num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available()
+        )
+
+    return tokenizer, [loader(ds, consumed_samples if i == 0 else 0) for i, ds in enumerate(datasets)]
+
+
+def batches(loader, causal: bool):
+    from megatron_ki.training.loop import model_inputs
+
+    while True:  # the valid/test loaders are re-read if evaluation asks for more than one pass
+        for sample in loader:
+            yield model_inputs(sample, causal)
+
+
+def build_teacher(cfg: Config, groups, device):
+    """``(teacher config, this TP rank's teacher state dict or None)`` from ``ki.teacher_path`` / ``ki.teacher``."""
+    from megatron_ki.convert.reshard import load_full_state, shard_state_dict
+    from megatron_ki.ki.teacher import check_teacher_fits
+
+    if not cfg.ki.enabled:
+        return None, None
+    state = None
+    teacher_cfg = cfg.ki.teacher
+    if cfg.ki.teacher_path:
+        _, saved_cfg, full = load_full_state(cfg.ki.teacher_path)
+        if teacher_cfg is not None and teacher_cfg != saved_cfg:
+            raise ConfigError("ki.teacher", f"differs from the architecture saved in {cfg.ki.teacher_path}")
+        teacher_cfg = saved_cfg
+        state = shard_state_dict(full, teacher_cfg, groups.topology.tp, groups.tp_rank)
+    check_teacher_fits(cfg.model, teacher_cfg, groups.topology.tp)
+    return teacher_cfg, state
+
+
+def _test_hook_fail(step: int, rank: int) -> bool:
+    """Test hook: ``MEGATRON_KI_FAIL_AT_STEP=N[:RANK]`` makes one rank raise after step N (default rank 0)."""
+    spec = os.environ.get("MEGATRON_KI_FAIL_AT_STEP")
+    if not spec:
+        return False
+    at, _, who = spec.partition(":")
+    return step == int(at) and rank == int(who or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    argv = [a for a in argv if not a.startswith("--local_rank")]  # added by the deepspeed launcher
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    setup_logging(rank)
+    try:
+        cfg = parse_args(argv)
+        cfg.validate(world)
+        if not cfg.data.data_path:
+            raise ConfigError("data.data_path", "is required: a preprocessed prefix or 'weight prefix' pairs")
+    except ConfigError as e:
+        print(f"pretrain_ki.py: {e}", file=sys.stderr)
+        return 2
+
+    from megatron_ki.ki.schedule import build_schedule
+    from megatron_ki.ki.teacher import KILossFunction, frozen_teacher
+    from megatron_ki.models import build_model
+    from megatron_ki.models.pipe import Companion, build_pipeline_module
+    from megatron_ki.parallel import ParallelGroups, Topology
+    from megatron_ki.tensor_parallel import TPRngTracker, seed_everything
+    from megatron_ki.training import checkpoint as ckpt
+    from megatron_ki.training.ds_config import deepspeed_config, write_deepspeed_config
+    from megatron_ki.training.engine import initialize_engine
+    from megatron_ki.training.flops import device_peak_flops, mfu, training_flops_per_token
+    from megatron_ki.training.loop import Trainer
+    from megatron_ki.training.lr import lr_schedule
+    from megatron_ki.training.metrics import MetricsWriter, ProgressBar
+
+    init_distributed(cfg)
+    groups = ParallelGroups.build(
+        Topology.from_world(world, cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel)
+    )
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
+    seed_everything(cfg.train.seed + 100 * groups.pp_rank, device)
+    tracker = TPRngTracker(cfg.train.seed, groups.tp_rank, device)
+
+    # Student and teacher.
+    teacher_cfg, teacher_state = build_teacher(cfg, groups, device)
+    loss_fn = KILossFunction(cfg.ki, groups.tp_group)
+    teacher = companion = None
+    if cfg.parallel.pipeline_parallel > 1:
+        if teacher_cfg is not None:
+            companion = Companion(
+                teacher_cfg, seed=cfg.train.seed + 1, dtype=cfg.ki.teacher_dtype, state_dict=teacher_state
+            )
+        model = build_pipeline_module(
+            cfg.model,
+            groups.topology,
+            groups,
+            seed=cfg.train.seed,
+            loss_fn=loss_fn,
+            partition_method=cfg.parallel.pipeline_partition,
+            rng_tracker=tracker,
+            companion=companion,
+            device=device,
+        )
+    else:
+        model = build_model(cfg.model, groups.tp_group, seed=cfg.train.seed, rng_tracker=tracker).to(device)
+        if teacher_cfg is not None:
+            teacher = frozen_teacher(
+                teacher_cfg, cfg.ki, groups.tp_group, teacher_state, cfg.train.seed + 1, device
+            )
+    del teacher_state
+
+    ds = deepspeed_config(cfg, world)
+    if rank == 0:
+        write_deepspeed_config(ds, cfg.logging.run_dir)
+        (os.makedirs(cfg.logging.run_dir, exist_ok=True))
+        with open(os.path.join(cfg.logging.run_dir, "config.yaml"), "w", encoding="utf-8") as f:
+            f.write(cfg.to_yaml())
+    engine = initialize_engine(cfg, model, groups, ds)
+
+    # Resume, then data from where the run stopped.
+    trainer = Trainer(
+        cfg,
+        engine,
+        groups,
+        loss_fn,
+        build_schedule(cfg.ki, lr_schedule(cfg.optim, cfg.train.train_steps), cfg.optim.lr),
+        teacher=teacher,
+        companion=companion,
+    )
+    if cfg.checkpoint.load:
+        meta = ckpt.load_checkpoint(engine, cfg, groups, tracker)
+        if meta is not None and not meta.get("weights_only"):
+            trainer.state.step, trainer.state.consumed_samples = meta["step"], meta["consumed_samples"]
+            trainer.state.flops = meta.get("flops", 0.0)
+    _, (train_loader, valid_loader, test_loader) = build_data(cfg, groups, trainer.state.consumed_samples)
+    train_iter = batches(train_loader, cfg.model.causal)
+    valid_iter = batches(valid_loader, cfg.model.causal) if valid_loader is not None else None
+
+    peak = device_peak_flops(cfg.train.precision, device)
+    writer = MetricsWriter(cfg.logging.run_dir, cfg.logging.tensorboard, enabled=rank == 0)
+    bar = ProgressBar(
+        cfg.train.train_steps, enabled=rank == 0 and cfg.logging.progress_bar, initial=trainer.state.step
+    )
+    train = cfg.train
+
+    def save() -> None:
+        ckpt.save_checkpoint(
+            engine,
+            cfg,
+            groups,
+            trainer.state.step,
+            trainer.state.consumed_samples,
+            extra_meta={"flops": trainer.state.flops},
+            tp_tracker=tracker,
+        )
+
+    while trainer.state.step < train.train_steps:
+        teacher_ran = trainer.teacher_active
+        metrics = trainer.train_step(train_iter)
+        step = trainer.state.step
+        per_token = training_flops_per_token(
+            cfg.model, cfg.data.seq_length, teacher_cfg if teacher_ran else None
+        )
+        trainer.state.flops += per_token * train.global_batch_size * cfg.data.seq_length
+        metrics.update(
+            flops_per_token=per_token,
+            flops=trainer.state.flops,
+            mfu=mfu(metrics["tokens_per_s"], per_token, peak, world) if metrics["tokens_per_s"] else None,
+        )
+        if step % cfg.logging.log_interval == 0 or step == train.train_steps:
+            writer.log(step, metrics)
+        bar.update(step, metrics["loss"], metrics["alpha"], metrics["tokens_per_s"])
+        if _test_hook_fail(step, rank):
+            raise RuntimeError(f"test hook: MEGATRON_KI_FAIL_AT_STEP={step} on rank {rank}")
+        if valid_iter is not None and train.eval_interval and step % train.eval_interval == 0:
+            evaluation = trainer.evaluate(valid_iter, train.eval_iters)
+            writer.log(
+                step,
+                {
+                    "split": "valid",
+                    "consumed_tokens": metrics["consumed_tokens"],
+                    "flops": trainer.state.flops,
+                    **evaluation,
+                },
+            )
+        if cfg.checkpoint.save and cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0:
+            save()
+    bar.close()
+    if cfg.checkpoint.save and (
+        not cfg.checkpoint.save_interval or trainer.state.step % cfg.checkpoint.save_interval
+    ):
+        save()
+    final = {}
+    if valid_iter is not None and (not train.eval_interval or trainer.state.step % train.eval_interval):
+        final = trainer.evaluate(valid_iter, train.eval_iters)
+        writer.log(trainer.state.step, {"split": "valid", "flops": trainer.state.flops, **final})
+    if test_loader is not None:
+        final = trainer.evaluate(batches(test_loader, cfg.model.causal), train.eval_iters)
+        writer.log(trainer.state.step, {"split": "test", **final})
+        logger.info("test: %s", {k: v for k, v in final.items() if v is not None})
+    writer.close()
+    dist.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
