@@ -53,6 +53,12 @@ def build_data(cfg: Config, groups, consumed_samples: int):
                 "model.vocab_size",
                 f"{cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} ({cfg.data.tokenizer_model})",
             )
+        if cfg.model.position_offset > 0 and cfg.model.pad_token_id != tokenizer.pad:
+            # RoBERTa-style positions skip tokens equal to pad_token_id: a mismatch silently shifts them.
+            raise ConfigError(
+                "model.pad_token_id",
+                f"{cfg.model.pad_token_id} differs from the padding id {tokenizer.pad} of {cfg.data.tokenizer_model}",
+            )
     kind = "gpt" if cfg.model.causal else "mlm"
     gbs, train = cfg.train.global_batch_size, cfg.train
     evals = (train.train_steps // train.eval_interval if train.eval_interval else 0) + 1
@@ -88,7 +94,25 @@ def build_teacher(cfg: Config, groups, device):
         return None, None
     state = None
     teacher_cfg = cfg.ki.teacher
-    if cfg.ki.teacher_path:
+    if cfg.ki.teacher_path and cfg.ki.teacher_path.startswith("hf:"):
+        # A Hugging Face directory, read tensor by tensor and sharded like the student; same tokenizer enforced.
+        from megatron_ki.convert.hf import open_hf_model
+        from megatron_ki.convert.tokenizer import check_teacher_tokenizer
+
+        hf_dir = cfg.ki.teacher_path[len("hf:") :]
+        check_teacher_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model, hf_dir)
+        saved_cfg, full = open_hf_model(
+            hf_dir,
+            cfg.model.make_vocab_size_divisible_by,
+            attention_backend=cfg.model.attention_backend,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+        )
+        if teacher_cfg is not None and teacher_cfg != saved_cfg:
+            raise ConfigError("ki.teacher", f"differs from the architecture of {hf_dir}/config.json")
+        teacher_cfg = saved_cfg
+        state = shard_state_dict(full, teacher_cfg, groups.topology.tp, groups.tp_rank)
+    elif cfg.ki.teacher_path:
         _, saved_cfg, full = load_full_state(cfg.ki.teacher_path)
         if teacher_cfg is not None and teacher_cfg != saved_cfg:
             raise ConfigError("ki.teacher", f"differs from the architecture saved in {cfg.ki.teacher_path}")

@@ -211,7 +211,7 @@ class KIConfig:
     enabled: bool = False
     """Train with a teacher; False is plain pre-training from scratch."""
     teacher_path: str | None = None
-    """Framework checkpoint directory of the teacher (``hf:/dir`` for a Hugging Face model, later)."""
+    """Framework checkpoint directory of the teacher (any tp/pp), or ``hf:/path`` for a Hugging Face model."""
     teacher: ModelConfig | None = None
     """Teacher architecture; None reads it from the teacher checkpoint's metadata."""
     teacher_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"

@@ -269,7 +269,7 @@ def test_bf16_params_and_activations() -> None:
     model = build_model(cfg, seed=1)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     logits = model(torch.randint(0, VOCAB, (2, 8)))
-    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits[..., : cfg.vocab_size].float()).all()
     ref = build_model(dataclasses.replace(cfg, params_dtype="float32"), seed=1)
     with torch.no_grad():
         for p, q in zip(ref.parameters(), model.parameters()):
@@ -285,3 +285,23 @@ def test_bad_config_errors() -> None:
         from megatron_ki.models import BertModel
 
         BertModel(family_config("gpt2"))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_padded_vocabulary_gets_no_probability(family) -> None:
+    """Rows added to pad the vocabulary for TP get -inf logits: softmax and loss are over the real vocabulary."""
+    cfg = family_config(family)
+    assert cfg.padded_vocab_size(1) > cfg.vocab_size
+    model = build_model(cfg, seed=1)
+    ids = torch.randint(0, VOCAB, (2, 8))
+    logits = model(ids)
+    assert torch.isfinite(logits[..., : cfg.vocab_size]).all()
+    assert torch.isneginf(logits[..., cfg.vocab_size :]).all()
+    targets = torch.randint(0, cfg.vocab_size, (2, 8))
+    full = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    trimmed = torch.nn.functional.cross_entropy(
+        logits[..., : cfg.vocab_size].flatten(0, 1), targets.flatten()
+    )
+    torch.testing.assert_close(full, trimmed)
+    full.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

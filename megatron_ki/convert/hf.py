@@ -9,8 +9,14 @@ weights are ``[in, out]`` and are transposed. Vocabulary-sized tensors are padde
 
 from __future__ import annotations
 
-import dataclasses
+import json
+import math
+import os
+import struct
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -162,6 +168,16 @@ def roberta_rules(cfg: ModelConfig) -> list[Rule]:
     return _encoder_rules(cfg, "roberta", head)
 
 
+# transformers classes whose weights the tables cover (GPT2Model: the tied head needs no extra tensor)
+ARCHITECTURES = {
+    "gpt2": ("GPT2LMHeadModel", "GPT2Model"),
+    "llama": ("LlamaForCausalLM",),
+    "bert": ("BertForMaskedLM", "BertForPreTraining"),
+    "roberta": ("RobertaForMaskedLM",),
+}
+CAUSAL_ARCHITECTURE = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+MASKED_ARCHITECTURE = {"bert": "BertForMaskedLM", "roberta": "RobertaForMaskedLM"}
+
 MAPPINGS = {"gpt2": gpt2_rules, "llama": llama_rules, "bert": bert_rules, "roberta": roberta_rules}
 
 # HF keys that alias another tensor (tied weights); written on export, not read on import
@@ -197,27 +213,48 @@ def _split_sizes(cfg: ModelConfig, rule: Rule) -> list[int]:
     return [cfg.ffn_size, cfg.ffn_size]
 
 
+def _hf_source_names(rule: Rule, cfg: ModelConfig, has: Callable[[str], bool]) -> tuple[str, ...]:
+    """The HF names a rule reads; MLM heads may store the output bias only as ``decoder.bias``."""
+    if cfg.family in ("bert", "roberta") and rule.ours == "head.bias" and not has(rule.hf[0]):
+        alias = next(k for k, v in _TIED_ALIASES[cfg.family].items() if v == "head.bias")
+        if has(alias):
+            return (alias,)
+    return rule.hf
+
+
+def rule_from_hf(
+    rule: Rule, get: Callable[[str], torch.Tensor], cfg: ModelConfig, has: Callable[[str], bool]
+) -> torch.Tensor:
+    """The framework (tp=1, vocabulary padded) tensor of ``rule`` from HF tensors fetched one by one."""
+    names = _hf_source_names(rule, cfg, has)
+    missing = [k for k in names if not has(k)]
+    if missing:
+        raise KeyError(f"Hugging Face weights lack {missing} (needed for {rule.ours})")
+    parts = [get(k).t() if rule.transpose else get(k) for k in names]
+    t = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+    vp = cfg.padded_vocab_size(1)
+    if rule.vocab and t.shape[0] != vp:
+        if t.shape[0] > vp:
+            raise ValueError(f"{rule.hf[0]} has {t.shape[0]} rows, more than the padded vocabulary {vp}")
+        t = torch.cat([t, t.new_zeros((vp - t.shape[0], *t.shape[1:]))], dim=0)
+    return t.contiguous()
+
+
+def rule_to_hf(rule: Rule, t: torch.Tensor, cfg: ModelConfig) -> list[tuple[str, torch.Tensor]]:
+    """The HF tensors (name, value) of one framework tensor: split fused tensors, transpose, trim vocabulary."""
+    if rule.vocab:
+        t = t[: cfg.vocab_size]
+    sizes = _split_sizes(cfg, rule)
+    parts = list(torch.split(t, sizes, dim=0)) if sizes else [t]
+    return [(key, (part.t() if rule.transpose else part).contiguous()) for key, part in zip(rule.hf, parts)]
+
+
 def from_hf_state_dict(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Framework tp=1 state dict from a transformers one (vocab tensors zero-padded to the padded vocab)."""
-    out: dict[str, torch.Tensor] = {}
-    vp = cfg.padded_vocab_size(1)
-    for rule in rules_for(cfg):
-        missing = [k for k in rule.hf if k not in hf_state]
-        if missing:
-            if cfg.family in ("bert", "roberta") and rule.ours == "head.bias":
-                alias = next(k for k, v in _TIED_ALIASES[cfg.family].items() if v == "head.bias")
-                if alias in hf_state:
-                    missing, rule = [], dataclasses.replace(rule, hf=(alias,))
-            if missing:
-                raise KeyError(f"Hugging Face state dict lacks {missing} (needed for {rule.ours})")
-        parts = [hf_state[k].t() if rule.transpose else hf_state[k] for k in rule.hf]
-        t = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
-        if rule.vocab and t.shape[0] != vp:
-            if t.shape[0] > vp:
-                raise ValueError(f"{rule.hf[0]} has {t.shape[0]} rows, more than the padded vocabulary {vp}")
-            t = torch.cat([t, t.new_zeros((vp - t.shape[0], *t.shape[1:]))], dim=0)
-        out[rule.ours] = t.contiguous().clone()
-    return out
+    return {
+        rule.ours: rule_from_hf(rule, hf_state.__getitem__, cfg, hf_state.__contains__).clone()
+        for rule in rules_for(cfg)
+    }
 
 
 def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -226,19 +263,20 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
     for rule in rules_for(cfg):
         if rule.ours not in state:
             raise KeyError(f"framework state dict lacks {rule.ours} (needed for {rule.hf})")
-        t = state[rule.ours]
-        if rule.vocab:
-            t = t[: cfg.vocab_size]
-        sizes = _split_sizes(cfg, rule)
-        parts = list(torch.split(t, sizes, dim=0)) if sizes else [t]
-        for key, part in zip(rule.hf, parts):
-            out[key] = (part.t() if rule.transpose else part).contiguous().clone()
-    if cfg.tie_word_embeddings:
-        for alias, ours in _TIED_ALIASES[cfg.family].items():
-            out[alias] = out[next(r.hf[0] for r in rules_for(cfg) if r.ours == ours)]
-    elif cfg.family in ("bert", "roberta"):
-        alias = next(k for k, v in _TIED_ALIASES[cfg.family].items() if v == "head.bias")
-        out[alias] = out[next(r.hf[0] for r in rules_for(cfg) if r.ours == "head.bias")]
+        for key, value in rule_to_hf(rule, state[rule.ours], cfg):
+            out[key] = value.clone()
+    for alias, source in tied_aliases(cfg).items():
+        out[alias] = out[source]
+    return out
+
+
+def tied_aliases(cfg: ModelConfig) -> dict[str, str]:
+    """``{HF alias: HF source}`` of tensors transformers ties (and leaves out of saved files)."""
+    by_ours = {r.ours: r.hf[0] for r in rules_for(cfg)}
+    out = {}
+    for alias, ours in _TIED_ALIASES[cfg.family].items():
+        if ours == "head.bias" or cfg.tie_word_embeddings:
+            out[alias] = by_ours[ours]
     return out
 
 
@@ -256,6 +294,12 @@ def config_from_hf(hf_config: Any, make_vocab_size_divisible_by: int = 128, **ov
     """ModelConfig equivalent to a transformers GPT2/Llama/Bert/Roberta config (``overrides`` win)."""
     mt = getattr(hf_config, "model_type", None)
     c = hf_config
+    archs = getattr(c, "architectures", None) or []
+    if mt in ARCHITECTURES:
+        bad = [a for a in archs if a not in ARCHITECTURES[mt]]
+        _require(not bad, f"architectures {bad} unsupported for {mt}; expected one of {ARCHITECTURES[mt]}")
+    for flag in ["add_cross_attention"] + (["is_decoder"] if mt in ("bert", "roberta") else []):
+        _require(not getattr(c, flag, False), f"{flag}=True unsupported")
     if mt == "gpt2":
         _require(
             c.activation_function in _ACT_FROM_HF,
@@ -286,6 +330,11 @@ def config_from_hf(hf_config: Any, make_vocab_size_divisible_by: int = 128, **ov
             init_method_std=c.initializer_range,
         )
     elif mt == "llama":
+        _require(
+            getattr(c, "rope_scaling", None) in (None, {}) or c.rope_scaling.get("rope_type") == "default",
+            f"rope_scaling {getattr(c, 'rope_scaling', None)!r} unsupported (only the default RoPE)",
+        )
+        _require(getattr(c, "pretraining_tp", 1) == 1, f"pretraining_tp={c.pretraining_tp} unsupported")
         rope = getattr(c, "rope_parameters", None) or {}
         rope_type = rope.get("rope_type", "default")
         _require(rope_type == "default", f"rope_type {rope_type!r} unsupported (only 'default')")
@@ -295,7 +344,11 @@ def config_from_hf(hf_config: Any, make_vocab_size_divisible_by: int = 128, **ov
             head_dim * c.num_attention_heads == c.hidden_size, f"head_dim {head_dim} x heads != hidden_size"
         )
         _require(c.hidden_act == "silu", f"hidden_act {c.hidden_act!r} unsupported (SwiGLU needs 'silu')")
-        _require(c.attention_bias == c.mlp_bias, "attention_bias and mlp_bias must agree")
+        _require(
+            c.attention_bias == c.mlp_bias,
+            f"attention_bias={c.attention_bias} with mlp_bias={c.mlp_bias} unsupported (one bias switch: "
+            "both must agree)",
+        )
         kw = dict(
             family="llama",
             num_layers=c.num_hidden_layers,
@@ -423,3 +476,305 @@ def load_hf_model(hf_model: Any, make_vocab_size_divisible_by: int = 128, seed: 
     state = {k: v.to(dtype) for k, v in from_hf_state_dict(hf_model.state_dict(), cfg).items()}
     model.load_state_dict(state, strict=True)
     return model, cfg
+
+
+# ------------------------------------------------------------------------------------- files on disk
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+_BASE_PREFIXES = ("transformer.", "model.", "bert.", "roberta.")
+DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class HFWeights:
+    """The tensors of a Hugging Face model directory, read one at a time.
+
+    safetensors files are read with plain ``readinto`` (no memory map), so only the tensors being converted
+    are in memory. ``pytorch_model*.bin`` files cannot be read partially: each is memory-mapped
+    (``torch.load(mmap=True)``), whose pages the kernel may keep resident while it is open.
+    Names saved from a base model (``h.0...`` for ``transformer.h.0...``) are found too.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._where: dict[str, tuple[Path, str, list[int], int, int]] = {}
+        self._bin: dict[str, torch.Tensor] = {}
+        files = self._files()
+        for f in files:
+            if f.suffix == ".safetensors":
+                self._index_safetensors(f)
+            else:
+                self._bin.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+
+    def _files(self) -> list[Path]:
+        for index, single in (
+            ("model.safetensors.index.json", "model.safetensors"),
+            ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+        ):
+            if (self.path / index).is_file():
+                weight_map = json.loads((self.path / index).read_text(encoding="utf-8"))["weight_map"]
+                files = [self.path / f for f in dict.fromkeys(weight_map.values())]
+                for f in files:
+                    if not f.is_file():
+                        raise FileNotFoundError(f"{f}: listed in {self.path / index} but missing")
+                return files
+            if (self.path / single).is_file():
+                return [self.path / single]
+        raise FileNotFoundError(
+            f"{self.path}: no model.safetensors(.index.json) or pytorch_model.bin(.index.json) found"
+        )
+
+    def _index_safetensors(self, f: Path) -> None:
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        start = 8 + n
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if info["dtype"] not in _ST_DTYPES:
+                raise ValueError(f"{f}: tensor {name} has dtype {info['dtype']}, not supported")
+            b, e = info["data_offsets"]
+            self._where[name] = (f, info["dtype"], list(info["shape"]), start + b, start + e)
+
+    def _resolve(self, name: str) -> str | None:
+        if name in self._where or name in self._bin:
+            return name
+        for prefix in _BASE_PREFIXES:
+            if name.startswith(prefix) and (
+                name[len(prefix) :] in self._where or name[len(prefix) :] in self._bin
+            ):
+                return name[len(prefix) :]
+        return None
+
+    def __contains__(self, name: str) -> bool:
+        return self._resolve(name) is not None
+
+    def keys(self) -> list[str]:
+        return [*self._where, *self._bin]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        key = self._resolve(name)
+        if key is None:
+            raise KeyError(f"{self.path}: the weights hold no tensor '{name}'")
+        if key in self._bin:
+            return self._bin[key]
+        f, dtype, shape, begin, end = self._where[key]
+        out = torch.empty(shape, dtype=_ST_DTYPES[dtype])
+        view = out.view(-1).view(torch.uint8).numpy() if out.numel() else None
+        if view is not None:
+            with open(f, "rb") as fh:
+                fh.seek(begin)
+                if fh.readinto(memoryview(view)) != end - begin:
+                    raise ValueError(f"{f}: tensor {key} is truncated")
+        return out
+
+
+class LazyState(Mapping[str, torch.Tensor]):
+    """A state dict whose tensors are computed when asked for (and not kept): streams conversions."""
+
+    def __init__(
+        self, names: list[str], load: Callable[[str], torch.Tensor], on_load: Callable | None = None
+    ):
+        self._names = list(names)
+        self._set = set(names)
+        self._load = load
+        self.on_load = on_load
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._set:
+            raise KeyError(name)
+        t = self._load(name)
+        if self.on_load is not None:
+            self.on_load(name)
+        return t
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._set
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def read_hf_config(path: str | Path) -> Any:
+    """The transformers config of a local model directory (never the network)."""
+    import transformers
+
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{p / 'config.json'}: missing; not a Hugging Face model directory")
+    return transformers.AutoConfig.from_pretrained(str(p), local_files_only=True)
+
+
+def open_hf_model(
+    path: str | Path,
+    make_vocab_size_divisible_by: int = 128,
+    dtype: torch.dtype | None = None,
+    **overrides: Any,
+) -> tuple[ModelConfig, LazyState]:
+    """``(framework config, lazy full tp=1 state dict)`` of a Hugging Face directory, read tensor by tensor.
+
+    Every HF tensor is checked against the shape the config implies; a mismatch names the tensor.
+    """
+    cfg = config_from_hf(read_hf_config(path), make_vocab_size_divisible_by, **overrides)
+    weights = HFWeights(path)
+    expected = framework_shapes(cfg)
+    rules = {r.ours: r for r in rules_for(cfg)}
+
+    def load(name: str) -> torch.Tensor:
+        rule = rules[name]
+        t = rule_from_hf(rule, weights.__getitem__, cfg, weights.__contains__)
+        if tuple(t.shape) != expected[name]:
+            raise ValueError(
+                f"{path}: {' + '.join(rule.hf)} gives shape {tuple(t.shape)} for {name}, but config.json implies "
+                f"{expected[name]}"
+            )
+        return t if dtype is None else t.to(dtype)
+
+    return cfg, LazyState(list(rules), load)
+
+
+@lru_cache(maxsize=8)
+def _shapes(cfg_json: str) -> dict[str, tuple[int, ...]]:
+    from megatron_ki.models import build_model
+
+    cfg = ModelConfig(**json.loads(cfg_json))
+    with torch.device("meta"):
+        model = build_model(cfg)
+    return {n: tuple(p.shape) for n, p in model.state_dict().items()}
+
+
+def framework_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes of the single-process (tp=1) model's tensors, from a model built on the meta device."""
+    return _shapes(json.dumps(cfg.__dict__, sort_keys=True))
+
+
+def hf_weight_plan(cfg: ModelConfig, dtype: torch.dtype) -> list[tuple[str, str, tuple[int, ...]]]:
+    """``(framework name, HF name, HF shape)`` of every tensor a saved HF model holds (no tied aliases)."""
+    shapes = framework_shapes(cfg)
+    plan = []
+    for rule in rules_for(cfg):
+        meta = torch.empty(shapes[rule.ours], dtype=dtype, device="meta")
+        for key, part in rule_to_hf(rule, meta, cfg):
+            plan.append((rule.ours, key, tuple(part.shape)))
+    return plan
+
+
+def parse_size(text: str | int) -> int:
+    """``"5GB"``, ``"500MB"``, ``"10KiB"`` or a number of bytes."""
+    if isinstance(text, int):
+        return text
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    t = text.strip().upper()
+    num = t.rstrip("KMGIB")
+    unit = t[len(num) :]
+    if unit not in units or not num:
+        raise ValueError(f"--max-shard-size {text!r}: expected a size like 5GB, 500MB or 1048576")
+    return int(float(num) * units[unit])
+
+
+def write_hf_weights(
+    out_dir: str | Path,
+    cfg: ModelConfig,
+    state: Mapping[str, torch.Tensor],
+    dtype: torch.dtype,
+    max_shard_size: int = 5 * 10**9,
+    on_tensor: Callable[[str], None] | None = None,
+) -> list[str]:
+    """Write ``state`` (framework tp=1 names, read lazily in order) as HF safetensors, tensor by tensor.
+
+    The header of every shard is known before any data (shapes come from the config), so each tensor is
+    converted, written and dropped in turn. Above ``max_shard_size`` the weights go to
+    ``model-0000k-of-0000n.safetensors`` files with ``model.safetensors.index.json``, like transformers.
+    Returns the files written.
+    """
+    out = Path(out_dir)
+    plan = hf_weight_plan(cfg, dtype)
+    item = torch.empty((), dtype=dtype).element_size()
+    shards: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for entry in plan:
+        n = math.prod(entry[2]) * item
+        if shards[-1] and size + n > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += n
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    pending: dict[str, torch.Tensor] = {}
+    rules = {r.ours: r for r in rules_for(cfg)}
+    for fname, entries in zip(names, shards):
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for _, key, shape in entries:
+            n = math.prod(shape) * item
+            header[key] = {
+                "dtype": _ST_NAMES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + n],
+            }
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(out / fname, "wb") as fh:
+            fh.write(struct.pack("<Q", len(raw)))
+            fh.write(raw)
+            for ours, key, shape in entries:
+                if key not in pending:
+                    pending.update(rule_to_hf(rules[ours], state[ours].to(dtype), cfg))
+                    if on_tensor is not None:
+                        on_tensor(ours)
+                t = pending.pop(key)
+                if tuple(t.shape) != shape:
+                    raise ValueError(f"{ours}: exported {key} has shape {tuple(t.shape)}, expected {shape}")
+                if t.numel():  # the tensor's own buffer, no bytes copy
+                    fh.write(memoryview(t.contiguous().view(-1).view(torch.uint8).numpy()))
+            fh.flush()
+            os.fsync(fh.fileno())
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(math.prod(s) * item for _, _, s in plan)},
+            "weight_map": {key: f for f, entries in zip(names, shards) for _, key, _ in entries},
+        }
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps(index, indent=2) + "\n", encoding="utf-8"
+        )
+        names.append("model.safetensors.index.json")
+    return names
+
+
+def hf_config_for(cfg: ModelConfig, dtype: torch.dtype, tokenizer: Any | None = None) -> Any:
+    """config.json contents: the architecture, the dtype written, and the tokenizer's special ids."""
+    hf_cfg = config_to_hf(cfg)
+    hf_cfg.architectures = [CAUSAL_ARCHITECTURE.get(cfg.family) or MASKED_ARCHITECTURE[cfg.family]]
+    hf_cfg.dtype = str(dtype).removeprefix("torch.")
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(hf_cfg, key, None)
+        if isinstance(value, int) and not 0 <= value < cfg.vocab_size:  # GPT-2's 50256 in a small vocabulary
+            setattr(hf_cfg, key, None)
+    if tokenizer is not None:
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(tokenizer, key, None)
+            if value is not None and not (key == "pad_token_id" and cfg.pad_token_id is not None):
+                setattr(hf_cfg, key, int(value))
+    return hf_cfg

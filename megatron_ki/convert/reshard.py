@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -174,9 +174,14 @@ def meta_config(meta: dict[str, Any]) -> Config:
     return config_from_dict(meta["config"])
 
 
-def _load(path: Path) -> Any:
+def _load(path: Path, mmap: bool = False) -> Any:
     if not path.is_file():
         raise CheckpointError(f"checkpoint file missing: {path}")
+    if mmap:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped
+            pass
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
@@ -205,6 +210,61 @@ def load_full_state(
     return meta, cfg, unshard_state_dicts(shards, cfg)
 
 
+class LazyFullState(Mapping[str, torch.Tensor]):
+    """The full state dict of a checkpoint (like :func:`load_full_state`), each tensor read when asked for.
+
+    Pipeline checkpoints (pp > 1) keep one pipeline layer (its files of every TP rank) in memory at a time,
+    so a conversion that walks the names in order holds about one layer. The per-TP-rank files of a pp = 1
+    checkpoint hold the whole model and cannot be read in parts: they are memory-mapped instead.
+    """
+
+    def __init__(self, root: str | Path, tag: str | None = None):
+        tag, self.meta = read_meta(root, tag)
+        self.cfg = meta_config(self.meta).model
+        self.tp, self.pp = self.meta["layout"]["tp"], self.meta["layout"]["pp"]
+        self.folder = Path(root) / tag
+        self._names = list(tp_layout(self.cfg))
+        self._cached: tuple[int, list[dict[str, torch.Tensor]]] | None = None
+        self._whole: list[dict[str, torch.Tensor]] | None = None
+        self.on_load: Callable[[str], None] | None = None
+        """Called with each name read (progress bars)."""
+
+    def _shards_for(self, name: str) -> list[dict[str, torch.Tensor]]:
+        if self.pp == 1:
+            if self._whole is None:
+                self._whole = [
+                    dict(_load(self.folder / f"mp_rank_{t:02d}_model_states.pt", mmap=True)["module"])
+                    for t in range(self.tp)
+                ]
+            return self._whole
+        idx, _ = pipe_layer_of(name, self.cfg.num_layers)
+        if self._cached is None or self._cached[0] != idx:
+            self._cached = None  # drop the previous layer before reading the next
+            shards = []
+            for t in range(self.tp):
+                layer = _load(self.folder / f"layer_{idx:02d}-model_{t:02d}-model_states.pt")
+                shards.append({full_name_of(idx, k, self.cfg.num_layers): v for k, v in layer.items()})
+            self._cached = (idx, shards)
+        return self._cached[1]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        shards = self._shards_for(name)
+        if name not in shards[0]:
+            raise CheckpointError(f"{self.folder}: no tensor '{name}' in the files of its pipeline layer")
+        t = unshard_state_dicts([{name: s[name]} for s in shards], self.cfg)[name]
+        if self.on_load is not None:
+            self.on_load(name)
+        return t
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
 # ------------------------------------------------------------------------------------------ writing
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
@@ -231,7 +291,7 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def write_checkpoint(
-    full: dict[str, torch.Tensor],
+    full: Mapping[str, torch.Tensor],
     config: Config,
     root: str | Path,
     tp: int,
@@ -267,22 +327,33 @@ def write_checkpoint(
     return final
 
 
-def _write_shards(full: dict[str, torch.Tensor], cfg: ModelConfig, folder: Path, tp: int, pp: int) -> None:
+def _write_shards(full: Mapping[str, torch.Tensor], cfg: ModelConfig, folder: Path, tp: int, pp: int) -> None:
+    """One file per TP rank (pp = 1) or per pipeline layer and TP rank (pp > 1). Pipeline files are written
+    layer by layer, so a lazily computed ``full`` (e.g. streamed from Hugging Face files) needs one layer's
+    tensors in memory at a time."""
+    by_layer: dict[int, list[str]] = {}
+    for name in tp_layout(cfg):
+        by_layer.setdefault(pipe_layer_of(name, cfg.num_layers)[0], []).append(name)
     for t in range(tp):
-        shard = shard_state_dict(full, cfg, tp, t)
         if pp == 1:
+            shard = shard_state_dict(full, cfg, tp, t)
             torch.save(
                 {"module": shard, "global_steps": 0, "skipped_steps": 0},
                 folder / f"mp_rank_{t:02d}_model_states.pt",
             )
+            del shard
             continue
-        layers: dict[int, dict[str, torch.Tensor]] = {}
-        for name, value in shard.items():
-            idx, local = pipe_layer_of(name, cfg.num_layers)
-            layers.setdefault(idx, {})[local] = value
-        if cfg.tie_word_embeddings:
-            layers.setdefault(cfg.num_layers + 1, {})["model.head.word_embeddings.weight"] = shard[
-                "embedding.word_embeddings.weight"
-            ]
         for idx in range(cfg.num_layers + 2):
-            torch.save(layers.get(idx, {}), folder / f"layer_{idx:02d}-model_{t:02d}-model_states.pt")
+            names = list(by_layer.get(idx, []))
+            if idx == cfg.num_layers + 1 and cfg.tie_word_embeddings:
+                names.append(
+                    "embedding.word_embeddings.weight"
+                )  # the last stage's copy of the tied embedding
+            shard = shard_state_dict(full, cfg, tp, t, names=names) if names else {}
+            layer = {}
+            for name, value in shard.items():
+                if idx == cfg.num_layers + 1 and name.startswith("embedding."):
+                    layer["model.head.word_embeddings.weight"] = value
+                else:
+                    layer[pipe_layer_of(name, cfg.num_layers)[1]] = value
+            torch.save(layer, folder / f"layer_{idx:02d}-model_{t:02d}-model_states.pt")

@@ -29,6 +29,7 @@ from megatron_ki.tensor_parallel import (
     VocabParallelEmbedding,
     copy_to_tp_region,
     gather_from_tp_region,
+    group_rank,
     group_size,
     normal_init,
     scaled_normal_init,
@@ -114,8 +115,10 @@ def core_attention(
     """softmax(q k^T * scale + mask) v for ``q [b, hq, sq, d]``, ``k, v [b, hkv, sk, d]`` (hq % hkv == 0).
 
     ``padding_mask``: bool ``[b, sk]``, True = attend. The single place the attention backend is chosen:
-    "sdpa" (torch SDPA), "eager" (matmul + fp32 softmax) or "fused_softmax" (megatron_ki.kernels). Dropout
-    on the probabilities uses the current default generator: callers fork the TP tracker around this.
+    "sdpa" (torch SDPA), "eager" (matmul + fp32 softmax) or "fused_softmax" (megatron_ki.kernels). All three
+    give the same result: causal masks with sq != sk align the last query with the last key, and a query
+    that may attend to no key (a fully padded row) gets a zero output. Dropout on the probabilities uses the
+    current default generator: callers fork the TP tracker around this.
     """
     sq, sk = q.shape[-2], k.shape[-2]
     if q.shape[1] != k.shape[1]:
@@ -123,9 +126,7 @@ def core_attention(
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
     if backend == "sdpa":
-        if causal and padding_mask is None:
-            if sq != sk:
-                raise ValueError(f"causal sdpa attention expects sq == sk, got {sq} and {sk}")
+        if causal and padding_mask is None and sq == sk:
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
         mask = _bool_keep(sq, sk, causal, padding_mask, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
@@ -135,11 +136,14 @@ def core_attention(
         mask = _bool_keep(sq, sk, causal, padding_mask, q.device)
         if mask is not None:
             scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
-        probs = torch.softmax(scores, dim=-1).to(v.dtype)
+        probs = torch.softmax(scores, dim=-1)
+        if mask is not None:  # a query that may attend to nothing gets zeros, as with sdpa and fused_softmax
+            probs = probs.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
+        probs = probs.to(v.dtype)
     elif backend == "fused_softmax":
         from megatron_ki import kernels
 
-        if causal and padding_mask is None:
+        if causal and padding_mask is None and sq == sk:
             probs = kernels.scaled_upper_triang_masked_softmax(scores, scale)
         else:
             keep = _bool_keep(sq, sk, causal, padding_mask, q.device)
@@ -413,14 +417,24 @@ class _TiedOutput(nn.Module):
     """Output projection onto the (vocab-parallel) word embedding, or an untied column-parallel one.
 
     A head on a stage without the embedding (pipeline) owns a copy of the tied weight drawn from the
-    embedding's seed; keeping the copies in sync is the pipeline's job (DeepSpeed TiedLayerSpec).
+    embedding's seed; models/pipe.py keeps the copies in sync (their gradients are all-reduced).
     """
 
     def __init__(self, cfg: ModelConfig, group: ProcessGroup | None, seed: int, owns_tied_copy: bool):
         super().__init__()
         self.group = group
         self.tied = cfg.tie_word_embeddings
-        vp = cfg.padded_vocab_size(group_size(group))
+        tp = group_size(group)
+        vp = cfg.padded_vocab_size(tp)
+        # Padding rows (Megatron pads the vocabulary for TP) get -inf logits: the softmax, the LM loss and the
+        # KI divergence are over the real vocabulary only, as in the tokenizer and in Hugging Face exports.
+        local = vp // tp
+        first_pad = max(cfg.vocab_size - group_rank(group) * local, 0)
+        pad = None
+        if first_pad < local:
+            pad = torch.zeros(local, dtype=params_dtype(cfg))
+            pad[first_pad:] = float("-inf")
+        self.register_buffer("padding_bias", pad, persistent=False)
         self.output = None
         self.word_embeddings = None
         if not self.tied:
@@ -452,6 +466,9 @@ class _TiedOutput(nn.Module):
             weight = self.word_embeddings.weight
         return F.linear(copy_to_tp_region(x, self.group), weight)
 
+    def mask_padding(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits if self.padding_bias is None else logits + self.padding_bias
+
 
 class LMHead(_TiedOutput):
     """Final norm (pre-LN models) + output projection -> vocab-sharded logits ``[b, s, V_padded/tp]``."""
@@ -470,7 +487,7 @@ class LMHead(_TiedOutput):
     ) -> torch.Tensor:
         if self.final_norm is not None:
             hidden = self.final_norm(hidden)
-        return self.project(hidden, word_embeddings_weight)
+        return self.mask_padding(self.project(hidden, word_embeddings_weight))
 
 
 class MLMHead(_TiedOutput):
@@ -499,7 +516,7 @@ class MLMHead(_TiedOutput):
         if self.final_norm is not None:
             hidden = self.final_norm(hidden)
         x = self.norm(self.act(self.dense(hidden)))
-        return self.project(x, word_embeddings_weight) + self.bias
+        return self.mask_padding(self.project(x, word_embeddings_weight) + self.bias)
 
 
 # -------------------------------------------------------------------------------------------- model
