@@ -15,10 +15,8 @@ import numpy as np
 import torch
 
 from megatron_ki.data.helpers import build_sample_idx
-from megatron_ki.data.index_cache import file_fingerprint, load_or_build
+from megatron_ki.data.index_cache import default_cache_dir, describe_dataset, load_or_build
 from megatron_ki.data.indexed import IndexedDataset
-
-INDEX_VERSION = 1
 
 
 def num_epochs_for(tokens_per_epoch: int, seq_length: int, num_samples: int) -> int:
@@ -106,19 +104,10 @@ class GPTDataset(torch.utils.data.Dataset):
             raise ValueError(f"seq_length must be positive, got {seq_length}")
         self.seq_length = seq_length
         self.name = name
-        if cache_dir == "":
-            cache_dir = os.path.join(os.path.dirname(os.path.abspath(self.indexed.prefix)), "index-cache")
-        description = {
-            "class": "GPTDataset",
-            "version": INDEX_VERSION,
-            "name": name,
-            "prefix": os.path.abspath(self.indexed.prefix),
-            "idx": file_fingerprint(self.indexed.prefix + ".idx"),
-            "documents": [int(documents[0]), int(documents[-1]), int(documents.size), int(documents.sum())],
-            "seq_length": seq_length,
-            "num_samples": num_samples,
-            "seed": seed,
-        }
+        cache_dir = default_cache_dir(cache_dir, self.indexed.prefix)
+        description = describe_dataset(
+            "GPTDataset", self.indexed, documents, name, seq_length, num_samples, seed
+        )
         arrays, self.built_indices = load_or_build(
             cache_dir,
             description,

@@ -15,6 +15,9 @@ from collections.abc import Callable
 
 import numpy as np
 
+INDEX_VERSION = 1
+"""Bump when the layout of cached indices changes: old caches are then rebuilt, never misread."""
+
 log = logging.getLogger(__name__)
 
 
@@ -36,6 +39,30 @@ def file_fingerprint(path: str, block: int = 1 << 16) -> str:
             f.seek(max(block, size - block))
             h.update(f.read(block))
     return h.hexdigest()
+
+
+def describe_dataset(
+    kind: str, indexed, documents: np.ndarray, name: str, seq_length: int, num_samples: int | None, seed: int
+) -> dict:
+    """What a dataset's cached indices depend on; its hash names the cache files."""
+    return {
+        "class": kind,
+        "version": INDEX_VERSION,
+        "name": name,
+        "prefix": os.path.abspath(indexed.prefix),
+        "idx": file_fingerprint(indexed.prefix + ".idx"),
+        "documents": [int(documents[0]), int(documents[-1]), int(documents.size), int(documents.sum())],
+        "seq_length": seq_length,
+        "num_samples": num_samples,
+        "seed": seed,
+    }
+
+
+def default_cache_dir(cache_dir: str | None, prefix: str) -> str | None:
+    """``""`` means ``index-cache/`` beside the data; None keeps indices in memory only."""
+    if cache_dir == "":
+        return os.path.join(os.path.dirname(os.path.abspath(prefix)), "index-cache")
+    return cache_dir
 
 
 def cache_paths(cache_dir: str, description: dict, names: list[str]) -> tuple[str, dict[str, str]]:

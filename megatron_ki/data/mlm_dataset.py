@@ -18,10 +18,9 @@ import os
 import numpy as np
 import torch
 
-from megatron_ki.data.index_cache import file_fingerprint, load_or_build
+from megatron_ki.data.index_cache import default_cache_dir, describe_dataset, load_or_build
 from megatron_ki.data.indexed import IndexedDataset
 
-INDEX_VERSION = 1
 IGNORE_INDEX = -100
 
 
@@ -158,19 +157,10 @@ class MLMDataset(torch.utils.data.Dataset):
         sizes = np.asarray(self.indexed.sizes)[documents].astype(np.int64)
         self.stream_starts = np.zeros(documents.size + 1, dtype=np.int64)
         np.cumsum(sizes, out=self.stream_starts[1:])
-        if cache_dir == "":
-            cache_dir = os.path.join(os.path.dirname(os.path.abspath(self.indexed.prefix)), "index-cache")
-        description = {
-            "class": "MLMDataset",
-            "version": INDEX_VERSION,
-            "name": name,
-            "prefix": os.path.abspath(self.indexed.prefix),
-            "idx": file_fingerprint(self.indexed.prefix + ".idx"),
-            "documents": [int(documents[0]), int(documents[-1]), int(documents.size), int(documents.sum())],
-            "seq_length": seq_length,
-            "num_samples": num_samples,
-            "seed": seed,
-        }
+        cache_dir = default_cache_dir(cache_dir, self.indexed.prefix)
+        description = describe_dataset(
+            "MLMDataset", self.indexed, documents, name, seq_length, num_samples, seed
+        )
 
         def build() -> dict[str, np.ndarray]:
             blocks = pack_blocks(sizes, seq_length - 2)
