@@ -89,7 +89,9 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     launcher = ["bash", str(ROOT / "launch" / "pretrain_ki.sh")]
-    env = {"CPU_RANKS": str(args.ranks), "PYTHON": py}
+    # The virtualenv's own launcher, whether or not the venv is activated.
+    bin_dir = str(Path(py).parent)
+    env = {"CPU_RANKS": str(args.ranks), "PYTHON": py, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
 
     # 1. Corpus, tokenizer, indexed dataset.
     if args.corpus is None:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +98,9 @@ def save_checkpoint(
     rng_dir = root / tmp_tag / "rng"
     rng_dir.mkdir(parents=True, exist_ok=True)
     torch.save(rng_state(tp_tracker), rng_dir / f"rank{groups.rank:05d}.pt")
+    if os.environ.get("MEGATRON_KI_KILL_IN_SAVE") == str(step):
+        # Test hook (tests/test_training.py): die like `kill -9` with this tag's files written but unpublished.
+        os.kill(os.getpid(), signal.SIGKILL)
     _barrier()
     if groups.rank == 0:
         topo = groups.topology
@@ -126,7 +131,8 @@ def load_checkpoint(engine, cfg: Config, groups: ParallelGroups, tp_tracker=None
     """Resume from ``checkpoint.load``'s latest tag: engine (model, optimizer, LR schedule) and RNG states.
 
     Returns the metadata (``step``, ``consumed_samples``), or None when the directory holds no checkpoint yet.
-    A different data-parallel size is accepted; a different tp/pp is refused (use tools/convert_checkpoint.py).
+    A different data-parallel size is accepted without ZeRO (with ZeRO 1/2 the optimizer state is partitioned
+    per data-parallel rank and is refused); a different tp/pp is refused (use tools/convert_checkpoint.py).
     """
     root = Path(cfg.checkpoint.load)  # type: ignore[arg-type]
     if read_latest(root) is None:
@@ -141,6 +147,13 @@ def load_checkpoint(engine, cfg: Config, groups: ParallelGroups, tp_tracker=None
             f"run uses {topo.tp}, {topo.pp}: reshard it first with tools/convert_checkpoint.py --target-tp/--target-pp"
         )
     weights_only = meta.get("weights_only", False)
+    if not weights_only and layout.get("zero_stage", 0) > 0 and layout["dp"] != topo.dp:
+        # DeepSpeed partitions ZeRO optimizer state per data-parallel rank and cannot re-partition it.
+        raise CheckpointError(
+            f"{root / tag} was saved with ZeRO stage {layout['zero_stage']} at data_parallel={layout['dp']} but this "
+            f"run has data_parallel={topo.dp}: resume with {layout['dp']} data-parallel ranks, or convert it to a "
+            "weights-only checkpoint with tools/convert_checkpoint.py (the optimizer state restarts)"
+        )
     load_path, _ = engine.load_checkpoint(
         str(root),
         tag=tag,

@@ -57,6 +57,9 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
                 "allgather_partitions": True,
             }
         )
+        # The optimizer is the framework's GuardedAdamW (a torch.optim.AdamW subclass) on CPU/fp32, which
+        # DeepSpeed's ZeRO wrapper refuses unless told; ZeRO only needs a torch optimizer's interface.
+        ds["zero_allow_untested_optimizer"] = True
     if train.precision == "bf16":
         # Gradients are accumulated and reduced in fp32: bf16 sums over many micro-batches lose bits.
         ds["data_types"] = {"grad_accum_dtype": "fp32"}
