@@ -346,7 +346,9 @@ class TrainConfig:
     global_batch_size: int = 4
     """Samples per optimizer step over all data-parallel ranks (micro x dp x gradient accumulation)."""
     train_steps: int = 100
-    """Optimizer steps to run."""
+    """Optimizer steps to run (derived from train_tokens when that is set)."""
+    train_tokens: int | None = None
+    """Train for this many tokens instead: train_steps = ceil(tokens / (global_batch_size x seq_length))."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Training precision; bf16/fp16 keep fp32 master weights in the optimizer."""
     zero_stage: int = 0
@@ -440,6 +442,16 @@ class Config:
     """Checkpoints."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Logging."""
+
+    def __post_init__(self) -> None:
+        if self.train.train_tokens is not None:
+            _check(
+                self.train.train_tokens > 0,
+                "train.train_tokens",
+                f"must be positive, got {self.train.train_tokens}",
+            )
+            per_step = self.train.global_batch_size * self.data.seq_length
+            self.train.train_steps = -(-self.train.train_tokens // per_step)
 
     def validate(self, world_size: int) -> None:
         """Cross-group checks for a run over ``world_size`` ranks; call before creating process groups."""

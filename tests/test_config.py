@@ -223,3 +223,13 @@ def test_num_parameters_counts_the_built_model(name, tp):
     built = sum(p.numel() for p in model.parameters())
     assert cfg.num_parameters(tp=1) == built
     assert cfg.num_parameters(tp=tp) >= built
+
+
+def test_train_for_tokens():
+    cfg = load_config(
+        None, ["--train.train_tokens", "10000", "--train.global_batch_size", "8", "--data.seq_length", "128"]
+    )
+    assert cfg.train.train_steps == 10  # ceil(10000 / 1024)
+    assert load_config(None, ["--train.train_steps", "7"]).train.train_steps == 7
+    with pytest.raises(ConfigError, match="train.train_tokens"):
+        load_config(None, ["--train.train_tokens", "0"])
