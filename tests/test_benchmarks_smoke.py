@@ -1,0 +1,147 @@
+"""The KI-step and pretraining benchmarks run end to end at tiny sizes, so they cannot rot unnoticed.
+
+Each runs as a user would (a subprocess on the command line) for 1-2 timed steps; the test checks the
+markdown table's columns and that the numbers in it are real measurements (positive, consistent).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+
+
+def _table(stdout: str) -> tuple[list[str], list[list[str]]]:
+    """Header and body cells of the first markdown table in ``stdout``."""
+    lines: list[str] = []
+    for line in stdout.splitlines():
+        if line.strip().startswith("|"):
+            lines.append(line.strip())
+        elif lines:  # the first table ended
+            break
+    assert len(lines) >= 3, f"no markdown table in output:\n{stdout}"
+    cells = [[c.strip() for c in x.strip("|").split("|")] for x in lines]
+    assert all(c == "---" for c in cells[1]), lines[1]
+    return cells[0], cells[2:]
+
+
+def _run(args: list[str], timeout: int) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert proc.returncode == 0, f"{args[0]} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+@pytest.mark.timeout(120)
+def test_bench_ki_step_tiny(tmp_path: Path) -> None:
+    out = tmp_path / "ki.json"
+    stdout = _run(
+        [
+            str(BENCH / "bench_ki_step.py"),
+            "--layers", "1", "--hidden", "32", "--heads", "2",
+            "--teacher-layers", "1", "--teacher-hidden", "16", "--teacher-heads", "2",
+            "--vocab", "96", "--seq", "8", "--batch", "2", "--steps", "2", "--warmup", "1",
+            "--device", "cpu", "--json", str(out),
+        ],
+        timeout=110,
+    )  # fmt: skip
+    header, rows = _table(stdout)
+    assert header == [
+        "run",
+        "teacher dtype",
+        "student params",
+        "teacher params",
+        "step ms (median)",
+        "step ms (min)",
+        "teacher fwd ms",
+        "overhead %",
+        "teacher FLOP share %",
+        "goal <= %",
+        "meets goal",
+        "overhead % (min)",
+    ]
+    assert [r[0] for r in rows] == ["student only", "student + teacher (KI)", "student + teacher (KI)"]
+    assert [r[1] for r in rows] == ["-", "bfloat16", "float32"]
+    result = json.loads(out.read_text())
+    base, *ki = result["rows"]
+    assert base["overhead %"] is None and base["teacher params"] is None
+    for row in result["rows"]:
+        assert len(row["step ms (all)"]) == 2 and all(t > 0 for t in row["step ms (all)"])
+        assert row["step ms (min)"] == pytest.approx(min(row["step ms (all)"]))
+        assert row["final loss"] == pytest.approx(row["final loss"])  # finite (NaN != NaN)
+    for row in ki:
+        assert 0 < row["teacher params"] < row["student params"]
+        assert 0 < row["teacher fwd ms"] < row["step ms (median)"]
+        assert row["goal <= %"] == pytest.approx(row["teacher FLOP share %"] + 10.0)
+        expected = 100 * (row["step ms (median)"] / base["step ms (median)"] - 1)
+        assert row["overhead %"] == pytest.approx(expected)
+        assert row["meets goal"] == (row["overhead %"] <= row["goal <= %"])
+        expected_min = 100 * (row["step ms (min)"] / base["step ms (min)"] - 1)
+        assert row["overhead % (min)"] == pytest.approx(expected_min)
+    assert 0 < result["ki_flop_share"] < 1
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.skipif(
+    shutil.which("deepspeed") is None and not (Path(sys.executable).parent / "deepspeed").exists(),
+    reason="the deepspeed launcher is not installed",
+)
+def test_bench_pretrain_tiny(tmp_path: Path) -> None:
+    out = tmp_path / "pretrain.json"
+    stdout = _run(
+        [
+            str(BENCH / "bench_pretrain.py"),
+            "--layers", "1", "--hidden", "32", "--heads", "2", "--seq", "16", "--batch", "2",
+            "--steps", "3", "--skip", "1", "--repeats", "1", "--docs", "150", "--vocab", "300",
+            "--threads", "1", "--workdir", str(tmp_path / "work"), "--json", str(out),
+        ],
+        timeout=140,
+    )  # fmt: skip
+    header, rows = _table(stdout)
+    assert header == [
+        "run",
+        "tokens/s (median)",
+        "step ms (median)",
+        "per-run tokens/s",
+        "steps timed",
+        "overhead %",
+        "goal <= %",
+        "meets goal",
+        "tokens/s (best step)",
+        "overhead % (best)",
+    ]
+    assert [r[0] for r in rows] == ["plain PyTorch loop", "pretrain_ki.py (deepspeed, 1 CPU rank)"]
+    plain, framework = json.loads(out.read_text())["rows"]
+    for row in (plain, framework):
+        assert row["tokens/s (median)"] > 0
+        assert row["steps timed"] == 2  # 3 steps, the first skipped
+        assert row["step ms (median)"] == pytest.approx(1e3 * 2 * 16 / row["tokens/s (median)"])
+        assert row["tokens/s (best step)"] >= row["tokens/s (median)"]
+    expected = 100 * (plain["tokens/s (median)"] / framework["tokens/s (median)"] - 1)
+    assert framework["overhead %"] == pytest.approx(expected)
+    assert framework["meets goal"] == (framework["overhead %"] <= 10.0)
+    best = 100 * (plain["tokens/s (best step)"] / framework["tokens/s (best step)"] - 1)
+    assert framework["overhead % (best)"] == pytest.approx(best)
+    # the framework run really went through pretrain_ki.py and logged its steps
+    metrics = (tmp_path / "work" / "framework0" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in metrics if json.loads(x).get("split", "train") == "train"] == [
+        1,
+        2,
+        3,
+    ]
