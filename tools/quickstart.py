@@ -78,9 +78,9 @@ def main() -> int:
         "--corpus", type=Path, help="directory or file of .txt/.jsonl (default: embedded corpus)"
     )
     parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "quickstart")
-    parser.add_argument("--teacher-steps", type=int, default=300)
-    parser.add_argument("--student-steps", type=int, default=200)
-    parser.add_argument("--ki-steps", type=int, default=100, help="T_ki: steps of linear decay of alpha to 0")
+    parser.add_argument("--teacher-steps", type=int, default=2000)
+    parser.add_argument("--student-steps", type=int, default=300)
+    parser.add_argument("--ki-steps", type=int, default=200, help="T_ki: steps of linear decay of alpha to 0")
     parser.add_argument("--vocab-size", type=int, default=4000)
     parser.add_argument("--ranks", type=int, default=2)
     args = parser.parse_args()
