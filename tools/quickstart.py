@@ -91,7 +91,11 @@ def main() -> int:
     launcher = ["bash", str(ROOT / "launch" / "pretrain_ki.sh")]
     # The virtualenv's own launcher, whether or not the venv is activated.
     bin_dir = str(Path(py).parent)
-    env = {"CPU_RANKS": str(args.ranks), "PYTHON": py, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    env = {
+        "CPU_RANKS": str(args.ranks),
+        "PYTHON": py,
+        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+    }
 
     # 1. Corpus, tokenizer, indexed dataset.
     if args.corpus is None:
