@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pretrain_ki.py: {e}", file=sys.stderr)
         return 2
 
+    from megatron_ki.convert.reshard import write_text_atomic
     from megatron_ki.ki.schedule import build_schedule
     from megatron_ki.ki.teacher import KILossFunction, frozen_teacher
     from megatron_ki.models import build_model
@@ -201,10 +202,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ds = deepspeed_config(cfg, world)
     if rank == 0:
-        write_deepspeed_config(ds, cfg.logging.run_dir)
-        (os.makedirs(cfg.logging.run_dir, exist_ok=True))
-        with open(os.path.join(cfg.logging.run_dir, "config.yaml"), "w", encoding="utf-8") as f:
-            f.write(cfg.to_yaml())
+        run_dir = write_deepspeed_config(ds, cfg.logging.run_dir).parent
+        write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())
     engine = initialize_engine(cfg, model, groups, ds)
 
     # Resume, then data from where the run stopped.

@@ -679,11 +679,12 @@ def _leaf_hint(parts: list[str]) -> Any:
     return cls
 
 
-def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``, recursing into nested mappings (YAML bases, user DeepSpeed JSON)."""
     out = dict(base)
     for key, value in top.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -709,8 +710,8 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     bases = loaded.pop("base", None) or []
     merged: dict[str, Any] = {}
     for b in [bases] if isinstance(bases, str) else bases:
-        merged = _deep_merge(merged, read_yaml(path.parent / b, (*_seen, path.resolve())))
-    return _deep_merge(merged, loaded)
+        merged = deep_merge(merged, read_yaml(path.parent / b, (*_seen, path.resolve())))
+    return deep_merge(merged, loaded)
 
 
 def load_config(
@@ -723,7 +724,7 @@ def load_config(
         paths = [paths]
     data: dict[str, Any] = {}
     for path in paths:
-        data = _deep_merge(data, read_yaml(path))
+        data = deep_merge(data, read_yaml(path))
     data = apply_overrides(data, overrides or [])
     return config_from_dict(data)
 

@@ -10,16 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from megatron_ki.config import Config, ConfigError
-
-
-def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in top.items():
-        out[key] = (
-            _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-        )
-    return out
+from megatron_ki.config import Config, ConfigError, deep_merge
+from megatron_ki.convert.reshard import write_text_atomic
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
@@ -78,7 +70,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
                     f"{path} sets {key}={user[key]} but the framework config gives {ds[key]}; "
                     "set batch sizes with train.micro_batch_size / train.global_batch_size",
                 )
-        ds = _merge(ds, user)
+        ds = deep_merge(ds, user)
     return ds
 
 
@@ -87,7 +79,5 @@ def write_deepspeed_config(ds: dict[str, Any], run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "deepspeed_config.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(ds, indent=2, sort_keys=True), encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(ds, indent=2, sort_keys=True))
     return path
