@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_ki.config import Config, ConfigError, parse_args
+from megatron_ki.parallel import release_deepspeed_shm
 
 logger = logging.getLogger("megatron_ki")
 
@@ -39,6 +40,7 @@ def init_distributed(cfg: Config) -> None:
     deepspeed.init_distributed(
         dist_backend=backend, timeout=timedelta(seconds=cfg.train.collective_timeout_s)
     )
+    release_deepspeed_shm()
 
 
 def build_data(cfg: Config, groups, consumed_samples: int):

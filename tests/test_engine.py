@@ -1,6 +1,7 @@
 """The DeepSpeed engine built by the framework trains a tensor-parallel MLP identically at every layout."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -97,3 +98,27 @@ def test_weight_decay_groups():
     decayed = {id(p) for p in groups[0]["params"]}
     assert decayed == {id(model.up.weight), id(model.down.weight)}
     assert groups[1]["weight_decay"] == 0.0 and len(groups[1]["params"]) == 4
+
+
+def _shm_worker(rank, world):
+    import deepspeed
+
+    os.environ.update(DS_ACCELERATOR="cpu", LOCAL_SIZE=str(world))  # as the deepspeed launcher sets it
+    deepspeed.init_distributed(dist_backend="gloo")
+    port = os.environ["MASTER_PORT"]
+    created = Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_{rank}").exists()
+    cfg = config_from_dict({"train": {"micro_batch_size": 2, "global_batch_size": 4, "train_steps": 1}})
+    groups = ParallelGroups.build(Topology.from_world(world))
+    initialize_engine(cfg, _TPMLP(None), groups, deepspeed_config(cfg, world))
+    return port, created
+
+
+@pytest.mark.distributed
+def test_deepspeed_shm_workspaces_are_released():
+    """DeepSpeed's CPU comm op leaves one /dev/shm workspace per rank; the engine set-up unlinks them."""
+    results = run_distributed(_shm_worker, 2)
+    port = results[0][0]
+    if not any(created for _, created in results):
+        pytest.skip("DeepSpeed's shared-memory comm op is not active on this machine")
+    left = sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not left, f"left in /dev/shm: {left}"

@@ -27,6 +27,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from megatron_ki.config import ModelConfig
+from megatron_ki.parallel import release_deepspeed_shm
 from megatron_ki.tensor_parallel import TPRngTracker
 
 from . import build_model
@@ -281,6 +282,7 @@ def build_pipeline_module(
 
     if not deepspeed.comm.is_initialized():  # DeepSpeed's comm layer over the existing torch process group
         deepspeed.init_distributed(dist_backend=dist.get_backend())
+    release_deepspeed_shm()
 
     class KIPipelineModule(PipelineModule):
         def __init__(self):

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_ki.config import Config
-from megatron_ki.parallel import ParallelGroups
+from megatron_ki.parallel import ParallelGroups, release_deepspeed_shm
 from megatron_ki.training.lr import lr_schedule
 
 logger = logging.getLogger("megatron_ki")
@@ -170,6 +170,7 @@ def initialize_engine(cfg: Config, model: nn.Module, groups: ParallelGroups, ds_
         mpu=None if pipeline else DeepSpeedMPU(groups),
         dist_init_required=not dist.is_initialized(),
     )
+    release_deepspeed_shm()
     fp32_plain = cfg.train.precision == "fp32" and cfg.train.zero_stage == 0
     if fp32_plain and cfg.optim.clip_grad > 0:
 
