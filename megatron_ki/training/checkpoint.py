@@ -34,6 +34,7 @@ from megatron_ki.convert.reshard import (
     write_text_atomic,
 )
 from megatron_ki.parallel import ParallelGroups
+from megatron_ki.training.zero_repartition import load_zero_state_at_other_dp
 
 logger = logging.getLogger("megatron_ki")
 TAG_RE = re.compile(r"^step(\d{8})$")
@@ -131,8 +132,8 @@ def load_checkpoint(engine, cfg: Config, groups: ParallelGroups, tp_tracker=None
     """Resume from ``checkpoint.load``'s latest tag: engine (model, optimizer, LR schedule) and RNG states.
 
     Returns the metadata (``step``, ``consumed_samples``), or None when the directory holds no checkpoint yet.
-    A different data-parallel size is accepted without ZeRO (with ZeRO 1/2 the optimizer state is partitioned
-    per data-parallel rank and is refused); a different tp/pp is refused (use tools/convert_checkpoint.py).
+    A different data-parallel size is accepted (ZeRO 1/2 optimizer state is re-partitioned, see
+    ``zero_repartition``); a different tp/pp is refused (use tools/convert_checkpoint.py).
     """
     root = Path(cfg.checkpoint.load)  # type: ignore[arg-type]
     if read_latest(root) is None:
@@ -147,22 +148,27 @@ def load_checkpoint(engine, cfg: Config, groups: ParallelGroups, tp_tracker=None
             f"run uses {topo.tp}, {topo.pp}: reshard it first with tools/convert_checkpoint.py --target-tp/--target-pp"
         )
     weights_only = meta.get("weights_only", False)
-    if not weights_only and layout.get("zero_stage", 0) > 0 and layout["dp"] != topo.dp:
-        # DeepSpeed partitions ZeRO optimizer state per data-parallel rank and cannot re-partition it.
+    saved_zero = layout.get("zero_stage", 0)
+    if not weights_only and (saved_zero > 0) != (cfg.train.zero_stage > 0):
+        # ZeRO (1 and 2 share one format) and plain DeepSpeed store the optimizer state differently.
         raise CheckpointError(
-            f"{root / tag} was saved with ZeRO stage {layout['zero_stage']} at data_parallel={layout['dp']} but this "
-            f"run has data_parallel={topo.dp}: resume with {layout['dp']} data-parallel ranks, or convert it to a "
-            "weights-only checkpoint with tools/convert_checkpoint.py (the optimizer state restarts)"
+            f"{root / tag} was saved with ZeRO stage {saved_zero} but this run has train.zero_stage "
+            f"{cfg.train.zero_stage}: resume with train.zero_stage {'1 or 2' if saved_zero else 0}, or convert "
+            "it to a weights-only checkpoint with tools/convert_checkpoint.py (the optimizer state restarts)"
         )
+    repartition = not weights_only and saved_zero > 0 and layout["dp"] != topo.dp
     load_path, _ = engine.load_checkpoint(
         str(root),
         tag=tag,
         load_module_only=weights_only,
-        load_optimizer_states=not weights_only,
+        # DeepSpeed refuses ZeRO state saved at another dp size; it is re-partitioned below instead.
+        load_optimizer_states=not weights_only and not repartition,
         load_lr_scheduler_states=not weights_only,
     )
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load {root / tag}")
+    if repartition:
+        load_zero_state_at_other_dp(engine, root / tag, layout["dp"])
     rng_file = root / tag / "rng" / f"rank{groups.rank:05d}.pt"
     if layout["dp"] == topo.dp and rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False), tp_tracker)
