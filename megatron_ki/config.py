@@ -40,6 +40,7 @@ def _check(cond: bool, key: str, message: str) -> None:
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+TEACHER_DTYPE_FOR_PRECISION = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -214,8 +215,9 @@ class KIConfig:
     """Framework checkpoint directory of the teacher (any tp/pp), or ``hf:/path`` for a Hugging Face model."""
     teacher: ModelConfig | None = None
     """Teacher architecture; None reads it from the teacher checkpoint's metadata."""
-    teacher_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    """Dtype the frozen teacher is stored and run in."""
+    teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Dtype the frozen teacher is stored and run in; auto follows train.precision (bf16 -> bfloat16, fp16 ->
+    float16, fp32 -> float32), so fp32 runs on CPUs without bf16 units keep the teacher on the fast path."""
     divergence: Literal["forward_kl", "reverse_kl", "cross_entropy"] = "forward_kl"
     """D(teacher || student): forward KL (the paper's), reverse KL, or cross-entropy to the teacher."""
     temperature: float = 2.0
@@ -444,6 +446,8 @@ class Config:
     """Logging."""
 
     def __post_init__(self) -> None:
+        if self.ki.teacher_dtype == "auto":
+            self.ki.teacher_dtype = TEACHER_DTYPE_FOR_PRECISION[self.train.precision]
         if self.train.train_tokens is not None:
             _check(
                 self.train.train_tokens > 0,

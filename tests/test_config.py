@@ -233,3 +233,10 @@ def test_train_for_tokens():
     assert load_config(None, ["--train.train_steps", "7"]).train.train_steps == 7
     with pytest.raises(ConfigError, match="train.train_tokens"):
         load_config(None, ["--train.train_tokens", "0"])
+
+
+@pytest.mark.parametrize("precision,dtype", [("fp32", "float32"), ("bf16", "bfloat16"), ("fp16", "float16")])
+def test_teacher_dtype_auto_follows_precision(precision, dtype):
+    assert config_from_dict({"train": {"precision": precision}}).ki.teacher_dtype == dtype
+    explicit = config_from_dict({"train": {"precision": precision}, "ki": {"teacher_dtype": "float32"}})
+    assert explicit.ki.teacher_dtype == "float32"

@@ -48,6 +48,8 @@ def check_teacher_fits(student: ModelConfig, teacher: ModelConfig, tp: int) -> N
 
 def freeze(model: nn.Module, dtype: str) -> nn.Module:
     """Eval mode (no dropout), no gradients, stored in ``dtype``."""
+    if dtype not in DTYPES:  # 'auto' is resolved by Config from train.precision
+        raise ValueError(f"ki.teacher_dtype {dtype!r}: expected one of {sorted(DTYPES)}")
     model.to(dtype=DTYPES[dtype]).eval().requires_grad_(False)
     return model
 
