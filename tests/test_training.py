@@ -326,19 +326,20 @@ def test_resume_with_other_data_parallel_size(ws):
 
 
 def zero_first_half(ws: Workspace) -> Path:
-    """The N-step ZeRO-1 run at dp=2 that saved at its end; queues the launches that start from it."""
+    """The N-step ZeRO-1 run at (pp, dp) = (2, 2) that saved at its end; queues the launches that start from it
+    at dp=1 (the in-process tests of test_zero_repartition.py cover pp=1 with tp=1 and 2)."""
     assert_ok(independent_run(ws, "zero_first"))
     ckpt = ws.root / "ckpt_zero_first"
-    load = ("--checkpoint.load", str(ckpt), "--train.zero_stage")
-    ws.submit("zero_dp1", 1, resume_args(ws, "zero_dp1", 2 * N, *load, "1"), urgent=True)
-    ws.submit("zero_to_plain", 1, resume_args(ws, "zero_to_plain", 2 * N, *load, "0"), urgent=True)
+    load = ("--parallel.pipeline_parallel", "2", "--checkpoint.load", str(ckpt), "--train.zero_stage")
+    ws.submit("zero_dp1", 2, resume_args(ws, "zero_dp1", 2 * N, *load, "1"), urgent=True)
+    ws.submit("zero_to_plain", 2, resume_args(ws, "zero_to_plain", 2 * N, *load, "0"), urgent=True)
     return ckpt
 
 
 def test_zero_checkpoint_resumes_at_other_data_parallel_size(ws):
-    """ZeRO-1 state saved by 2 data-parallel ranks, resumed on 1: the optimizer state is re-partitioned and
-    the run continues the uninterrupted trajectory (parity tolerance). The loss of step N+2 depends on the
-    Adam moments of step N+1's update, so a restarted optimizer state would not pass."""
+    """ZeRO-1 state saved by 2 data-parallel ranks of a 2-stage pipeline, resumed on 1: the optimizer state is
+    re-partitioned and the run continues the uninterrupted trajectory (parity tolerance). The loss of step
+    N+2 depends on the Adam moments of step N+1's update, so a restarted optimizer state would not pass."""
     zero_first_half(ws)
     result = ws.futures["zero_dp1"].result()
     assert_ok(result)
@@ -413,8 +414,8 @@ def independent_launches(ws: Workspace) -> dict[str, tuple[int, list[str], dict[
     out["resume_first"] = (1, resume_args(ws, "resume_first", N, "--checkpoint.save", first_ckpt), {})
     out["resume_full"] = (1, resume_args(ws, "resume_full", 2 * N), {})
     zero_ckpt = str(ws.root / "ckpt_zero_first")
-    zero = ("--train.zero_stage", "1", "--checkpoint.save", zero_ckpt)
-    out["zero_first"] = (2, resume_args(ws, "zero_first", N, *zero), {})
+    zero = ("--parallel.pipeline_parallel", "2", "--train.zero_stage", "1", "--checkpoint.save", zero_ckpt)
+    out["zero_first"] = (4, resume_args(ws, "zero_first", N, *zero), {})
     # Both through launch/pretrain_ki.sh: rank 1 of 2 raises after step 1; an invalid ZeRO stage.
     crash = {"env": {"MEGATRON_KI_FAIL_AT_STEP": "1:1"}, "script": SCRIPT, "timeout": 150}
     out["crash"] = (2, ws.base_args("gpt2", "crash", steps=50), crash)
