@@ -100,6 +100,10 @@ class ModelConfig:
     """Attention implementation: torch SDPA, the fused scaled-masked-softmax kernel, or plain PyTorch math."""
     params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype of parameters and activations; softmax and loss statistics stay in fp32."""
+    recompute_granularity: Literal["none", "full"] = "none"
+    """Activation recomputation while training: full keeps only each block's input and runs the block again in
+    backward (Megatron's --recompute-granularity full, one layer per chunk), for one extra forward of the
+    blocks; dropout masks, also of the tensor-parallel region, are replayed exactly."""
 
     def __post_init__(self) -> None:
         for name in (

@@ -15,9 +15,11 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from functools import partial
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from torch.distributed import ProcessGroup
 
@@ -520,6 +522,31 @@ class MLMHead(_TiedOutput):
 
 
 # -------------------------------------------------------------------------------------------- model
+def replay_tracker_contexts(tracker: TPRngTracker | None) -> tuple:
+    """``context_fn`` of ``torch.utils.checkpoint``: the recomputation draws the same tensor-parallel dropout
+    masks as the forward did (checkpoint itself only replays the default generators, as Megatron's
+    ``CheckpointFunction`` replays its RNG tracker), and leaves the tracker where the forward left it."""
+    if tracker is None:
+        return contextlib.nullcontext(), contextlib.nullcontext()
+    at_forward: list[torch.Tensor] = []
+
+    @contextlib.contextmanager
+    def forward() -> Iterator[None]:
+        at_forward.append(tracker.generator.get_state())
+        yield
+
+    @contextlib.contextmanager
+    def recompute() -> Iterator[None]:
+        current = tracker.generator.get_state()
+        tracker.generator.set_state(at_forward[0])
+        try:
+            yield
+        finally:
+            tracker.generator.set_state(current)
+
+    return forward(), recompute()
+
+
 class TransformerLanguageModel(nn.Module):
     """Embedding -> blocks -> head, any of which a pipeline stage may leave out.
 
@@ -599,8 +626,19 @@ class TransformerLanguageModel(nn.Module):
             hidden = hidden_states
         b, s = hidden.shape[:2]
         rotary = self.rotary(position_ids, b, s, hidden.device, hidden.dtype)
+        recompute = self.cfg.recompute_granularity == "full" and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            hidden = layer(hidden, attention_mask=attention_mask, rotary=rotary)
+            if recompute:
+                hidden = torch.utils.checkpoint.checkpoint(
+                    layer,
+                    hidden,
+                    attention_mask,
+                    rotary,
+                    use_reentrant=False,
+                    context_fn=partial(replay_tracker_contexts, layer.attention.rng_tracker),
+                )
+            else:
+                hidden = layer(hidden, attention_mask=attention_mask, rotary=rotary)
         if self.head is None:
             return hidden
         weight = self.embedding.word_embeddings.weight if self.embedding is not None else None
