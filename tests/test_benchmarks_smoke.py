@@ -145,3 +145,62 @@ def test_bench_pretrain_tiny(tmp_path: Path) -> None:
         2,
         3,
     ]
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.skipif(
+    shutil.which("deepspeed") is None and not (Path(sys.executable).parent / "deepspeed").exists(),
+    reason="the deepspeed launcher is not installed",
+)
+def test_bench_mfu_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEGATRON_KI_PEAK_FLOPS", "1e12")  # a CPU has no entry in flops.py's peak table
+    out, work = tmp_path / "mfu.json", tmp_path / "work"
+    stdout = _run(
+        [
+            str(BENCH / "bench_mfu.py"), "--tiny", "--configs", "tiny_gpt2", "--device", "cpu",
+            "--steps", "3", "--skip", "1", "--threads", "1", "--workdir", str(work), "--json", str(out),
+        ],
+        timeout=140,
+    )  # fmt: skip
+    header, rows = _table(stdout)
+    assert header == [
+        "model",
+        "run",
+        "batch (micro x accum x seq)",
+        "student params",
+        "teacher params",
+        "tokens/s",
+        "step ms",
+        "MFU %",
+        "KI overhead %",
+        "teacher FLOP share %",
+        "goal",
+        "meets goal",
+        "steps timed",
+    ]
+    assert [r[:3] for r in rows] == [
+        ["tiny_gpt2", "scratch", "2 x 2 x 128"],
+        ["tiny_gpt2", "KI", "2 x 2 x 128"],
+    ]
+    result = json.loads(out.read_text())
+    assert result["peak_flops"] == pytest.approx(1e12)
+    scratch, ki = result["rows"]
+    for row in (scratch, ki):
+        assert not row["failed"]
+        assert row["tokens/s"] > 0 and row["steps timed"] == 2  # 3 steps, the first skipped
+        assert row["step ms"] == pytest.approx(1e3 * 4 * 128 / row["tokens/s"])  # global 4 x seq 128
+        assert row["MFU %"] == pytest.approx(100 * row["tokens/s"] * row["flops per token"] / 1e12)
+        assert row["MFU %"] > 0
+    assert ki["flops per token"] > scratch["flops per token"]  # the teacher's forward is charged
+    assert 0 < ki["teacher params"] < scratch["student params"] == ki["student params"]
+    assert scratch["teacher params"] is None and scratch["KI overhead %"] is None
+    assert 0 < ki["teacher FLOP share %"] < 100
+    assert ki["KI overhead %"] == pytest.approx(100 * (ki["step ms"] / scratch["step ms"] - 1))
+    assert ki["meets goal"] == (ki["KI overhead %"] <= ki["teacher FLOP share %"] + 10.0)
+    assert scratch["meets goal"] == (scratch["MFU %"] >= 45.0)
+    # both runs went through pretrain_ki.py; only the KI run computed a distillation loss
+    for run, has_kd in (("scratch", False), ("KI", True)):
+        lines = (work / "runs" / f"tiny_gpt2_{run}" / "metrics.jsonl").read_text().splitlines()
+        records = [json.loads(x) for x in lines]
+        assert [r["step"] for r in records] == [1, 2, 3]
+        assert all((r["kd_loss"] is not None) == has_kd for r in records)
