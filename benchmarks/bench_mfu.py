@@ -24,7 +24,7 @@ no evaluation, no checkpoints.
 - "KI overhead %" is the KI run's median step time over the scratch run's, minus 1. "teacher FLOP share %" is
   the teacher's forward FLOPs over the student's training FLOPs (``flops.ki_flop_share``): a KI run that
   only paid for the teacher's matmuls, at the same efficiency, would show exactly that overhead.
-- Peak GPU memory is not reported: the framework's metrics do not record it.
+- "peak mem GiB": the run's last ``peak_gpu_memory_gib`` (CUDA allocator peak) or, on CPU, ``peak_rss_gib``.
 
 The defaults are sized for one 80 GB H100: llama_1b at seq 2048, micro-batch 4, global batch 32 (gradient
 accumulation 8; ``--pretrain-args "--model.recompute_granularity full"`` trades a forward for activation
@@ -102,6 +102,7 @@ COLUMNS = (
     "teacher FLOP share %",
     "goal",
     "meets goal",
+    "peak mem GiB",
     "steps timed",
 )
 
@@ -290,6 +291,7 @@ def read_run(run_dir: Path, skip: int) -> dict:
         "peak_flops": peak,
         "steps_timed": len(timed),
         "final_loss": last.get("loss"),
+        "peak_memory_gib": last.get("peak_gpu_memory_gib", last.get("peak_rss_gib")),
     }
 
 
@@ -376,6 +378,7 @@ def measure_config(
                 "flops per token": result["flops_per_token"],
                 "peak flops": result["peak_flops"],
                 "final loss": result["final_loss"],
+                "peak mem GiB": result["peak_memory_gib"],
                 "process wall s": round(wall, 1),
             }
         )

@@ -176,6 +176,7 @@ def test_bench_mfu_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
         "teacher FLOP share %",
         "goal",
         "meets goal",
+        "peak mem GiB",
         "steps timed",
     ]
     assert [r[:3] for r in rows] == [
@@ -191,6 +192,7 @@ def test_bench_mfu_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
         assert row["step ms"] == pytest.approx(1e3 * 4 * 128 / row["tokens/s"])  # global 4 x seq 128
         assert row["MFU %"] == pytest.approx(100 * row["tokens/s"] * row["flops per token"] / 1e12)
         assert row["MFU %"] > 0
+        assert row["peak mem GiB"] > 0  # peak_rss_gib of the launched rank on CPU
     assert ki["flops per token"] > scratch["flops per token"]  # the teacher's forward is charged
     assert 0 < ki["teacher params"] < scratch["student params"] == ki["student params"]
     assert scratch["teacher params"] is None and scratch["KI overhead %"] is None

@@ -259,3 +259,19 @@ def test_progress_bar(capsys):
     bar.close()
     text = forced.getvalue()
     assert "5/10" in text and "loss=2.0000" in text and "alpha=0.250" in text and "12,000" in text
+
+
+def test_peak_memory_on_cpu_is_the_process_peak_rss():
+    """In a fresh process, touching 256 MiB raises the reported peak by about that much."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; from megatron_ki.training.metrics import peak_memory_gib as p\n"
+        "a = p('cpu')['peak_rss_gib']; x = torch.ones(2**26); b = p('cpu')['peak_rss_gib']\n"
+        "print(a, b)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    before, after = map(float, out.split())
+    assert before > 0
+    assert 0.2 < after - before < 0.35, (before, after)

@@ -22,6 +22,7 @@ from megatron_ki.config import Config
 from megatron_ki.ki.schedule import KISchedule
 from megatron_ki.ki.teacher import KILossFunction
 from megatron_ki.parallel import ParallelGroups
+from megatron_ki.training.metrics import peak_memory_gib
 
 logger = logging.getLogger("megatron_ki")
 
@@ -192,6 +193,7 @@ class Trainer:
             consumed_tokens=self.state.consumed_samples * self.tokens_per_sample,
             step_time_s=elapsed,
             tokens_per_s=tokens / elapsed if elapsed > 0 else None,
+            **peak_memory_gib(self.engine.device),
         )
         return metrics
 

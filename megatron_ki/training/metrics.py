@@ -4,7 +4,8 @@
 ...}``, flushed per line so a crash keeps everything logged before it. Field names the tools understand:
 ``split`` (absent means train; ``valid``/``test`` for evaluations), ``lm_loss``, ``kd_loss``, ``loss``,
 ``alpha``, ``lr``, ``consumed_tokens`` (cumulative), ``flops_per_token``, ``flops`` (cumulative training
-FLOPs, teacher forward included while KI is on), ``tokens_per_s``, ``step_time_s``, ``mfu``.
+FLOPs, teacher forward included while KI is on), ``tokens_per_s``, ``step_time_s``, ``mfu``, and rank 0's
+``peak_gpu_memory_gib`` (GPU) or ``peak_rss_gib`` (CPU).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from megatron_ki.training.flops import mfu as _mfu
 
@@ -119,6 +122,17 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
             raise ValueError(f"{path}:{i + 1}: expected a JSON object, got {type(record).__name__}")
         records.append(record)
     return records
+
+
+def peak_memory_gib(device: torch.device | str) -> dict[str, float]:
+    """This process's peak memory so far: ``peak_gpu_memory_gib`` (the CUDA caching allocator's
+    ``max_memory_allocated``) on a GPU, ``peak_rss_gib`` (the kernel's ``ru_maxrss``) otherwise."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return {"peak_gpu_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+    import resource
+
+    return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
 
 
 @dataclass
