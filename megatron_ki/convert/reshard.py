@@ -174,7 +174,8 @@ def meta_config(meta: dict[str, Any]) -> Config:
     return config_from_dict(meta["config"])
 
 
-def _load(path: Path, mmap: bool = False) -> Any:
+def load_torch_file(path: Path, mmap: bool = False) -> Any:
+    """``torch.load`` to CPU, memory-mapped when asked and the file allows it (pages are read on use)."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint file missing: {path}")
     if mmap:
@@ -196,11 +197,11 @@ def load_full_state(
     shards: list[dict[str, torch.Tensor]] = []
     for t in range(tp):
         if pp == 1:
-            shards.append(dict(_load(folder / f"mp_rank_{t:02d}_model_states.pt")["module"]))
+            shards.append(dict(load_torch_file(folder / f"mp_rank_{t:02d}_model_states.pt")["module"]))
             continue
         merged: dict[str, torch.Tensor] = {}
         for idx in range(cfg.num_layers + 2):
-            layer = _load(folder / f"layer_{idx:02d}-model_{t:02d}-model_states.pt")
+            layer = load_torch_file(folder / f"layer_{idx:02d}-model_{t:02d}-model_states.pt")
             for name, value in layer.items():
                 full = full_name_of(idx, name, cfg.num_layers)
                 if full == "head.word_embeddings.weight":  # the last stage's copy of the tied embedding
@@ -233,7 +234,9 @@ class LazyFullState(Mapping[str, torch.Tensor]):
         if self.pp == 1:
             if self._whole is None:
                 self._whole = [
-                    dict(_load(self.folder / f"mp_rank_{t:02d}_model_states.pt", mmap=True)["module"])
+                    dict(
+                        load_torch_file(self.folder / f"mp_rank_{t:02d}_model_states.pt", mmap=True)["module"]
+                    )
                     for t in range(self.tp)
                 ]
             return self._whole
@@ -242,7 +245,7 @@ class LazyFullState(Mapping[str, torch.Tensor]):
             self._cached = None  # drop the previous layer before reading the next
             shards = []
             for t in range(self.tp):
-                layer = _load(self.folder / f"layer_{idx:02d}-model_{t:02d}-model_states.pt")
+                layer = load_torch_file(self.folder / f"layer_{idx:02d}-model_{t:02d}-model_states.pt")
                 shards.append({full_name_of(idx, k, self.cfg.num_layers): v for k, v in layer.items()})
             self._cached = (idx, shards)
         return self._cached[1]

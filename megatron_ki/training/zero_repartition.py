@@ -8,8 +8,9 @@ to the ZeRO optimizer's own elastic restore (the routine behind DeepSpeed's ``el
 re-pads and re-slices them for the new size. The checkpoints themselves stay in DeepSpeed's per-rank
 ("rigid") format, so a resume at the same size still reads one file per rank.
 
-Cost: each rank reads all saved slices of its model-parallel rank once (the optimizer state of its model
-shard, about 12 bytes per parameter), like DeepSpeed's elastic checkpoints do on every load.
+Cost: each rank reads all saved slices of its model-parallel rank once and DeepSpeed's restore merges them
+into one copy (the optimizer state of its model shard, about 12 bytes per parameter, in host memory), as its
+elastic checkpoints do on every load; the files are memory-mapped, so they are not held in memory as well.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 
-from megatron_ki.convert.reshard import CheckpointError
+from megatron_ki.convert.reshard import CheckpointError, load_torch_file
 
 logger = logging.getLogger("megatron_ki")
 
@@ -89,7 +90,8 @@ def load_zero_state_at_other_dp(engine, ckpt_dir: Path, saved_dp: int) -> None:
             f"data_parallel={saved_dp}: resume with {saved_dp} data-parallel ranks"
         )
     files = zero_shard_files(ckpt_dir, engine.checkpoint_mp_rank, saved_dp)
-    rigid = [torch.load(f, map_location="cpu", weights_only=False)[OPTIMIZER_STATE_DICT] for f in files]
+    # Memory-mapped: the files' pages are read while DeepSpeed merges them, not all held as well as the merge.
+    rigid = [load_torch_file(f, mmap=True)[OPTIMIZER_STATE_DICT] for f in files]
     saved = [elastic_form(sd) for sd in rigid]
     opt._load_global_state(saved[0])  # loss scaler, clipping: the same on every rank
     opt._restore_elastic_base_optimizer_state(saved)
