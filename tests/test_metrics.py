@@ -262,16 +262,17 @@ def test_progress_bar(capsys):
 
 
 def test_peak_memory_on_cpu_is_the_process_peak_rss():
-    """In a fresh process, touching 256 MiB raises the reported peak by about that much."""
+    """In a fresh process, touching 1 GiB raises the reported peak by most of that (the import's own
+    transient peak may exceed the resident size the allocation starts from, by up to ~0.2 GiB seen here)."""
     import subprocess
     import sys
 
     code = (
         "import torch; from megatron_ki.training.metrics import peak_memory_gib as p\n"
-        "a = p('cpu')['peak_rss_gib']; x = torch.ones(2**26); b = p('cpu')['peak_rss_gib']\n"
+        "a = p('cpu')['peak_rss_gib']; x = torch.ones(2**28); b = p('cpu')['peak_rss_gib']\n"
         "print(a, b)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     before, after = map(float, out.split())
     assert before > 0
-    assert 0.2 < after - before < 0.35, (before, after)
+    assert before + 0.5 < after < before + 1.5, (before, after)
