@@ -25,7 +25,8 @@ from megatron_ki.convert.reshard import CheckpointError, load_torch_file
 
 logger = logging.getLogger("megatron_ki")
 
-# The ZeRO 1/2 optimizer's restore routines this module relies on (DeepSpeed >= 0.10, checked at run time).
+# The ZeRO 1/2 optimizer's restore routines this module relies on (private to DeepSpeed; checked at run time,
+# tested with 0.19.8).
 _RESTORE_METHODS = (
     "_load_global_state",
     "_restore_elastic_base_optimizer_state",
