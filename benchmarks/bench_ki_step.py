@@ -33,6 +33,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from bench_common import fmt, load_text, table
+
 COLUMNS = (
     "run",
     "teacher dtype",
@@ -289,43 +291,24 @@ def measure(args: argparse.Namespace) -> dict:
     }
 
 
-def _fmt(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return f"{value / 1e6:.2f}M" if value >= 100_000 else str(value)
-    if isinstance(value, float):
-        return f"{value:.1f}"
-    return str(value)
-
-
-def _load(values) -> str:
-    return " ".join(f"{x:.2f}" for x in values)
-
-
 def markdown(result: dict) -> str:
     lines = [
         f"device {result['device']}, student compute {result['precision']}, {result['threads']} threads, "
-        f"load average (1/5/15 min) at start {_load(result['load_average_start'])}, "
-        f"at end {_load(result['load_average'])}, KL on the {result['kl_backend']}",
+        f"load average (1/5/15 min) at start {load_text(result['load_average_start'])}, "
+        f"at end {load_text(result['load_average'])}, KL on the {result['kl_backend']}",
         f"CPU: {result['cpu']}",
         f"student: {result['student']}; teacher: {result['teacher']}; {result['shape']}",
         "",
-        "| " + " | ".join(COLUMNS) + " |",
-        "|" + "|".join("---" for _ in COLUMNS) + "|",
     ]
-    for row in result["rows"]:
-        lines.append("| " + " | ".join(_fmt(row[c]) for c in COLUMNS) + " |")
+    lines += table(COLUMNS, ([fmt(row[c], int_millions=True) for c in COLUMNS] for row in result["rows"]))
     lines += ["", "Median time of each phase (ms), where the overhead goes:", ""]
-    lines += [
-        "| run | teacher dtype | " + " | ".join(PHASES) + " |",
-        "|" + "|".join("---" for _ in range(2 + len(PHASES))) + "|",
-    ]
+    phase_rows = []
     for row in result["rows"]:
-        cells = [row["run"], row["teacher dtype"], *(_fmt(row["phase ms (median)"].get(p)) for p in PHASES)]
-        lines.append("| " + " | ".join(cells) + " |")
+        ms = row["phase ms (median)"]
+        phase_rows.append(
+            [row["run"], row["teacher dtype"], *(fmt(ms.get(p), int_millions=True) for p in PHASES)]
+        )
+    lines += table(["run", "teacher dtype", *PHASES], phase_rows)
     return "\n".join(lines)
 
 

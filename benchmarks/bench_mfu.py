@@ -80,7 +80,8 @@ ROOT = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))  # bench_pretrain, when this file is imported rather than run
 sys.path.insert(1, str(ROOT))
 
-from bench_pretrain import _deepspeed_executable, _fmt, _free_port, _run  # noqa: E402
+from bench_common import fmt, table, timed_train_steps  # noqa: E402
+from bench_pretrain import _deepspeed_executable, _free_port, _run  # noqa: E402
 
 MODELS = ROOT / "launch" / "configs" / "models"
 DEFAULT_CONFIGS = ("llama_1b", "gpt2_medium")
@@ -265,15 +266,7 @@ def ki_argv(teacher_dir: Path, teacher_dtype: str, steps: int) -> list[str]:
 
 def read_run(run_dir: Path, skip: int) -> dict:
     """Medians of a run's train steps after ``skip`` from its ``metrics.jsonl``."""
-    records = []
-    with open(run_dir / "metrics.jsonl", encoding="utf-8") as f:
-        for line in f:
-            record = json.loads(line)
-            if record.get("split", "train") == "train" and record.get("tokens_per_s"):
-                records.append(record)
-    timed = [r for r in records if r["step"] > skip]
-    if not timed:
-        raise RuntimeError(f"bench_mfu: no train step after step {skip} in {run_dir / 'metrics.jsonl'}")
+    timed = timed_train_steps(run_dir, skip, "bench_mfu")
     # Everything derives from the median step time, so tokens/s, step ms and MFU describe the same step
     # (medians of the per-step rates would not agree with it for an even number of steps).
     step_s = statistics.median(r["step_time_s"] for r in timed)
@@ -384,7 +377,7 @@ def measure_config(
         )
         rows.append(row)
         print(f"  {name} {run}: {result['tokens_per_s']:.1f} tokens/s, {result['step_ms']:.1f} ms/step, "
-              f"MFU {_fmt(result['mfu_percent'])}%, {wall:.0f} s wall", flush=True)  # fmt: skip
+              f"MFU {fmt(result['mfu_percent'])}%, {wall:.0f} s wall", flush=True)  # fmt: skip
     judge(rows)
     return rows
 
@@ -414,7 +407,7 @@ def _cell(row: dict, column: str) -> str:
     value = row.get(column)
     if column in ("student params", "teacher params"):
         value = _human(value)
-    return _fmt(value)
+    return fmt(value)
 
 
 def markdown(result: dict) -> str:
@@ -423,11 +416,8 @@ def markdown(result: dict) -> str:
         f"{_fmt_peak(result['peak_flops'])}; {result['steps']} steps per run, first {result['skip']} skipped, "
         f"medians; load average at start {result['load_average_start']}, at end {result['load_average']}",
         "",
-        "| " + " | ".join(COLUMNS) + " |",
-        "|" + "|".join("---" for _ in COLUMNS) + "|",
+        *table(COLUMNS, ([_cell(row, c) for c in COLUMNS] for row in result["rows"])),
     ]
-    for row in result["rows"]:
-        lines.append("| " + " | ".join(_cell(row, c) for c in COLUMNS) + " |")
     lines += [
         "",
         "MFU of KI rows counts the teacher's forward FLOPs as model FLOPs (the framework's accounting); "

@@ -38,6 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_common import fmt, load_text, table, timed_train_steps
+
 ROOT = Path(__file__).resolve().parent.parent
 BASE_CONFIG = ROOT / "launch" / "configs" / "models" / "tiny_gpt2.yaml"
 COLUMNS = (
@@ -189,15 +191,7 @@ def run_framework(cfg_argv: list[str], run_dir: Path, threads: int, skip: int) -
     cmd = [_deepspeed_executable(), "--num_gpus", "1", "--master_port", str(_free_port()),
            str(ROOT / "pretrain_ki.py"), *cfg_argv]  # fmt: skip
     wall = _run(cmd, run_dir.parent / f"{run_dir.name}.log", env=env)
-    records = []
-    with open(run_dir / "metrics.jsonl", encoding="utf-8") as f:
-        for line in f:
-            record = json.loads(line)
-            if record.get("split", "train") == "train" and record.get("tokens_per_s"):
-                records.append(record)
-    timed = [r for r in records if r["step"] > skip]
-    if not timed:
-        raise RuntimeError(f"bench_pretrain: no train step after step {skip} in {run_dir / 'metrics.jsonl'}")
+    timed = timed_train_steps(run_dir, skip, "bench_pretrain")
     return {"tokens_per_s": [r["tokens_per_s"] for r in timed], "wall_s": wall}
 
 
@@ -308,31 +302,14 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
     }
 
 
-def _fmt(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.1f}"
-    return str(value)
-
-
-def _load(values) -> str:
-    return " ".join(f"{x:.2f}" for x in values)
-
-
 def markdown(result: dict) -> str:
     lines = [
         f"{result['model']}; {result['shape']}; fp32, {result['threads']} threads; "
-        f"load average (1/5/15 min) at start {_load(result['load_average_start'])}, "
-        f"at end {_load(result['load_average'])}",
+        f"load average (1/5/15 min) at start {load_text(result['load_average_start'])}, "
+        f"at end {load_text(result['load_average'])}",
         "",
-        "| " + " | ".join(COLUMNS) + " |",
-        "|" + "|".join("---" for _ in COLUMNS) + "|",
     ]
-    for row in result["rows"]:
-        lines.append("| " + " | ".join(_fmt(row[c]) for c in COLUMNS) + " |")
+    lines += table(COLUMNS, ([fmt(row[c]) for c in COLUMNS] for row in result["rows"]))
     walls = "; ".join(f"{r['run']}: {r['process wall s']}" for r in result["rows"])
     lines += ["", f"process wall seconds per run (start-up included): {walls}"]
     return "\n".join(lines)

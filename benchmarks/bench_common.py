@@ -1,0 +1,43 @@
+"""Helpers the benchmark scripts share: markdown cells and tables, and the timed steps of a pretrain_ki.py run."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from megatron_ki.training.metrics import read_metrics
+
+
+def fmt(value: Any, int_millions: bool = False) -> str:
+    """A table cell: '-' for None, yes/no, floats to 0.1; with ``int_millions`` ints >= 100,000 as '1.23M'."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if int_millions and isinstance(value, int):
+        return f"{value / 1e6:.2f}M" if value >= 100_000 else str(value)
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    return str(value)
+
+
+def load_text(values: Iterable[float]) -> str:
+    """Load averages (1/5/15 min) as '0.12 0.34 0.56'."""
+    return " ".join(f"{x:.2f}" for x in values)
+
+
+def table(columns: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    """Markdown table lines: header, separator, one line per row of already formatted cells."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    return lines + ["| " + " | ".join(cells) + " |" for cells in rows]
+
+
+def timed_train_steps(run_dir: Path, skip: int, who: str) -> list[dict[str, Any]]:
+    """The train records of ``run_dir/metrics.jsonl`` after step ``skip`` (evaluations left out)."""
+    path = run_dir / "metrics.jsonl"
+    records = [r for r in read_metrics(path) if r.get("split", "train") == "train" and r.get("tokens_per_s")]
+    timed = [r for r in records if r["step"] > skip]
+    if not timed:
+        raise RuntimeError(f"{who}: no train step after step {skip} in {path}")
+    return timed
