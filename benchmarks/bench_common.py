@@ -33,6 +33,18 @@ def table(columns: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
     return lines + ["| " + " | ".join(cells) + " |" for cells in rows]
 
 
+def timing_run_args(run_dir: Path) -> list[str]:
+    """pretrain_ki.py overrides of a timing run: ZeRO 0, no evaluation, logs in ``run_dir`` without
+    TensorBoard or progress bar."""
+    return [
+        "--train.zero_stage", "0",
+        "--train.eval_interval", "0",
+        "--logging.run_dir", str(run_dir),
+        "--logging.tensorboard", "false",
+        "--logging.progress_bar", "false",
+    ]  # fmt: skip
+
+
 def timed_train_steps(run_dir: Path, skip: int, who: str) -> list[dict[str, Any]]:
     """The train records of ``run_dir/metrics.jsonl`` after step ``skip`` (evaluations left out)."""
     path = run_dir / "metrics.jsonl"

@@ -80,7 +80,7 @@ ROOT = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))  # bench_pretrain, when this file is imported rather than run
 sys.path.insert(1, str(ROOT))
 
-from bench_common import fmt, table, timed_train_steps  # noqa: E402
+from bench_common import fmt, table, timed_train_steps, timing_run_args  # noqa: E402
 from bench_pretrain import _deepspeed_executable, _free_port, _run  # noqa: E402
 
 MODELS = ROOT / "launch" / "configs" / "models"
@@ -244,11 +244,7 @@ def launch_argv(
         "--train.micro_batch_size", str(shape["micro"]),
         "--train.global_batch_size", str(shape["global"]),
         "--train.precision", precision,
-        "--train.zero_stage", "0",
-        "--train.eval_interval", "0",
-        "--logging.run_dir", str(run_dir),
-        "--logging.tensorboard", "false",
-        "--logging.progress_bar", "false",
+        *timing_run_args(run_dir),
     ]  # fmt: skip
 
 

@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_common import fmt, load_text, table, timed_train_steps
+from bench_common import fmt, load_text, table, timed_train_steps, timing_run_args
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_CONFIG = ROOT / "launch" / "configs" / "models" / "tiny_gpt2.yaml"
@@ -161,11 +161,7 @@ def config_argv(args: argparse.Namespace, data_prefix: str, sp_model: str, run_d
         "--train.micro_batch_size", str(args.batch),
         "--train.global_batch_size", str(args.batch),
         "--train.precision", "fp32",
-        "--train.zero_stage", "0",
-        "--train.eval_interval", "0",
-        "--logging.run_dir", str(run_dir),
-        "--logging.tensorboard", "false",
-        "--logging.progress_bar", "false",
+        *timing_run_args(run_dir),
     ]  # fmt: skip
 
 
