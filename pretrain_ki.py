@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from datetime import timedelta
 
 import torch
@@ -64,6 +65,8 @@ def build_data(cfg: Config, groups, consumed_samples: int):
     kind = "gpt" if cfg.model.causal else "mlm"
     gbs, train = cfg.train.global_batch_size, cfg.train
     evals = (train.train_steps // train.eval_interval if train.eval_interval else 0) + 1
+    if train.eval_samples == "fixed":
+        evals = 1  # every evaluation re-reads the same first eval_iters global batches
     sizes = (train.train_steps * gbs, evals * train.eval_iters * gbs, train.eval_iters * gbs)
     datasets = build_datasets_from_config(cfg.data, sizes, kind=kind, tokenizer=tokenizer)
     dp, dp_rank = groups.topology.dp, groups.dp_rank
@@ -72,8 +75,14 @@ def build_data(cfg: Config, groups, consumed_samples: int):
         if ds is None:
             return None
         sampler = PretrainingSampler(len(ds), consumed, train.micro_batch_size, dp_rank, dp)
+        # Its own generator: starting an iterator (every fixed evaluation does) draws a worker seed, which
+        # must not advance the global RNG that dropout and a bitwise resume depend on.
         return torch.utils.data.DataLoader(
-            ds, batch_sampler=sampler, num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available()
+            ds,
+            batch_sampler=sampler,
+            num_workers=cfg.data.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            generator=torch.Generator().manual_seed(train.seed),
         )
 
     return tokenizer, [loader(ds, consumed_samples if i == 0 else 0) for i, ds in enumerate(datasets)]
@@ -85,6 +94,17 @@ def batches(loader, causal: bool):
     while True:  # the valid/test loaders are re-read if evaluation asks for more than one pass
         for sample in loader:
             yield model_inputs(sample, causal)
+
+
+def eval_batches(loader, causal: bool, fixed: bool):
+    """``() -> iterator`` for one evaluation: a fresh pass from the first sample (fixed), or Megatron's
+    continuing iterator (each evaluation reads the next batches)."""
+    if loader is None:
+        return None
+    if fixed:
+        return lambda: batches(loader, causal)
+    shared = batches(loader, causal)
+    return lambda: shared
 
 
 def build_teacher(cfg: Config, groups, device):
@@ -223,9 +243,10 @@ def main(argv: list[str] | None = None) -> int:
         if meta is not None and not meta.get("weights_only"):
             trainer.state.step, trainer.state.consumed_samples = meta["step"], meta["consumed_samples"]
             trainer.state.flops = meta.get("flops", 0.0)
+            trainer.state.train_time_s = meta.get("train_time_s", 0.0)
     _, (train_loader, valid_loader, test_loader) = build_data(cfg, groups, trainer.state.consumed_samples)
     train_iter = batches(train_loader, cfg.model.causal)
-    valid_iter = batches(valid_loader, cfg.model.causal) if valid_loader is not None else None
+    valid_iter = eval_batches(valid_loader, cfg.model.causal, cfg.train.eval_samples == "fixed")
 
     peak = device_peak_flops(cfg.train.precision, device)
     writer = MetricsWriter(cfg.logging.run_dir, cfg.logging.tensorboard, enabled=rank == 0)
@@ -241,9 +262,28 @@ def main(argv: list[str] | None = None) -> int:
             groups,
             trainer.state.step,
             trainer.state.consumed_samples,
-            extra_meta={"flops": trainer.state.flops},
+            extra_meta={"flops": trainer.state.flops, "train_time_s": trainer.state.train_time_s},
             tp_tracker=tracker,
         )
+
+    started = time.perf_counter()
+    fixed_eval = train.eval_samples == "fixed"
+
+    def evaluate(split: str, data_iter) -> dict:
+        """One evaluation, logged with where the run stands (tokens, FLOPs, seconds)."""
+        result = trainer.evaluate(data_iter, train.eval_iters, fixed=fixed_eval and split == "valid")
+        writer.log(
+            trainer.state.step,
+            {
+                "split": split,
+                "consumed_tokens": trainer.state.consumed_samples * cfg.data.seq_length,
+                "flops": trainer.state.flops,
+                "train_time_s": trainer.state.train_time_s,
+                "elapsed_s": time.perf_counter() - started,
+                **result,
+            },
+        )
+        return result
 
     while trainer.state.step < train.train_steps:
         teacher_ran = trainer.teacher_active
@@ -257,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             flops_per_token=per_token,
             flops=trainer.state.flops,
             mfu=mfu(metrics["tokens_per_s"], per_token, peak, world) if metrics["tokens_per_s"] else None,
+            elapsed_s=time.perf_counter() - started,
         )
         if step % cfg.logging.log_interval == 0 or step == train.train_steps:
             writer.log(step, metrics)
@@ -264,16 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         if _test_hook_fail(step, rank):
             raise RuntimeError(f"test hook: MEGATRON_KI_FAIL_AT_STEP={step} on rank {rank}")
         if valid_iter is not None and train.eval_interval and step % train.eval_interval == 0:
-            evaluation = trainer.evaluate(valid_iter, train.eval_iters)
-            writer.log(
-                step,
-                {
-                    "split": "valid",
-                    "consumed_tokens": metrics["consumed_tokens"],
-                    "flops": trainer.state.flops,
-                    **evaluation,
-                },
-            )
+            evaluate("valid", valid_iter())
         if cfg.checkpoint.save and cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0:
             save()
     bar.close()
@@ -281,13 +313,10 @@ def main(argv: list[str] | None = None) -> int:
         not cfg.checkpoint.save_interval or trainer.state.step % cfg.checkpoint.save_interval
     ):
         save()
-    final = {}
     if valid_iter is not None and (not train.eval_interval or trainer.state.step % train.eval_interval):
-        final = trainer.evaluate(valid_iter, train.eval_iters)
-        writer.log(trainer.state.step, {"split": "valid", "flops": trainer.state.flops, **final})
+        evaluate("valid", valid_iter())
     if test_loader is not None:
-        final = trainer.evaluate(batches(test_loader, cfg.model.causal), train.eval_iters)
-        writer.log(trainer.state.step, {"split": "test", **final})
+        final = evaluate("test", batches(test_loader, cfg.model.causal))
         logger.info("test: %s", {k: v for k, v in final.items() if v is not None})
     writer.close()
     dist.barrier()

@@ -362,7 +362,11 @@ class TrainConfig:
     eval_interval: int = 50
     """Evaluate on the validation split every this many steps (0: only at the end)."""
     eval_iters: int = 10
-    """Validation batches per evaluation."""
+    """Validation global batches per evaluation."""
+    eval_samples: Literal["fixed", "continuing"] = "fixed"
+    """fixed: every evaluation reads the same samples, the first eval_iters global batches of the valid split
+    in order (the same set at every data-parallel size), so a curve moves only because the model changed;
+    continuing: Megatron's iterator, each evaluation reads the next eval_iters batches."""
     seed: int = 1234
     """Seed of parameter initialisation and dropout."""
     max_consecutive_skips: int = 10

@@ -225,6 +225,10 @@ def test_layout_matches_single_rank(ws, case):
     reference = matrix_run(ws, case.reference)
     assert_ok(reference)
     assert_curves_close(result, reference, PARITY, case.name)
+    # The validation samples do not depend on the layout either (the same first eval_iters global batches).
+    got, want = valid_records(result), valid_records(reference)
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [STEPS]
+    assert close(got[0]["lm_loss"], want[0]["lm_loss"], PARITY), f"{case.name}: valid {got} vs {want}"
     ds = json.loads((ws.run_dir(case.name) / "deepspeed_config.json").read_text())
     assert ds["zero_optimization"]["stage"] == case.zero
     assert ds["gradient_accumulation_steps"] == 8 // (4 * case.dp)
@@ -254,6 +258,50 @@ def test_golden_losses(ws, case):
     for key in KEYS:
         ok = all(close(a, b, GOLDEN) for a, b in zip(values[key], golden[key], strict=True))
         assert ok, f"{case.name}: {key} {values[key]} differs from golden {golden[key]} ({path.name})"
+
+
+# ------------------------------------------------------------------------------------- evaluation
+def valid_records(result: RunResult) -> list[dict[str, Any]]:
+    return [m for m in result.metrics() if m.get("split") == "valid"]
+
+
+def eval_args(ws: Workspace, name: str, *extra: str) -> list[str]:
+    """GPT-2 with KI (teacher released after step 2), evaluated after every step on 2 global batches, with a
+    learning rate so small that no weight changes: every evaluation sees the same model."""
+    return [
+        *ws.base_args("gpt2", name),
+        *ws.ki_args("gpt2"),
+        "--optim.lr", "1e-30",
+        "--train.eval_interval", "1",
+        "--train.eval_iters", "2",
+        *extra,
+    ]  # fmt: skip
+
+
+def test_fixed_evaluation_repeats_and_ignores_layout(ws):
+    """Fixed validation (the default): an unchanged model gets identical numbers at every evaluation, at dp=1
+    and dp=2 alike; the teacher's loss on those tokens is still reported after it is released."""
+    runs = {name: independent_run(ws, name) for name in ("eval_fixed_dp1", "eval_fixed_dp2")}
+    for name, result in runs.items():
+        assert_ok(result)
+        records = valid_records(result)
+        assert [r["step"] for r in records] == [1, 2, 3], name
+        for key in ("lm_loss", "perplexity", "teacher_lm_loss"):
+            assert len({r[key] for r in records}) == 1, f"{name}: {key} {[r[key] for r in records]}"
+        assert records[0]["kd_loss"] is not None and records[2]["kd_loss"] is None  # teacher released at 2
+        assert [r["consumed_tokens"] for r in records] == [8 * 32 * s for s in (1, 2, 3)]
+        assert all(r["train_time_s"] > 0 and r["elapsed_s"] >= r["train_time_s"] for r in records)
+    one, two = (valid_records(runs[n])[0] for n in ("eval_fixed_dp1", "eval_fixed_dp2"))
+    for key in ("lm_loss", "kd_loss", "teacher_lm_loss"):
+        assert close(one[key], two[key], PARITY), f"{key}: dp=1 {one[key]} vs dp=2 {two[key]}"
+
+
+def test_continuing_evaluation_reads_new_samples(ws):
+    """train.eval_samples continuing (Megatron's iterator): the same model, other samples, other numbers."""
+    result = independent_run(ws, "eval_continuing_dp2")
+    assert_ok(result)
+    losses = [r["lm_loss"] for r in valid_records(result)]
+    assert len(losses) == 3 and len(set(losses)) == 3, losses
 
 
 # ------------------------------------------------------------------------------------ checkpoints
@@ -421,6 +469,10 @@ def independent_launches(ws: Workspace) -> dict[str, tuple[int, list[str], dict[
     out["crash"] = (2, ws.base_args("gpt2", "crash", steps=50), crash)
     bad = [*ws.base_args("gpt2", "bad_config"), "--train.zero_stage", "3"]
     out["bad_config"] = (2, bad, {"script": SCRIPT, "timeout": 120})
+    out["eval_fixed_dp1"] = (1, eval_args(ws, "eval_fixed_dp1"), {})
+    out["eval_fixed_dp2"] = (2, eval_args(ws, "eval_fixed_dp2"), {})
+    continuing = eval_args(ws, "eval_continuing_dp2", "--train.eval_samples", "continuing")
+    out["eval_continuing_dp2"] = (2, continuing, {})
     return out
 
 
@@ -433,6 +485,10 @@ def needed_by(test: str) -> set[str]:
         return {"resume_first", "resume_full"}
     if test.startswith("test_zero_checkpoint"):
         return {"zero_first", "resume_full"}
+    if test.startswith("test_fixed_evaluation"):
+        return {"eval_fixed_dp1", "eval_fixed_dp2"}
+    if test.startswith("test_continuing_evaluation"):
+        return {"eval_continuing_dp2"}
     return (
         {"crash"}
         if test.startswith("test_crashed")

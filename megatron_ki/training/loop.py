@@ -61,6 +61,8 @@ class LoopState:
     skipped_total: int = 0
     flops: float = 0.0
     """Cumulative training FLOPs (student forward + backward, teacher forward while it runs)."""
+    train_time_s: float = 0.0
+    """Cumulative seconds spent in training steps (evaluation, saving and start-up left out)."""
 
 
 class Trainer:
@@ -84,6 +86,8 @@ class Trainer:
         self.gas = cfg.gradient_accumulation_steps(groups.topology.world_size)
         self.state = LoopState()
         self.tokens_per_sample = cfg.data.seq_length
+        self.teacher_valid_loss: float | None = None
+        """The teacher's LM loss on the fixed validation samples, kept after the teacher is released."""
 
     # -------------------------------------------------------------------------------- teacher
     @property
@@ -112,39 +116,49 @@ class Trainer:
             return self.loss_fn((logits, t_logits), labels)
         return self.loss_fn(logits, labels)
 
-    def _aggregate(self, records) -> dict[str, float | None]:
-        """Average the loss records of all ranks (every rank gets the same numbers)."""
-        sums = torch.zeros(8, dtype=torch.float64)
+    def _aggregate(self, records, token_weighted: bool = False) -> dict[str, float | None]:
+        """Average the loss records of all ranks (every rank gets the same numbers).
+
+        Training averages the micro-batch means (Megatron's reporting); evaluation weights each record by its
+        loss positions, so the value is the mean over the evaluated tokens whatever the micro-batch split
+        (MLM micro-batches carry different numbers of masked positions).
+        """
+        # Per quantity: (weighted sum, weight) -> lm, kd, teacher lm, loss; one all-reduce for all of them.
+        totals = torch.zeros(8, dtype=torch.float64)
         if records:
             # One device-to-host copy for all records instead of a sync per value.
             zero = torch.zeros((), device=records[0].lm_loss.device)
-            rows = [
-                torch.stack(
-                    [
-                        r.lm_loss.detach().double(),
-                        (r.kd_loss if r.kd_loss is not None else zero).detach().double(),
-                        (r.teacher_lm_loss if r.teacher_lm_loss is not None else zero).detach().double(),
-                        r.num_tokens.double(),
-                        r.loss.detach().double(),
-                    ]
+            rows = []
+            for r in records:
+                weight = r.num_tokens.double() if token_weighted else torch.ones((), dtype=torch.float64)
+                weight = weight.to(zero.device)
+                has_kd = torch.ones_like(weight) if r.kd_loss is not None else torch.zeros_like(weight)
+                has_t = torch.ones_like(weight) if r.teacher_lm_loss is not None else torch.zeros_like(weight)
+                kd = r.kd_loss if r.kd_loss is not None else zero
+                teacher = r.teacher_lm_loss if r.teacher_lm_loss is not None else zero
+                rows.append(
+                    torch.stack(
+                        [
+                            r.lm_loss.detach().double() * weight,
+                            weight,
+                            kd.detach().double() * weight * has_kd,
+                            weight * has_kd,
+                            teacher.detach().double() * weight * has_t,
+                            weight * has_t,
+                            r.loss.detach().double() * weight,
+                            weight,
+                        ]
+                    )
                 )
-                for r in records
-            ]
-            lm, kd, teacher, tokens, loss = torch.stack(rows).cpu().sum(dim=0).tolist()
-            has_kd = sum(r.kd_loss is not None for r in records)
-            has_teacher = sum(r.teacher_lm_loss is not None for r in records)
-            sums = torch.tensor(
-                [lm, len(records), kd, has_kd, teacher, has_teacher, tokens, loss], dtype=torch.float64
-            )
+            totals = torch.stack(rows).cpu().sum(dim=0)
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(sums)
-        out: dict[str, float | None] = {
-            "lm_loss": (sums[0] / sums[1]).item() if sums[1] else None,
-            "kd_loss": (sums[2] / sums[3]).item() if sums[3] else None,
-            "teacher_lm_loss": (sums[4] / sums[5]).item() if sums[5] else None,
-            "loss": (sums[7] / sums[1]).item() if sums[1] else None,
-        }
-        return out
+            dist.all_reduce(totals)
+        t = totals.tolist()
+
+        def mean(i: int) -> float | None:
+            return t[i] / t[i + 1] if t[i + 1] else None
+
+        return {"lm_loss": mean(0), "kd_loss": mean(2), "teacher_lm_loss": mean(4), "loss": mean(6)}
 
     def train_step(self, data_iter: Iterator) -> dict[str, Any]:
         step = self.state.step
@@ -168,6 +182,7 @@ class Trainer:
                 total += loss.detach().double()  # no host sync per micro-batch
             loss_value = float(total) / self.gas  # the step's one sync, inside the timed span
         elapsed = time.perf_counter() - start
+        self.state.train_time_s += elapsed
         skipped = self._skipped() - skipped_before
         metrics = self._aggregate(self.loss_fn.pop_records())
         self.state.step += 1
@@ -192,6 +207,7 @@ class Trainer:
             consumed_samples=self.state.consumed_samples,
             consumed_tokens=self.state.consumed_samples * self.tokens_per_sample,
             step_time_s=elapsed,
+            train_time_s=self.state.train_time_s,
             tokens_per_s=tokens / elapsed if elapsed > 0 else None,
             **peak_memory_gib(self.engine.device),
         )
@@ -204,7 +220,12 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self, data_iter: Iterator, iters: int) -> dict[str, float | None]:
+    def evaluate(self, data_iter: Iterator, iters: int, fixed: bool = True) -> dict[str, float | None]:
+        """Mean losses over ``iters`` global batches of ``data_iter`` (token-weighted), and perplexity.
+
+        With ``fixed`` (the same samples at every evaluation) the teacher's LM loss measured while it ran is
+        reported again after it is released: it is a frozen model on the same tokens.
+        """
         self.loss_fn.pop_records()
         self.loss_fn.alpha = self.schedule.alpha(self.state.step) if self.teacher_active else 0.0
         self.engine.eval()
@@ -215,9 +236,14 @@ class Trainer:
                 for _ in range(self.gas):
                     inputs, labels = next(data_iter)
                     self._forward_loss(inputs, labels)
-        metrics = self._aggregate(self.loss_fn.pop_records())
+        metrics = self._aggregate(self.loss_fn.pop_records(), token_weighted=True)
         lm = metrics["lm_loss"]
         metrics["perplexity"] = math.exp(min(lm, 50.0)) if lm is not None else None
+        if fixed:
+            if metrics["teacher_lm_loss"] is not None:
+                self.teacher_valid_loss = metrics["teacher_lm_loss"]
+            elif self.teacher_valid_loss is not None:
+                metrics["teacher_lm_loss"] = self.teacher_valid_loss
         self.engine.train()
         return metrics
 
