@@ -130,6 +130,25 @@ def test_teacher_gets_no_grad_and_bf16_teacher() -> None:
     assert not out.teacher_lm_loss.requires_grad and not out.kd_loss.requires_grad
 
 
+@pytest.mark.parametrize("extreme", [False, True])
+@pytest.mark.parametrize("backend", ["torch", "kernels"])
+def test_teacher_lm_loss_from_divergence_statistics(backend: str, extreme: bool) -> None:
+    """At temperature 1 the teacher's LM loss is read off the KL statistics (its log-sum-exp) plus the target
+    logits instead of a cross-entropy pass of its own: it still equals F.cross_entropy, ignored positions
+    left out, and the mixed loss and its gradient are unchanged."""
+    s, t, labels = make_batch(5, extreme=extreme)
+    student = s.clone().requires_grad_(True)
+    out = ki_loss(student, t, labels, 0.5, temperature=1.0, backend=backend)
+    ref_teacher_lm = F.cross_entropy(t.double().reshape(-1, V), labels.reshape(-1), ignore_index=-100)
+    assert (labels == -100).any() and out.teacher_lm_loss.item() == pytest.approx(
+        ref_teacher_lm.item(), rel=1e-5
+    )
+    out.loss.backward()
+    ref_student = s.clone().requires_grad_(True)
+    reference_ki_loss(ref_student, t, labels, 0.5, 1.0, "forward_kl").backward()
+    torch.testing.assert_close(student.grad, ref_student.grad, atol=1e-6, rtol=1e-4)
+
+
 def test_bf16_student() -> None:
     s, t, labels = make_batch(4)
     student = s.to(torch.bfloat16).requires_grad_(True)

@@ -23,7 +23,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from megatron_ki.tensor_parallel import group_size, vocab_parallel_cross_entropy
+from megatron_ki.tensor_parallel import (
+    group_size,
+    vocab_parallel_cross_entropy,
+    vocab_parallel_target_logit,
+)
 
 logger = logging.getLogger("megatron_ki")
 
@@ -191,10 +195,11 @@ class _VocabParallelDivergence(torch.autograd.Function):
         value, lse_s, lse_t = divergence_from_stats(stats, divergence)
         ctx.save_for_backward(s, t, idx, lse_s, lse_t, value)
         ctx.temperature, ctx.divergence, ctx.bwd = temperature, divergence, bwd
-        return value
+        ctx.mark_non_differentiable(lse_t)
+        return value, lse_t
 
     @staticmethod
-    def backward(ctx, grad_value):
+    def backward(ctx, grad_value, _grad_lse_t):
         s, t, idx, lse_s, lse_t, value = ctx.saved_tensors
         rows_s = s if idx is None else s.index_select(0, idx)
         rows_t = t if idx is None else t.index_select(0, idx)
@@ -248,12 +253,15 @@ def per_token_divergence(
     divergence: Divergence = "forward_kl",
     tp_group: ProcessGroup | None = None,
     backend: Backend = "auto",
-) -> torch.Tensor:
+    return_teacher_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """D(teacher || student) per position, fp32, shape ``logits.shape[:-1]``, 0 where ``mask`` is False.
 
     Logits are vocab-sharded ``[..., V/tp]``; softmaxes are at ``temperature`` over the full vocabulary.
     Not scaled by tau^2. Differentiable w.r.t. ``student_logits`` only (the teacher is detached). Only the
     rows in ``mask`` are computed; exactly two all-reduces of ``[rows, 2]`` and ``[rows, 5]`` fp32 run.
+    ``return_teacher_lse`` also returns the teacher's full-vocabulary log-sum-exp of ``logits / tau`` per
+    position (a by-product of the statistics), from which its cross-entropy costs no extra vocabulary pass.
     """
     _check_inputs(student_logits, teacher_logits, mask, divergence)
     if temperature <= 0:
@@ -267,11 +275,13 @@ def per_token_divergence(
         flat = mask.reshape(-1)
         if not bool(flat.all()):
             idx = flat.nonzero().squeeze(-1)
-    rows = _VocabParallelDivergence.apply(s, t, idx, float(temperature), divergence, tp_group, backend)
-    if idx is None:
-        return rows.reshape(lead)
-    out = rows.new_zeros(s.shape[0]).index_put((idx,), rows)
-    return out.reshape(lead)
+    rows, lse_t = _VocabParallelDivergence.apply(s, t, idx, float(temperature), divergence, tp_group, backend)
+    if idx is not None:
+        rows = rows.new_zeros(s.shape[0]).index_put((idx,), rows)
+        lse_t = lse_t.new_zeros(s.shape[0]).index_put((idx,), lse_t)
+    if return_teacher_lse:
+        return rows.reshape(lead), lse_t.reshape(lead)
+    return rows.reshape(lead)
 
 
 # ------------------------------------------------------------------------------------ the KI loss
@@ -343,19 +353,25 @@ def ki_loss(
         )
 
     teacher_lm = None
+    t_targets = labels if loss_mask is None else labels.masked_fill(~mask, ignore_index)
+    # At temperature 1 the divergence's statistics hold the teacher's log-sum-exp: its cross-entropy then
+    # needs only the target logits, not a pass of its own over the vocabulary.
+    from_stats = alpha > 0.0 and temperature == 1.0
     if teacher_logits is not None:
         _check_inputs(student_logits, teacher_logits, labels, divergence)
-        with torch.no_grad():
-            t_targets = labels if loss_mask is None else labels.masked_fill(~mask, ignore_index)
-            t_tok = vocab_parallel_cross_entropy(teacher_logits.detach(), t_targets, tp_group, ignore_index)
-            teacher_lm = _masked_mean(t_tok, mask, count)
+        if not from_stats:
+            with torch.no_grad():
+                t_tok = vocab_parallel_cross_entropy(
+                    teacher_logits.detach(), t_targets, tp_group, ignore_index
+                )
+                teacher_lm = _masked_mean(t_tok, mask, count)
 
     if alpha == 0.0:
         return KILossOutput(lm, lm.detach(), None, teacher_lm, 0.0, count)
     if teacher_logits is None:
         raise ValueError(f"ki_loss: teacher_logits are required when alpha > 0 (alpha={alpha})")
 
-    div = per_token_divergence(
+    div, lse_t = per_token_divergence(
         student_logits,
         teacher_logits,
         mask,
@@ -363,7 +379,11 @@ def ki_loss(
         divergence=divergence,
         tp_group=tp_group,
         backend=backend,
+        return_teacher_lse=True,
     )
+    if from_stats:
+        target = vocab_parallel_target_logit(teacher_logits, t_targets, tp_group, ignore_index)
+        teacher_lm = _masked_mean(lse_t - target, mask, count)
     kd = _masked_mean(div, mask, count) * (temperature**2)
     loss = (1.0 - alpha) * lm + alpha * kd
     return KILossOutput(loss, lm.detach(), kd.detach(), teacher_lm, float(alpha), count)

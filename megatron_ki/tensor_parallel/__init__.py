@@ -1,6 +1,6 @@
 """Tensor parallelism: collectives (mappings), sharded layers, vocab-parallel cross-entropy, RNG."""
 
-from .cross_entropy import vocab_parallel_cross_entropy
+from .cross_entropy import vocab_parallel_cross_entropy, vocab_parallel_target_logit
 from .layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -37,4 +37,5 @@ __all__ = [
     "shard_rows",
     "unshard_rows",
     "vocab_parallel_cross_entropy",
+    "vocab_parallel_target_logit",
 ]

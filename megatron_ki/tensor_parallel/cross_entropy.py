@@ -35,8 +35,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         all_reduce_no_grad(sum_exp, group)
         loss = (sum_exp.log() - target_logit).masked_fill(~valid, 0.0)
 
-        exp.div_(sum_exp.unsqueeze(-1))  # softmax, reused for the gradient
-        ctx.save_for_backward(exp, idx, in_range, valid)
+        if ctx.needs_input_grad[0]:  # a frozen teacher's loss needs no softmax for a gradient
+            exp.div_(sum_exp.unsqueeze(-1))  # softmax, reused for the gradient
+            ctx.save_for_backward(exp, idx, in_range, valid)
         ctx.logits_dtype = logits.dtype
         return loss
 
@@ -47,6 +48,20 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         grad.scatter_add_(-1, idx, -in_range.unsqueeze(-1).to(grad.dtype))
         grad.mul_((grad_loss * valid).unsqueeze(-1))
         return grad.to(ctx.logits_dtype), None, None, None
+
+
+def vocab_parallel_target_logit(
+    logits: torch.Tensor, target: torch.Tensor, group: ProcessGroup | None = None, ignore_index: int = -100
+) -> torch.Tensor:
+    """``logits[..., target]`` (fp32, 0 at ``ignore_index``) of vocab-sharded ``logits``: the rank owning
+    each target contributes it, one all-reduce of ``[tokens]``. No gradient."""
+    vocab_local = logits.shape[-1]
+    local_t = target - group_rank(group) * vocab_local
+    in_range = (target != ignore_index) & (local_t >= 0) & (local_t < vocab_local)
+    idx = local_t.masked_fill(~in_range, 0).unsqueeze(-1)
+    picked = logits.detach().gather(-1, idx).squeeze(-1).float().masked_fill(~in_range, 0.0)
+    all_reduce_no_grad(picked, group)
+    return picked
 
 
 def vocab_parallel_cross_entropy(
