@@ -56,7 +56,7 @@ def build_data(cfg: Config, groups, consumed_samples: int):
                 "model.vocab_size",
                 f"{cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} ({cfg.data.tokenizer_model})",
             )
-        if cfg.model.position_offset > 0 and cfg.model.pad_token_id != tokenizer.pad:
+        if cfg.model.padding_positions and cfg.model.pad_token_id != tokenizer.pad:
             # RoBERTa-style positions skip tokens equal to pad_token_id: a mismatch silently shifts them.
             raise ConfigError(
                 "model.pad_token_id",
@@ -140,7 +140,7 @@ def build_teacher(cfg: Config, groups, device):
             raise ConfigError("ki.teacher", f"differs from the architecture saved in {cfg.ki.teacher_path}")
         teacher_cfg = saved_cfg
         state = shard_state_dict(full, teacher_cfg, groups.topology.tp, groups.tp_rank)
-    check_teacher_fits(cfg.model, teacher_cfg, groups.topology.tp)
+    check_teacher_fits(cfg.model, teacher_cfg, groups.topology.tp, cfg.data.seq_length)
     return teacher_cfg, state
 
 

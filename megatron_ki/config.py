@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import copy
 import dataclasses
 import inspect
 import itertools
@@ -85,9 +86,12 @@ class ModelConfig:
     type_vocab_size: int = 0
     """Token-type (segment) embeddings: 2 for BERT, 1 for RoBERTa, 0 for none."""
     pad_token_id: int | None = None
-    """Padding id; with position_offset > 0 positions count only non-padding tokens (RoBERTa)."""
-    position_offset: int = 0
-    """RoBERTa's position offset (padding_idx + 1 = 2); 0 means positions 0..s-1."""
+    """Padding id, the tokenizer's. RoBERTa (learned positions) numbers positions as transformers does: real
+    tokens from pad_token_id + 1 on, padding at pad_token_id; required there."""
+    position_offset: int | None = None
+    """Deprecated, derived: RoBERTa's first position id is pad_token_id + 1 (transformers' padding_idx + 1)
+    and its position table has max_position_embeddings + pad_token_id + 1 rows; 0 for the other families.
+    A value given (older configs and checkpoints) must agree, and is then dropped (read as null)."""
     embedding_norm: bool = False
     """LayerNorm right after the embeddings (BERT, RoBERTa)."""
     hidden_dropout: float = 0.0
@@ -130,13 +134,42 @@ class ModelConfig:
         )
         _check(0.0 <= self.hidden_dropout < 1.0, "model.hidden_dropout", "must be in [0, 1)")
         _check(0.0 <= self.attention_dropout < 1.0, "model.attention_dropout", "must be in [0, 1)")
-        _check(self.position_offset >= 0, "model.position_offset", "must be >= 0")
-        if self.position_offset > 0:
+        if self.padding_positions:
             _check(
-                self.pad_token_id is not None,
+                self.pad_token_id is not None and self.pad_token_id >= 0,
                 "model.pad_token_id",
-                "is required when model.position_offset > 0",
+                f"is required for family roberta (learned positions start at pad_token_id + 1, as in "
+                f"transformers): set the tokenizer's padding id, got {self.pad_token_id}",
             )
+        if self.position_offset is not None:
+            self._check_legacy_position_offset()
+            self.position_offset = None  # derived: a stale copy must not outlive a change of pad_token_id
+
+    def _check_legacy_position_offset(self) -> None:
+        given, derived = self.position_offset, self.position_id_offset
+        if given == derived:
+            return
+        if not self.padding_positions:
+            raise ConfigError(
+                "model.position_offset",
+                f"must be 0 or omitted for family {self.family} with {self.position_embedding} positions, got "
+                f"{given}: only roberta numbers positions from model.pad_token_id + 1",
+            )
+        pad = self.pad_token_id
+        hint = ""
+        same_table = self.max_position_embeddings + given - derived
+        if given > 0 and same_table > 0:
+            hint = (
+                f"; a model trained with position_offset {given} and this padding id keeps its "
+                f"{self.max_position_embeddings + given}-row position table with model.max_position_embeddings "
+                f"{same_table}"
+            )
+        raise ConfigError(
+            "model.position_offset",
+            f"{given} disagrees with model.pad_token_id={pad}: RoBERTa positions start at pad_token_id + 1 = "
+            f"{derived} (transformers' rule), so the offset is derived from the padding id; remove "
+            f"model.position_offset{hint}",
+        )
 
     @property
     def kv_heads(self) -> int:
@@ -155,6 +188,23 @@ class ModelConfig:
         """Causal (GPT-2, Llama) or bidirectional (BERT, RoBERTa) attention."""
         return self.family in ("gpt2", "llama")
 
+    @property
+    def padding_positions(self) -> bool:
+        """RoBERTa's learned positions: real tokens count from pad_token_id + 1, padding sits at pad_token_id."""
+        return self.family == "roberta" and self.position_embedding == "learned"
+
+    @property
+    def position_id_offset(self) -> int:
+        """First position id of a real token: pad_token_id + 1 for RoBERTa (transformers' padding_idx + 1), else
+        0. A sample of s tokens uses ids up to s - 1 + this."""
+        return self.pad_token_id + 1 if self.padding_positions else 0
+
+    @property
+    def position_table_size(self) -> int:
+        """Rows of the learned position table: max_position_embeddings + position_id_offset (transformers'
+        RobertaConfig.max_position_embeddings, e.g. 514 for roberta-base)."""
+        return self.max_position_embeddings + self.position_id_offset
+
     def padded_vocab_size(self, tp: int) -> int:
         """Vocabulary rounded up to a multiple of ``make_vocab_size_divisible_by * tp``."""
         multiple = self.make_vocab_size_divisible_by * tp
@@ -169,7 +219,7 @@ class ModelConfig:
         mlp = (3 * h * f if self.activation == "swiglu" else 2 * h * f) + b * (f + h)
         per_layer = attn + mlp + 2 * (2 if self.normalization == "layernorm" else 1) * h
         norm = (2 if self.normalization == "layernorm" else 1) * h  # one norm's weight (+ bias)
-        positions = self.max_position_embeddings + self.position_offset
+        positions = self.position_table_size
         emb = v * h + (positions * h if self.position_embedding == "learned" else 0)
         emb += self.type_vocab_size * h + (norm if self.embedding_norm else 0)
         head = (norm if self.pre_norm else 0) + (0 if self.tie_word_embeddings else v * h)
@@ -512,12 +562,10 @@ class Config:
                 f"teacher vocabulary {self.ki.teacher.vocab_size} differs from the student's "
                 f"{self.model.vocab_size}; teacher and student must share the tokenizer",
             )
-        _check(
-            self.data.seq_length <= self.model.max_position_embeddings,
-            "data.seq_length",
-            f"{self.data.seq_length} is longer than model.max_position_embeddings="
-            f"{self.model.max_position_embeddings}",
-        )
+        for prefix, m in models:
+            check_positions(m, self.data.seq_length, prefix)
+        if self.ki.enabled and self.ki.teacher is not None:
+            check_same_padding(self.model, self.ki.teacher)
 
     def gradient_accumulation_steps(self, world_size: int) -> int:
         dp = world_size // (self.parallel.tensor_parallel * self.parallel.pipeline_parallel)
@@ -528,6 +576,66 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def check_positions(model: ModelConfig, seq_length: int, prefix: str = "model") -> None:
+    """Every position id of a ``seq_length``-token sample indexes ``model``'s position table (or RoPE range).
+
+    RoBERTa's ids run up to pad_token_id + seq_length (transformers' rule) over a table of
+    max_position_embeddings + pad_token_id + 1 rows; others run up to seq_length - 1 over max_position_embeddings.
+    """
+    last = seq_length - 1 + model.position_id_offset
+    if last < model.position_table_size:
+        return
+    if model.padding_positions:
+        raise ConfigError(
+            "data.seq_length",
+            f"{seq_length} tokens take RoBERTa position ids up to {prefix}.pad_token_id + data.seq_length = "
+            f"{model.pad_token_id} + {seq_length} = {last}, past the {model.position_table_size}-row position "
+            f"table ({prefix}.max_position_embeddings + {prefix}.pad_token_id + 1 = "
+            f"{model.max_position_embeddings} + {model.pad_token_id} + 1): raise "
+            f"{prefix}.max_position_embeddings to at least {seq_length} or shorten data.seq_length",
+        )
+    raise ConfigError(
+        "data.seq_length",
+        f"{seq_length} is longer than {prefix}.max_position_embeddings={model.max_position_embeddings}",
+    )
+
+
+def check_same_padding(student: ModelConfig, teacher: ModelConfig, prefix: str = "ki.teacher") -> None:
+    """A RoBERTa teacher numbers the student's padded batches from its own pad_token_id: it must be the same."""
+    if teacher.padding_positions and student.pad_token_id is not None:
+        _check(
+            teacher.pad_token_id == student.pad_token_id,
+            f"{prefix}.pad_token_id",
+            f"{teacher.pad_token_id} differs from model.pad_token_id={student.pad_token_id}: teacher and student "
+            "share the tokenizer, and the teacher's RoBERTa positions must skip the same padding tokens",
+        )
+
+
+def upgrade_stored_config(data: dict[str, Any]) -> dict[str, Any]:
+    """A config stored by an older version (checkpoint metadata), rewritten to today's fields (a copy).
+
+    Before RoBERTa's position offset was derived, a config stored ``position_offset`` (2) beside the padding id;
+    with a padding id other than 1 the model had a table of max_position_embeddings + position_offset rows and
+    positions from pad_token_id + 1, which is the same model, table and positions, as
+    max_position_embeddings + position_offset - pad_token_id - 1 under the derived rule.
+    """
+    data = copy.deepcopy(data)
+    ki = data.get("ki")
+    for m in (data.get("model"), ki.get("teacher") if isinstance(ki, dict) else None):
+        if not isinstance(m, dict) or not isinstance(m.get("position_offset"), int):
+            continue
+        offset, pad = m["position_offset"], m.get("pad_token_id")
+        roberta = m.get("family") == "roberta" and m.get("position_embedding", "learned") == "learned"
+        if not (roberta and isinstance(pad, int) and pad >= 0 and offset > 0 and offset != pad + 1):
+            continue  # agrees (or cannot be expressed today): ModelConfig accepts it or says why not
+        default = ModelConfig.__dataclass_fields__["max_position_embeddings"].default
+        positions = m.get("max_position_embeddings", default) + offset - (pad + 1)
+        if positions > 0:
+            m["max_position_embeddings"] = positions
+            del m["position_offset"]
+    return data
 
 
 # ------------------------------------------------------------------------------- building and typing

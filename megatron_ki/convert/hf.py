@@ -373,7 +373,10 @@ def config_from_hf(hf_config: Any, make_vocab_size_divisible_by: int = 128, **ov
         _require(c.hidden_act in _ACT_FROM_HF, f"hidden_act {c.hidden_act!r} unsupported")
         pet = getattr(c, "position_embedding_type", "absolute") or "absolute"
         _require(pet == "absolute", f"position_embedding_type {pet!r} unsupported")
-        offset = c.pad_token_id + 1 if mt == "roberta" else 0
+        offset = 0
+        if mt == "roberta":  # HF's table (max_position_embeddings) includes positions 0..padding_idx
+            _require(c.pad_token_id is not None and c.pad_token_id >= 0, "roberta needs a pad_token_id")
+            offset = c.pad_token_id + 1
         kw = dict(
             family=mt,
             num_layers=c.num_hidden_layers,
@@ -391,7 +394,6 @@ def config_from_hf(hf_config: Any, make_vocab_size_divisible_by: int = 128, **ov
             tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", True)),
             type_vocab_size=c.type_vocab_size,
             pad_token_id=c.pad_token_id,
-            position_offset=offset,
             embedding_norm=True,
             hidden_dropout=c.hidden_dropout_prob,
             attention_dropout=c.attention_probs_dropout_prob,
@@ -456,7 +458,7 @@ def config_to_hf(cfg: ModelConfig) -> Any:
             hidden_act=cfg.activation if cfg.activation == "gelu" else "gelu_new",
             hidden_dropout_prob=cfg.hidden_dropout,
             attention_probs_dropout_prob=cfg.attention_dropout,
-            max_position_embeddings=cfg.max_position_embeddings + cfg.position_offset,
+            max_position_embeddings=cfg.position_table_size,  # RoBERTa: + pad_token_id + 1 (514 for base)
             type_vocab_size=cfg.type_vocab_size,
             layer_norm_eps=cfg.norm_eps,
             pad_token_id=cfg.pad_token_id if cfg.pad_token_id is not None else 0,

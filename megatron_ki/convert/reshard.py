@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from megatron_ki.config import Config, ModelConfig, config_from_dict
+from megatron_ki.config import Config, ModelConfig, config_from_dict, upgrade_stored_config
 from megatron_ki.tensor_parallel import shard_rows, unshard_rows
 
 FORMAT_VERSION = 1
@@ -171,7 +171,8 @@ def read_meta(root: str | Path, tag: str | None = None) -> tuple[str, dict[str, 
 
 
 def meta_config(meta: dict[str, Any]) -> Config:
-    return config_from_dict(meta["config"])
+    """The run config stored in a checkpoint's metadata (one written by an older version included)."""
+    return config_from_dict(upgrade_stored_config(meta["config"]))
 
 
 def load_torch_file(path: Path, mmap: bool = False) -> Any:

@@ -24,8 +24,11 @@ class TeacherError(ValueError):
     """The teacher does not fit the student (vocabulary, tokenizer, tensor-parallel split)."""
 
 
-def check_teacher_fits(student: ModelConfig, teacher: ModelConfig, tp: int) -> None:
-    """Same tokenizer (vocabulary size) and a split that works at the student's tensor-parallel size."""
+def check_teacher_fits(
+    student: ModelConfig, teacher: ModelConfig, tp: int, seq_length: int | None = None
+) -> None:
+    """Same tokenizer (vocabulary size, RoBERTa padding id), a split that works at the student's tensor-parallel
+    size, and (given ``seq_length``) a position table that covers the samples."""
     if teacher.vocab_size != student.vocab_size:
         raise TeacherError(
             f"teacher vocabulary size {teacher.vocab_size} differs from the student's {student.vocab_size}: "
@@ -43,6 +46,22 @@ def check_teacher_fits(student: ModelConfig, teacher: ModelConfig, tp: int) -> N
         raise TeacherError(
             f"teacher family {teacher.family!r} and student family {student.family!r} differ in attention "
             "(causal vs bidirectional): their distributions are over different tasks"
+        )
+    if (
+        teacher.padding_positions
+        and student.pad_token_id is not None
+        and teacher.pad_token_id != student.pad_token_id
+    ):
+        raise TeacherError(
+            f"teacher pad_token_id {teacher.pad_token_id} differs from the student's {student.pad_token_id}: the "
+            "teacher's RoBERTa positions (from pad_token_id + 1) would not skip the shared tokenizer's padding"
+        )
+    if seq_length is not None and seq_length - 1 + teacher.position_id_offset >= teacher.position_table_size:
+        raise TeacherError(
+            f"data.seq_length {seq_length} is longer than the teacher's max_position_embeddings "
+            f"{teacher.max_position_embeddings} (a {teacher.position_table_size}-row position table"
+            + (f" with pad_token_id {teacher.pad_token_id})" if teacher.padding_positions else ")")
+            + ": shorten data.seq_length"
         )
 
 

@@ -347,13 +347,19 @@ class TransformerBlock(nn.Module):
 
 # --------------------------------------------------------------------------------------- embedding
 def make_position_ids(input_ids: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    """Positions 0..s-1, or RoBERTa's: cumsum over non-pad tokens + pad_token_id, pads at pad_token_id."""
+    """Positions 0..s-1, or RoBERTa's (transformers' ``create_position_ids_from_input_ids``): the running count
+    of non-pad tokens + pad_token_id, pads at pad_token_id, so ids stay below ``cfg.position_table_size``."""
     b, s = input_ids.shape
-    if cfg.position_offset > 0:
+    if cfg.padding_positions:
         assert cfg.pad_token_id is not None  # checked by ModelConfig
         not_pad = (input_ids != cfg.pad_token_id).long()
         return torch.cumsum(not_pad, dim=1) * not_pad + cfg.pad_token_id
     return torch.arange(s, device=input_ids.device).expand(b, s)
+
+
+# Position rows drawn in place: max_position_embeddings + 2, the table of a RoBERTa with pad id 1 (transformers'
+# tokenizer) and of every config written before the offset was derived from the padding id.
+_POSITION_ROWS_DRAWN_FIRST = 2
 
 
 class Embedding(nn.Module):
@@ -374,13 +380,17 @@ class Embedding(nn.Module):
             init_method=normal_init(cfg.init_method_std),
             dtype=dtype,
         )
+        self.position_embeddings = None
         if cfg.position_embedding == "learned":
-            n = cfg.max_position_embeddings + cfg.position_offset
-            self.position_embeddings = nn.Embedding(
-                n, h, _weight=_normal_param((n, h), cfg.init_method_std, dtype)
-            )
-        else:
-            self.position_embeddings = None
+            # A padding id above 1 adds rows (RoBERTa's table has max_position_embeddings + pad_token_id + 1);
+            # they are drawn after the token-type table so every other draw keeps the value it always had.
+            rows = cfg.position_table_size
+            drawn = min(rows, cfg.max_position_embeddings + _POSITION_ROWS_DRAWN_FIRST)
+            self.position_embeddings = nn.Embedding(rows, h, _weight=torch.empty((rows, h), dtype=dtype))
+            with torch.no_grad():
+                self.position_embeddings.weight[:drawn] = _normal_param(
+                    (drawn, h), cfg.init_method_std, dtype
+                )
         if cfg.type_vocab_size > 0:
             self.token_type_embeddings = nn.Embedding(
                 cfg.type_vocab_size,
@@ -389,6 +399,11 @@ class Embedding(nn.Module):
             )
         else:
             self.token_type_embeddings = None
+        if self.position_embeddings is not None and rows > drawn:
+            with torch.no_grad():
+                self.position_embeddings.weight[drawn:] = _normal_param(
+                    (rows - drawn, h), cfg.init_method_std, dtype
+                )
         self.norm = build_norm(cfg.normalization, h, cfg.norm_eps, dtype) if cfg.embedding_norm else None
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
