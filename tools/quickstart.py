@@ -1,39 +1,81 @@
 #!/usr/bin/env python
-"""The KI quickstart: corpus -> tokenizer -> indexed data -> teacher -> student with KI and from scratch.
+"""The KI quickstart: corpus -> tokenizer -> indexed data -> teacher -> student with KI and from scratch -> report.
 
     python tools/quickstart.py                       # the embedded corpus (Python's standard library docs)
     python tools/quickstart.py --corpus ../shared/data/books/train
 
 Every training run goes through ``launch/pretrain_ki.sh`` (the ``deepspeed`` launcher; on a machine without
-GPUs DeepSpeed's CPU accelerator with gloo) with 2 ranks and two pipeline stages for the student, the teacher
-inside the student's stages. At the end it prints validation loss at fixed steps, the steps each student needs
-to reach the scratch run's final loss, and writes the loss curves to ``<work>/ki_vs_scratch.png``.
+GPUs DeepSpeed's CPU accelerator with gloo) with 2 ranks; the student runs on two pipeline stages with the
+teacher inside them. The teacher (GPT-2-style, 2 layers, hidden 128) is trained first for as many steps as the
+students; the student (4 layers, hidden 256, about 3.5x the teacher's non-embedding FLOPs) is trained twice on
+the same data order: from scratch, and with Knowledge Inheritance (KD weight a_t decaying linearly from 1 to 0
+over the first half of its steps, temperature 1). The design and what other settings gave are in
+benchmarks/RESULTS.md ("KI quickstart"). At the end it prints the KI report (tools/ki_report.py) and writes
+``<work>/ki_report.md`` and ``<work>/ki_report.png``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(ROOT))
+
+CONFIGS = ROOT / "launch" / "configs" / "quickstart"
 
 
-def run(cmd: list[str], what: str, env: dict[str, str] | None = None) -> None:
+class QuickstartError(RuntimeError):
+    """A step failed; the message says which and how."""
+
+
+@dataclass(frozen=True)
+class Data:
+    """A preprocessed corpus: the MMIDIDX ``prefix`` and the sentencepiece ``tokenizer`` model."""
+
+    prefix: str
+    tokenizer: str
+    vocab_size: int
+
+    def args(self) -> list[str]:
+        """pretrain_ki.py overrides that point a run at this corpus."""
+        return [
+            "--data.data_path", self.prefix,
+            "--data.tokenizer_model", self.tokenizer,
+            "--model.vocab_size", str(self.vocab_size),
+        ]  # fmt: skip
+
+
+def run(
+    cmd: list[str], what: str, env: dict[str, str] | None = None, quiet: bool = False, cwd: Path = ROOT
+) -> float:
+    """Run ``cmd`` from the repository root; seconds taken. A failure raises QuickstartError naming the step."""
     print(f"\n==> {what}\n    {' '.join(cmd)}", flush=True)
     start = time.time()
-    result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})})
+    result = subprocess.run(
+        cmd,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE if quiet else None,
+        stderr=subprocess.STDOUT if quiet else None,
+        text=True,
+    )
     if result.returncode != 0:
-        sys.exit(f"quickstart: '{what}' failed with exit code {result.returncode}")
-    print(f"    done in {time.time() - start:.0f} s", flush=True)
+        tail = "\n" + result.stdout[-3000:] if quiet and result.stdout else ""
+        raise QuickstartError(f"'{what}' failed with exit code {result.returncode}{tail}")
+    seconds = time.time() - start
+    print(f"    done in {seconds:.0f} s", flush=True)
+    return seconds
 
 
-def corpus_inputs(corpus: Path, work: Path) -> list[str]:
-    """The user's corpus as a list of files (``.txt``/``.jsonl``); the embedded one is built if none is given."""
+def corpus_inputs(corpus: Path) -> list[str]:
+    """The user's corpus as a list of files (``.txt``/``.jsonl``/``.jsonl.gz``)."""
     if corpus.is_dir():
         files = sorted(
             str(p)
@@ -41,18 +83,17 @@ def corpus_inputs(corpus: Path, work: Path) -> list[str]:
             if p.suffix in (".txt", ".jsonl") or p.name.endswith(".jsonl.gz")
         )
         if not files:
-            sys.exit(f"quickstart: {corpus} holds no .txt or .jsonl files")
+            raise QuickstartError(f"{corpus} holds no .txt or .jsonl files")
         return files
     if corpus.is_file():
         return [str(corpus)]
-    sys.exit(f"quickstart: corpus not found: {corpus}")
+    raise QuickstartError(f"corpus not found: {corpus}")
 
 
 def to_jsonl(files: list[str], out: Path, chunk_chars: int) -> Path:
     """Plain-text files become JSON lines of about ``chunk_chars`` characters, split at blank lines."""
-    import json
-
-    with open(out, "w", encoding="utf-8") as f:
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
         for path in files:
             if not path.endswith(".txt"):
                 continue
@@ -67,10 +108,65 @@ def to_jsonl(files: list[str], out: Path, chunk_chars: int) -> Path:
                     buf, size = [], 0
             if buf:
                 f.write(json.dumps({"text": "\n\n".join(buf)}) + "\n")
+    os.replace(tmp, out)
     return out
 
 
-def main() -> int:
+def prepare_data(
+    corpus: Path | None, work: Path, vocab_size: int, python: str = sys.executable, max_docs: int = 0
+) -> Data:
+    """Corpus (the embedded one when ``corpus`` is None) -> sentencepiece BPE -> ``<work>/corpus_text_document``."""
+    work.mkdir(parents=True, exist_ok=True)
+    if corpus is None:
+        jsonl = work / "demo.jsonl"
+        build = [python, "tools/build_demo_corpus.py", "--output", str(jsonl)]
+        run(build + (["--max-docs", str(max_docs)] if max_docs else []), "build the embedded demo corpus")
+        inputs = [str(jsonl)]
+    else:
+        inputs = corpus_inputs(corpus)
+        if any(f.endswith(".txt") for f in inputs):
+            txt = to_jsonl(inputs, work / "corpus.jsonl", 4000)
+            inputs = [str(txt)] + [f for f in inputs if not f.endswith(".txt")]
+    tokenizer = work / "tokenizer"
+    train_tok = [python, "tools/train_tokenizer.py", "--input", *inputs, "--model-prefix", str(tokenizer)]
+    train_tok += ["--vocab-size", str(vocab_size), "--sample-size", "200000"]
+    run(train_tok, "train a sentencepiece tokenizer", quiet=True)
+    prefix = work / "corpus"
+    preprocess = [python, "tools/preprocess_data.py", "--input", *inputs, "--output-prefix", str(prefix)]
+    preprocess += ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", f"{tokenizer}.model"]
+    run([*preprocess, "--append-eod", "--workers", "2"], "tokenize into Megatron .bin/.idx", quiet=True)
+    return Data(f"{prefix}_text_document", f"{tokenizer}.model", vocab_size)
+
+
+@dataclass
+class Launcher:
+    """Runs ``pretrain_ki.py`` through ``launch/pretrain_ki.sh`` with ``ranks`` CPU (or GPU) ranks."""
+
+    ranks: int = 2
+    python: str = sys.executable
+    quiet: bool = False
+    repo: Path = ROOT
+    """Checkout whose launch/pretrain_ki.sh (and so pretrain_ki.py) runs."""
+
+    def env(self) -> dict[str, str]:
+        # The virtualenv's own deepspeed launcher, whether or not the venv is activated.
+        bin_dir = str(Path(self.python).parent)
+        return {
+            "CPU_RANKS": str(self.ranks),
+            "PYTHON": self.python,
+            "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+        }
+
+    def train(self, config: Path, overrides: list[str], run_dir: Path, what: str) -> float:
+        """One training run logging to ``run_dir``; seconds taken (start-up included)."""
+        cmd = ["bash", str(self.repo / "launch" / "pretrain_ki.sh"), "--config", str(config), *overrides]
+        cmd += ["--logging.run_dir", str(run_dir)]
+        if self.quiet:
+            cmd += ["--logging.progress_bar", "false"]
+        return run(cmd, what, self.env(), quiet=self.quiet, cwd=self.repo)
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -78,151 +174,57 @@ def main() -> int:
         "--corpus", type=Path, help="directory or file of .txt/.jsonl (default: embedded corpus)"
     )
     parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "quickstart")
-    parser.add_argument("--teacher-steps", type=int, default=2000)
-    parser.add_argument("--student-steps", type=int, default=300)
-    parser.add_argument("--ki-steps", type=int, default=200, help="T_ki: steps of linear decay of alpha to 0")
+    parser.add_argument("--teacher-steps", type=int, default=400)
+    parser.add_argument("--student-steps", type=int, default=400)
+    parser.add_argument(
+        "--ki-steps", type=int, default=None, help="T_ki: steps of linear decay of a_t to 0 (default: half)"
+    )
     parser.add_argument("--vocab-size", type=int, default=4000)
     parser.add_argument("--ranks", type=int, default=2)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    ki_steps = args.ki_steps if args.ki_steps is not None else args.student_steps // 2
 
     work = args.work_dir.resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    py = sys.executable
-    launcher = ["bash", str(ROOT / "launch" / "pretrain_ki.sh")]
-    # The virtualenv's own launcher, whether or not the venv is activated.
-    bin_dir = str(Path(py).parent)
-    env = {
-        "CPU_RANKS": str(args.ranks),
-        "PYTHON": py,
-        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
-    }
-
-    # 1. Corpus, tokenizer, indexed dataset.
-    if args.corpus is None:
-        corpus = work / "demo.jsonl"
-        run([py, "tools/build_demo_corpus.py", "--output", str(corpus)], "build the embedded demo corpus")
-        inputs = [str(corpus)]
-    else:
-        inputs = corpus_inputs(args.corpus, work)
-        if any(f.endswith(".txt") for f in inputs):
-            inputs = [str(to_jsonl(inputs, work / "corpus.jsonl", 4000))] + [
-                f for f in inputs if not f.endswith(".txt")
-            ]
-    run(
-        [
-            py,
-            "tools/train_tokenizer.py",
-            "--input",
-            *inputs,
-            "--model-prefix",
-            str(work / "tokenizer"),
-            "--vocab-size",
-            str(args.vocab_size),
-            "--sample-size",
-            "200000",
-        ],
-        "train a sentencepiece tokenizer",
-    )
-    prefix = work / "corpus"
-    run(
-        [
-            py,
-            "tools/preprocess_data.py",
-            "--input",
-            *inputs,
-            "--output-prefix",
-            str(prefix),
-            "--tokenizer-type",
-            "SentencePieceTokenizer",
-            "--tokenizer-model",
-            str(work / "tokenizer.model"),
-            "--append-eod",
-            "--workers",
-            "2",
-        ],
-        "tokenize into Megatron .bin/.idx",
-    )
-    data = [
-        "--data.data_path",
-        f"{prefix}_text_document",
-        "--data.tokenizer_model",
-        str(work / "tokenizer.model"),
-        "--model.vocab_size",
-        str(args.vocab_size),
-    ]
-
-    # 2. The teacher (small), trained from scratch and saved.
-    teacher_ckpt = work / "teacher_ckpt"
-    run(
-        [
-            *launcher,
-            "--config",
-            "launch/configs/quickstart/teacher.yaml",
-            *data,
-            "--train.train_steps",
-            str(args.teacher_steps),
-            "--logging.run_dir",
-            str(work / "teacher"),
-            "--checkpoint.save",
-            str(teacher_ckpt),
-        ],
-        f"train the teacher ({args.teacher_steps} steps)",
-        env,
-    )
-
-    # 3. The student twice: with Knowledge Inheritance and from scratch.
-    common = [
-        "--config",
-        "launch/configs/quickstart/student.yaml",
-        *data,
-        "--train.train_steps",
-        str(args.student_steps),
-    ]
-    run(
-        launcher
-        + common
-        + [
+    started = time.time()
+    try:
+        data = prepare_data(args.corpus, work, args.vocab_size)
+        launcher = Launcher(args.ranks)
+        steps = ["--train.train_steps"]
+        teacher_ckpt = work / "teacher_ckpt"
+        launcher.train(
+            CONFIGS / "teacher.yaml",
+            [*data.args(), *steps, str(args.teacher_steps), "--checkpoint.save", str(teacher_ckpt)],
+            work / "teacher",
+            f"train the teacher ({args.teacher_steps} steps)",
+        )
+        student = [*data.args(), *steps, str(args.student_steps)]
+        ki = [
             "--ki.enabled",
             "true",
             "--ki.teacher_path",
             str(teacher_ckpt),
             "--ki.decay_steps",
-            str(args.ki_steps),
-            "--logging.run_dir",
-            str(work / "student_ki"),
-        ],
-        f"train the student with KI (teacher inside the pipeline stages, alpha 1 -> 0 over {args.ki_steps} steps)",
-        env,
-    )
-    run(
-        launcher + common + ["--logging.run_dir", str(work / "student_scratch")],
-        "train the student from scratch",
-        env,
-    )
+            str(ki_steps),
+        ]
+        launcher.train(
+            CONFIGS / "student.yaml",
+            student + ki,
+            work / "student_ki",
+            f"train the student with KI (teacher inside the pipeline stages, a_t 1 -> 0 over {ki_steps} steps)",
+        )
+        launcher.train(
+            CONFIGS / "student.yaml", student, work / "student_scratch", "train the student from scratch"
+        )
+    except QuickstartError as e:
+        print(f"quickstart: {e}", file=sys.stderr)
+        return 1
 
-    # 4. Compare.
-    from plot_runs import format_table, load_run, plot, summarize  # tools/plot_runs.py
+    from megatron_ki.training.report import build_ki_report, write_ki_report
 
-    runs = [
-        load_run(work / "student_ki", label="ki"),
-        load_run(work / "student_scratch", label="scratch"),
-        load_run(work / "teacher", label="teacher"),
-    ]
-    print("\nValidation LM loss at fixed steps:")
-    steps = sorted({s for r in runs[:2] for s in r.steps})
-    print("| step | " + " | ".join(r.label for r in runs) + " |")
-    print("|---:|" + "---:|" * len(runs))
-    for s in steps:
-        cells = []
-        for r in runs:
-            value = dict(zip(r.steps, r.values)).get(s)
-            cells.append(f"{value:.4f}" if value is not None else "")
-        print(f"| {s} | " + " | ".join(cells) + " |")
-    target, ref, rows = summarize(runs[:2])  # the reference is the run labelled "scratch"
-    print("\nSteps (and FLOPs) to reach the scratch run's final validation loss:")
-    print(format_table(runs[:2], target, ref, rows))
-    png = plot(runs, work / "ki_vs_scratch.png", target=target)
-    print(f"\nloss curves: {png}")
+    report = build_ki_report(work / "student_ki", work / "student_scratch", work / "teacher")
+    md, png = write_ki_report(report, work)
+    print("\n" + report.markdown())
+    print(f"\nreport: {md}\ncurves: {png}\nquickstart took {(time.time() - started) / 60:.1f} min")
     return 0
 
 

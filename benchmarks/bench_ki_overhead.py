@@ -1,0 +1,153 @@
+"""KI step overhead through pretrain_ki.py: the student's step with the teacher running vs the same student alone,
+at the quickstart's layout (2 ranks, two pipeline stages, teacher inside the stages) and at pp = 1 (2 ranks,
+data parallel, teacher beside the engine).
+
+Goal (issue 11): overhead <= the teacher's FLOP share + 10 points, where the share is the framework's own count
+(``flops_per_token`` of the KI run over the scratch run's, minus 1: the teacher's forward over the student's
+training FLOPs). Every run goes through ``launch/pretrain_ki.sh`` (the real deepspeed launcher) with the
+quickstart's configs (``launch/configs/quickstart/student.yaml``; the teacher's shape from ``teacher.yaml``,
+randomly initialised: timing needs no trained teacher) on the embedded corpus, without evaluation; T_ki is far
+beyond the run so the teacher runs at every step. The two arms alternate ``--repeats`` times so load from other
+jobs hits both alike; the table shows the median step time after ``--skip`` steps over all repeats.
+
+    python benchmarks/bench_ki_overhead.py --workdir /tmp/bko          # 30 steps, 2 repeats, both layouts
+    python benchmarks/bench_ki_overhead.py --repo /tmp/old-checkout     # time another checkout's pretrain_ki.py
+
+``--repo`` runs another checkout's ``launch/pretrain_ki.sh`` and ``pretrain_ki.py`` (same configs and data), so
+one script measures before and after a change. Prints a markdown table; ``--json`` writes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+from bench_common import load_text, table, timed_train_steps, timing_run_args  # noqa: E402
+from quickstart import Launcher, QuickstartError, prepare_data  # noqa: E402
+
+QUICKSTART = ROOT / "launch" / "configs" / "quickstart"
+LAYOUTS = {"quickstart (pp=2)": [], "pp=1 (dp=2)": ["--parallel.pipeline_parallel", "1"]}
+GOAL_POINTS = 10.0
+COLUMNS = (
+    "layout", "scratch step ms", "KI step ms", "overhead %", "teacher FLOP share %", "goal <= %", "meets goal",
+    "steps timed",
+)  # fmt: skip
+
+
+def write_teacher(root: Path, vocab_size: int) -> Path:
+    """A randomly initialised teacher of the quickstart's shape, as a framework checkpoint."""
+    from megatron_ki.config import Config, model_config_from_yaml
+    from megatron_ki.convert.reshard import write_checkpoint
+    from megatron_ki.models import build_model
+
+    cfg = model_config_from_yaml(QUICKSTART / "teacher.yaml")
+    cfg = type(cfg)(**{**cfg.__dict__, "vocab_size": vocab_size})
+    model = build_model(cfg, seed=7)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    write_checkpoint(state, Config(model=cfg), root, tp=1, pp=1, tag="teacher")
+    return root
+
+
+class Timer:
+    """Runs one arm of one layout through the launcher and reads its timed steps."""
+
+    def __init__(self, launcher: Launcher, work: Path, data_args: list[str], args: argparse.Namespace):
+        self.launcher, self.work, self.data_args, self.args = launcher, work, data_args, args
+
+    def run(self, layout: str, arm: str, repeat: int, ki: list[str]) -> list[dict[str, Any]]:
+        run_dir = self.work / "runs" / f"{layout.split()[0]}_{arm}_{repeat}"
+        if (run_dir / "metrics.jsonl").exists():
+            (run_dir / "metrics.jsonl").unlink()
+        overrides = [*self.data_args, *LAYOUTS[layout], "--train.train_steps", str(self.args.steps)]
+        overrides += [*timing_run_args(run_dir), *ki]
+        self.launcher.train(QUICKSTART / "student.yaml", overrides, run_dir, f"{layout}: {arm} #{repeat}")
+        return timed_train_steps(run_dir, self.args.skip, "bench_ki_overhead")
+
+
+def measure(timer: Timer, layout: str, teacher: Path, repeats: int) -> dict[str, Any]:
+    ki = ["--ki.enabled", "true", "--ki.teacher_path", str(teacher), "--ki.decay_steps", "1000000"]
+    steps: dict[str, list[dict[str, Any]]] = {"scratch": [], "ki": []}
+    for repeat in range(repeats):
+        order = ("scratch", "ki") if repeat % 2 == 0 else ("ki", "scratch")
+        for arm in order:
+            steps[arm] += timer.run(layout, arm, repeat, ki if arm == "ki" else [])
+    ms = {arm: 1000 * statistics.median(r["step_time_s"] for r in recs) for arm, recs in steps.items()}
+    fpt = {arm: statistics.median(r["flops_per_token"] for r in recs) for arm, recs in steps.items()}
+    share = 100.0 * (fpt["ki"] / fpt["scratch"] - 1.0)
+    overhead = 100.0 * (ms["ki"] / ms["scratch"] - 1.0)
+    return {
+        "layout": layout,
+        "scratch_ms": ms["scratch"],
+        "ki_ms": ms["ki"],
+        "overhead_pct": overhead,
+        "flop_share_pct": share,
+        "goal_pct": share + GOAL_POINTS,
+        "meets_goal": overhead <= share + GOAL_POINTS,
+        "steps_timed": len(steps["ki"]),
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/bench_ki_overhead"))
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--skip", type=int, default=5, help="first steps of each run left out")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS))
+    p.add_argument("--repo", type=Path, default=ROOT, help="checkout whose pretrain_ki.py is timed")
+    p.add_argument("--max-docs", type=int, default=0, help="demo-corpus documents (0: all)")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.steps <= args.skip:
+        p.error(f"--steps ({args.steps}) must be larger than --skip ({args.skip})")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    vocab = 4000
+    try:
+        data = prepare_data(None, args.workdir / "data", vocab, max_docs=args.max_docs)
+    except QuickstartError as e:
+        print(f"bench_ki_overhead: {e}", file=sys.stderr)
+        return 1
+    teacher = write_teacher(args.workdir / "teacher", vocab)
+    launcher = Launcher(2, quiet=True, repo=args.repo.resolve())
+    timer = Timer(launcher, args.workdir, [*data.args(), "--logging.tensorboard", "false"], args)
+    before = os.getloadavg()
+    try:
+        rows = [measure(timer, layout, teacher, args.repeats) for layout in args.layouts]
+    except QuickstartError as e:
+        print(f"bench_ki_overhead: {e}", file=sys.stderr)
+        return 1
+    cells = [
+        (
+            r["layout"],
+            f"{r['scratch_ms']:.1f}",
+            f"{r['ki_ms']:.1f}",
+            f"{r['overhead_pct']:+.1f}",
+            f"{r['flop_share_pct']:.1f}",
+            f"{r['goal_pct']:.1f}",
+            "yes" if r["meets_goal"] else "no",
+            str(r["steps_timed"]),
+        )
+        for r in rows
+    ]
+    print("\n".join(table(COLUMNS, cells)))
+    print(f"\nrepo {args.repo}; load average before {load_text(before)}, after {load_text(os.getloadavg())}")
+    if args.json is not None:
+        args.json.write_text(json.dumps({"repo": str(args.repo), "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
