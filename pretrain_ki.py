@@ -171,13 +171,18 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_ki.ki.schedule import build_schedule
     from megatron_ki.ki.teacher import KILossFunction, frozen_teacher
     from megatron_ki.models import build_model
-    from megatron_ki.models.pipe import Companion, build_pipeline_module
+    from megatron_ki.models.pipe import Companion, build_pipeline_module, companion_layers_for
     from megatron_ki.parallel import ParallelGroups, Topology
     from megatron_ki.tensor_parallel import TPRngTracker, seed_everything
     from megatron_ki.training import checkpoint as ckpt
     from megatron_ki.training.ds_config import deepspeed_config, write_deepspeed_config
     from megatron_ki.training.engine import initialize_engine
-    from megatron_ki.training.flops import device_peak_flops, mfu, training_flops_per_token
+    from megatron_ki.training.flops import (
+        device_peak_flops,
+        mfu,
+        pipeline_layer_costs,
+        training_flops_per_token,
+    )
     from megatron_ki.training.loop import Trainer
     from megatron_ki.training.lr import lr_schedule
     from megatron_ki.training.metrics import MetricsWriter, ProgressBar
@@ -213,6 +218,13 @@ def main(argv: list[str] | None = None) -> int:
             rng_tracker=tracker,
             companion=companion,
             device=device,
+            layer_costs=pipeline_layer_costs(
+                cfg.model,
+                cfg.data.seq_length,
+                teacher_cfg,
+                companion_layers_for(cfg.model.num_layers, teacher_cfg.num_layers) if teacher_cfg else None,
+                cfg.parallel.tensor_parallel,
+            ),
         )
     else:
         model = build_model(cfg.model, groups.tp_group, seed=cfg.train.seed, rng_tracker=tracker).to(device)

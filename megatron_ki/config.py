@@ -237,8 +237,10 @@ class ParallelConfig:
     """Tensor-parallel size: heads, FFN and vocabulary are split over this many ranks."""
     pipeline_parallel: int = 1
     """Pipeline stages; the model's layers are divided among them."""
-    pipeline_partition: Literal["parameters", "uniform"] = "parameters"
-    """How DeepSpeed's PipelineModule assigns layers to stages."""
+    pipeline_partition: Literal["parameters", "uniform", "compute"] = "parameters"
+    """How layers are assigned to pipeline stages: DeepSpeed's balance of parameter or layer counts, or
+    compute: balance of each layer's FLOPs (forward + backward; a KI teacher's layers beside it, forward only;
+    the head with the loss over the vocabulary), so the last stage is not the slowest."""
     sequence_parallel: bool = False
     """Reserved for sequence parallelism (shard norms/dropout over the sequence); not implemented yet."""
 

@@ -70,13 +70,14 @@ def _full_name(pipe_name: str, num_layers: int) -> str:
     return f"layers.{idx - 1}.{tail}"
 
 
-def _pipe_worker(rank, world, tp, pp, family, alphas):
+def _pipe_worker(rank, world, tp, pp, family, alphas, partition="parameters"):
     os.environ["DS_ACCELERATOR"] = "cpu"
     from megatron_ki.ki.teacher import KILossFunction
     from megatron_ki.models.pipe import Companion, build_pipeline_module
     from megatron_ki.parallel import ParallelGroups, Topology
     from megatron_ki.training.ds_config import deepspeed_config
     from megatron_ki.training.engine import initialize_engine
+    from megatron_ki.training.flops import pipeline_layer_costs
 
     student_cfg, teacher_cfg = _configs(family)
     cfg = load_config(
@@ -108,8 +109,22 @@ def _pipe_worker(rank, world, tp, pp, family, alphas):
     groups = ParallelGroups.build(Topology.from_world(world, tp=tp, pp=pp))
     companion = Companion(teacher_cfg, seed=11, dtype="float32")
     loss_fn = KILossFunction(KIConfig(enabled=True, teacher=teacher_cfg, temperature=2.0), groups.tp_group)
+    costs = pipeline_layer_costs(
+        student_cfg,
+        SEQ,
+        teacher_cfg,
+        companion_layers_for(student_cfg.num_layers, teacher_cfg.num_layers),
+        tp,
+    )
     module = build_pipeline_module(
-        student_cfg, groups.topology, groups, seed=7, loss_fn=loss_fn, companion=companion
+        student_cfg,
+        groups.topology,
+        groups,
+        seed=7,
+        loss_fn=loss_fn,
+        companion=companion,
+        partition_method=partition,
+        layer_costs=costs,
     )
     engine = initialize_engine(cfg, module, groups, deepspeed_config(cfg, world))
 
@@ -147,6 +162,7 @@ def _pipe_worker(rank, world, tp, pp, family, alphas):
         "state_keys": list(module.state_dict().keys()),
         "tp_rank": groups.tp_rank,
         "pp_rank": groups.pp_rank,
+        "parts": [int(x) for x in module.parts],
     }
 
 
@@ -168,10 +184,23 @@ def _assemble(results):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("world,tp,pp,family", [(2, 1, 2, "gpt2"), (2, 1, 2, "roberta"), (4, 2, 2, "gpt2")])
-def test_teacher_in_pipeline_stages(world, tp, pp, family):
+@pytest.mark.parametrize(
+    "world,tp,pp,family,partition",
+    [
+        (2, 1, 2, "gpt2", "parameters"),
+        (2, 1, 2, "roberta", "parameters"),
+        (4, 2, 2, "gpt2", "parameters"),
+        (2, 1, 2, "gpt2", "compute"),
+    ],
+)
+def test_teacher_in_pipeline_stages(world, tp, pp, family, partition):
+    """Any split of the layers over the stages (DeepSpeed's by parameters, or by compute, where the head
+    and the teacher's work weigh in) gives the single-process loss and gradients."""
     ref_loss, ref_teacher_loss, ref_grads = _reference(family)
-    results = run_distributed(_pipe_worker, world, args=(tp, pp, family, [ALPHA, ALPHA, 0.0, 0.0]))
+    results = run_distributed(_pipe_worker, world, args=(tp, pp, family, [ALPHA, ALPHA, 0.0, 0.0], partition))
+    if partition == "compute":  # the head (with the teacher's head and the KL) gets a stage to itself
+        student_cfg, _ = _configs(family)
+        assert results[0]["parts"] == [0, student_cfg.num_layers + 1, student_cfg.num_layers + 2]
     for res in results:
         assert res["losses"][0] == pytest.approx(ref_loss, rel=1e-5)
         assert res["losses"][2] != pytest.approx(res["losses"][1])

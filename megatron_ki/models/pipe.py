@@ -19,6 +19,7 @@ framework's embedding group (Megatron's scheme) through ``get_tied_weights_and_g
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,8 @@ from megatron_ki.tensor_parallel import TPRngTracker
 
 from . import build_model
 from .transformer import DTYPES, TransformerLanguageModel
+
+logger = logging.getLogger("megatron_ki")
 
 
 def companion_layers_for(student_layers: int, companion_layers: int) -> list[list[int]]:
@@ -273,9 +276,14 @@ def build_pipeline_module(
     rng_tracker: TPRngTracker | None = None,
     companion: Companion | None = None,
     device: torch.device | str | None = None,
+    layer_costs: list[float] | None = None,
 ):
     """A DeepSpeed ``PipelineModule`` over ``topology`` (``megatron_ki.parallel.Topology``) whose tied
-    embedding gradients are all-reduced over ``groups.embedding``."""
+    embedding gradients are all-reduced over ``groups.embedding``.
+
+    ``partition_method`` "compute" splits the layers so each stage gets about the same ``layer_costs`` (one per
+    pipeline layer, e.g. ``training.flops.pipeline_layer_costs``: the head and a teacher's work count); the
+    others are DeepSpeed's own ("parameters", "uniform")."""
     import deepspeed
     import torch.distributed as dist
     from deepspeed.pipe import PipelineModule
@@ -283,6 +291,11 @@ def build_pipeline_module(
     if not deepspeed.comm.is_initialized():  # DeepSpeed's comm layer over the existing torch process group
         deepspeed.init_distributed(dist_backend=dist.get_backend())
     release_deepspeed_shm()
+    if partition_method == "compute" and (layer_costs is None or len(layer_costs) != cfg.num_layers + 2):
+        raise ValueError(
+            f"pipeline partition 'compute' needs one cost per pipeline layer ({cfg.num_layers + 2}), "
+            f"got {None if layer_costs is None else len(layer_costs)}"
+        )
 
     class KIPipelineModule(PipelineModule):
         def __init__(self):
@@ -308,6 +321,21 @@ def build_pipeline_module(
                     p.model_parallel = True
             self.tied_embedding = tied
             self.companion = companion
+
+        def _partition_layers(self, method="uniform"):
+            # DeepSpeed balances parameter counts or layer counts only; a stage holding the head (and the
+            # teacher's head and the divergence) then takes far longer than the others. DeepSpeed's own
+            # balanced partitioner over our per-layer costs, then its bounds, as its method would set them.
+            if method != "compute":
+                return super()._partition_layers(method)
+            from deepspeed.runtime import utils as ds_utils
+
+            self.parts = ds_utils.partition_balanced(weights=layer_costs, num_parts=self.num_stages)
+            stage = self._topo.get_coord(self.global_rank).pipe
+            if self.global_rank == 0:
+                spans = [f"{self.parts[i]}-{self.parts[i + 1] - 1}" for i in range(self.num_stages)]
+                logger.info("pipeline stages by compute: layers %s of %d", ", ".join(spans), len(layer_costs))
+            self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
 
         def get_tied_weights_and_groups(self):
             return super().get_tied_weights_and_groups() + [

@@ -169,3 +169,40 @@ def mfu(
     if num_devices < 1:
         raise ValueError(f"num_devices must be >= 1, got {num_devices}")
     return tokens_per_s * flops_per_token / (peak_flops * num_devices)
+
+
+ELEMENTWISE_FLOPS_PER_LOGIT = 100.0
+"""What one elementwise pass over a logit (exp, max, sum, scale) costs, expressed in matmul FLOPs; measured
+on the CPU (benchmarks/RESULTS.md, "KI step overhead"): the LM cross-entropy's ~4 passes took a quarter of
+a hidden-256 head's forward + backward. Only used to weigh pipeline stages, never in reported FLOPs."""
+
+
+def pipeline_layer_costs(
+    student: ModelConfig,
+    seq_length: int,
+    teacher: ModelConfig | None = None,
+    companion_layers: list[list[int]] | None = None,
+    tp: int = 1,
+) -> list[float]:
+    """Per-token cost of each pipeline layer ``[embedding, block 0..L-1, head]`` for a compute-balanced split.
+
+    Student layers count forward + backward (x3), the teacher's layers beside them (``companion_layers[i]``
+    runs beside block ``i``) forward only, and the head also carries the loss: the LM cross-entropy and,
+    with a teacher, its head and the divergence (elementwise passes over the vocabulary that the matmul count
+    leaves out, yet on a small model they weigh like a layer). Embedding lookups count 0.
+    """
+    vocab = student.padded_vocab_size(tp)
+    block = 3.0 * _layer_forward_flops(student, seq_length, False)
+    costs = [0.0] + [block] * student.num_layers
+    head = 3.0 * 2 * student.hidden_size * vocab + 4 * ELEMENTWISE_FLOPS_PER_LOGIT * vocab
+    if not student.causal:
+        head += 3.0 * 2 * student.hidden_size**2
+    if teacher is not None:
+        beside = companion_layers or [[] for _ in range(student.num_layers)]
+        teacher_layer = _layer_forward_flops(teacher, seq_length, False)
+        for i, layers in enumerate(beside):
+            costs[1 + i] += len(layers) * teacher_layer
+        head += 2 * teacher.hidden_size * vocab + 6 * ELEMENTWISE_FLOPS_PER_LOGIT * vocab
+        if not teacher.causal:
+            head += 2 * teacher.hidden_size**2
+    return [*costs, head]
