@@ -1,8 +1,8 @@
 """KI convergence at CPU scale: does a larger student reach its from-scratch loss sooner with a smaller teacher?
 
 For each family, GPT (causal LM) and RoBERTa (MLM, the paper's setting), on the same data:
-1. a small teacher (2 layers, hidden 128) is trained first;
-2. a student 2-4x its size (4 layers, hidden 256) is trained from scratch and with KI (a_t linear from 1 to 0
+1. a small teacher (3 layers, hidden 128, 1.1M parameters with a 4,000 vocabulary) is trained first;
+2. a student 3.8x its size (4 layers, hidden 256, 4.2M) is trained from scratch and with KI (a_t linear from 1 to 0
    over the first half of the student's steps, temperature 1), with ``--seeds`` seeds per arm: the seed sets
    initialisation and dropout; the data order is the same in every run;
 3. (GPT, first seed) the paper's ablation of a_t with the same T_ki: step (KD then LM), constant 0.5 (the
@@ -71,7 +71,7 @@ class Scale:
 
 
 FULL = Scale(
-    teacher={"num_layers": 2, "hidden_size": 128, "num_attention_heads": 4, "ffn_hidden_size": 512},
+    teacher={"num_layers": 3, "hidden_size": 128, "num_attention_heads": 4, "ffn_hidden_size": 512},
     student={"num_layers": 4, "hidden_size": 256, "num_attention_heads": 4, "ffn_hidden_size": 1024},
     seq_length=128,
     micro_batch=8,

@@ -6,10 +6,10 @@
 
 Every training run goes through ``launch/pretrain_ki.sh`` (the ``deepspeed`` launcher; on a machine without
 GPUs DeepSpeed's CPU accelerator with gloo) with 2 ranks; the student runs on two pipeline stages with the
-teacher inside them. The teacher (GPT-2-style, 2 layers, hidden 128) is trained first for as many steps as the
-students; the student (4 layers, hidden 256, about 3.5x the teacher's non-embedding FLOPs) is trained twice on
-the same data order: from scratch, and with Knowledge Inheritance (KD weight a_t decaying linearly from 1 to 0
-over the first half of its steps, temperature 1). The design and what other settings gave are in
+teacher inside them. The teacher (GPT-2-style, 2 layers, hidden 128, 0.9M parameters) is trained first for
+600 steps; the student (4 layers, hidden 256, 4.2M parameters, 4.6x the teacher's FLOPs per token) is trained
+twice for 400 steps on the same data order: from scratch, and with Knowledge Inheritance (KD weight a_t
+decaying linearly from 1 to 0 over the first half of its steps, temperature 1). The design and what other settings gave are in
 benchmarks/RESULTS.md ("KI quickstart"). At the end it prints the KI report (tools/ki_report.py) and writes
 ``<work>/ki_report.md`` and ``<work>/ki_report.png``.
 """
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         "--corpus", type=Path, help="directory or file of .txt/.jsonl (default: embedded corpus)"
     )
     parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "quickstart")
-    parser.add_argument("--teacher-steps", type=int, default=400)
+    parser.add_argument("--teacher-steps", type=int, default=600)
     parser.add_argument("--student-steps", type=int, default=400)
     parser.add_argument(
         "--ki-steps", type=int, default=None, help="T_ki: steps of linear decay of a_t to 0 (default: half)"
