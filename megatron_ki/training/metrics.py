@@ -4,8 +4,11 @@
 ...}``, flushed per line so a crash keeps everything logged before it. Field names the tools understand:
 ``split`` (absent means train; ``valid``/``test`` for evaluations), ``lm_loss``, ``kd_loss``, ``loss``,
 ``alpha``, ``lr``, ``consumed_tokens`` (cumulative), ``flops_per_token``, ``flops`` (cumulative training
-FLOPs, teacher forward included while KI is on), ``tokens_per_s``, ``step_time_s``, ``mfu``, and rank 0's
-``peak_gpu_memory_gib`` (GPU) or ``peak_rss_gib`` (CPU).
+FLOPs, teacher forward included while KI is on), ``tokens_per_s``, ``step_time_s``, ``train_time_s``
+(cumulative step seconds), ``elapsed_s`` (seconds since the loop started, evaluations included), ``mfu``, and
+rank 0's ``peak_gpu_memory_gib`` (GPU) or ``peak_rss_gib`` (CPU). Evaluation records add ``perplexity`` and
+``teacher_lm_loss`` (the teacher on the same validation tokens, kept after it is released) and are
+token-weighted means over the same samples at every evaluation unless ``train.eval_samples`` is continuing.
 """
 
 from __future__ import annotations

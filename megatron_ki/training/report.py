@@ -654,6 +654,14 @@ def _verdict(r: KIReport) -> str:
         )
         head = "KI costs more: it reached" if r.ki_hit.step > r.scratch_hit.step else "KI reached"
         text = f"{head} {what} at step {r.ki_hit.step}, scratch at step {r.scratch_hit.step}: {changes}."
+    if r.teacher_level is not None:
+        when = {None: "not within the run"}
+        ki_when = when.get(r.ki_overtake_step, f"at step {r.ki_overtake_step}")
+        scratch_when = when.get(r.scratch_overtake_step, f"at step {r.scratch_overtake_step}")
+        text += (
+            f" The KI student went below its teacher's {r.metric} ({r.teacher_level:.4f}) {ki_when}; "
+            f"the scratch student {scratch_when}."
+        )
     if r.provisional:
         going = "; ".join(p.describe() for p in r.unfinished)
         text += f" Provisional: in progress ({going}), so these numbers will change."
