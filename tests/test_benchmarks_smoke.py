@@ -266,3 +266,35 @@ def test_bench_ki_convergence_claims_and_order() -> None:
     assert "holds here; first vs second 0.2000, by more than" in bench.paper_order(ablation, 0.1)
     ablation[0]["final"] = 4.3
     assert "does not hold" in bench.paper_order(ablation, 0.1)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(not HAS_LAUNCHER, reason="the deepspeed launcher is not installed")
+def test_bench_ki_overhead_tiny(tmp_path: Path) -> None:
+    """The quickstart layout, scratch and KI, 3 steps each: the table is the runs' own step times."""
+    out, work = tmp_path / "overhead.json", tmp_path / "work"
+    stdout = _run(
+        [str(BENCH / "bench_ki_overhead.py"), "--layouts", "quickstart (pp=2)", "--steps", "3", "--skip", "1",
+         "--repeats", "1", "--max-docs", "300", "--workdir", str(work), "--json", str(out)],
+        timeout=280,
+    )  # fmt: skip
+    header, rows = _table(stdout)
+    assert header[:4] == ["layout", "scratch step ms", "KI step ms", "overhead %"]
+    assert [r[0] for r in rows] == ["quickstart (pp=2)"]
+    (row,) = json.loads(out.read_text())["rows"]
+    steps = {}
+    for arm in ("scratch", "ki"):
+        lines = (work / "runs" / f"quickstart_{arm}_0" / "metrics.jsonl").read_text().splitlines()
+        records = [json.loads(x) for x in lines]
+        assert [r["step"] for r in records] == [1, 2, 3]
+        assert all((r["kd_loss"] is not None) == (arm == "ki") for r in records)
+        steps[arm] = records
+    assert row["scratch_ms"] == pytest.approx(
+        1e3 * (steps["scratch"][1]["step_time_s"] + steps["scratch"][2]["step_time_s"]) / 2
+    )
+    assert row["overhead_pct"] == pytest.approx(100 * (row["ki_ms"] / row["scratch_ms"] - 1))
+    ratio = steps["ki"][-1]["flops_per_token"] / steps["scratch"][-1]["flops_per_token"]
+    assert row["flop_share_pct"] == pytest.approx(100 * (ratio - 1)) and row["flop_share_pct"] > 0
+    assert row["meets_goal"] == (row["overhead_pct"] <= row["flop_share_pct"] + 10)

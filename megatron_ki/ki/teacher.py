@@ -56,7 +56,12 @@ def check_teacher_fits(
             f"teacher pad_token_id {teacher.pad_token_id} differs from the student's {student.pad_token_id}: the "
             "teacher's RoBERTa positions (from pad_token_id + 1) would not skip the shared tokenizer's padding"
         )
-    if seq_length is not None and seq_length - 1 + teacher.position_id_offset >= teacher.position_table_size:
+    learned = teacher.position_embedding == "learned"  # rotary positions have no table to run past
+    if (
+        learned
+        and seq_length is not None
+        and seq_length - 1 + teacher.position_id_offset >= teacher.position_table_size
+    ):
         raise TeacherError(
             f"data.seq_length {seq_length} is longer than the teacher's max_position_embeddings "
             f"{teacher.max_position_embeddings} (a {teacher.position_table_size}-row position table"
