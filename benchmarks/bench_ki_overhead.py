@@ -14,7 +14,8 @@ jobs hits both alike; the table shows the median step time after ``--skip`` step
     python benchmarks/bench_ki_overhead.py --repo /tmp/old-checkout     # time another checkout's pretrain_ki.py
 
 ``--repo`` runs another checkout's ``launch/pretrain_ki.sh`` and ``pretrain_ki.py`` (same configs and data), so
-one script measures before and after a change. Prints a markdown table; ``--json`` writes it.
+one script measures before and after a change; ``--partition parameters`` times the pipeline split by
+DeepSpeed's parameter balance instead of the quickstart's compute balance. Prints a markdown table; ``--json`` writes it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -43,17 +45,25 @@ COLUMNS = (
 )  # fmt: skip
 
 
-def write_teacher(root: Path, vocab_size: int) -> Path:
-    """A randomly initialised teacher of the quickstart's shape, as a framework checkpoint."""
-    from megatron_ki.config import Config, model_config_from_yaml
-    from megatron_ki.convert.reshard import write_checkpoint
-    from megatron_ki.models import build_model
+TEACHER_CODE = """
+import sys
+from pathlib import Path
+from megatron_ki.config import Config, model_config_from_yaml
+from megatron_ki.convert.reshard import write_checkpoint
+from megatron_ki.models import build_model
+cfg = model_config_from_yaml(sys.argv[1])
+cfg = type(cfg)(**{**cfg.__dict__, "vocab_size": int(sys.argv[3])})
+state = {k: v.detach().clone() for k, v in build_model(cfg, seed=7).state_dict().items()}
+write_checkpoint(state, Config(model=cfg), Path(sys.argv[2]), tp=1, pp=1, tag="teacher")
+"""
 
-    cfg = model_config_from_yaml(QUICKSTART / "teacher.yaml")
-    cfg = type(cfg)(**{**cfg.__dict__, "vocab_size": vocab_size})
-    model = build_model(cfg, seed=7)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    write_checkpoint(state, Config(model=cfg), root, tp=1, pp=1, tag="teacher")
+
+def write_teacher(root: Path, vocab_size: int, repo: Path) -> Path:
+    """A randomly initialised teacher of the quickstart's shape, written by ``repo``'s own code (so the timed
+    checkout can read its checkpoint format)."""
+    cmd = [sys.executable, "-c", TEACHER_CODE, str(QUICKSTART / "teacher.yaml"), str(root), str(vocab_size)]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    subprocess.run(cmd, cwd=repo, env=env, check=True, capture_output=True)
     return root
 
 
@@ -68,6 +78,8 @@ class Timer:
         if (run_dir / "metrics.jsonl").exists():
             (run_dir / "metrics.jsonl").unlink()
         overrides = [*self.data_args, *LAYOUTS[layout], "--train.train_steps", str(self.args.steps)]
+        if self.args.partition is not None:
+            overrides += ["--parallel.pipeline_partition", self.args.partition]
         overrides += [*timing_run_args(run_dir), *ki]
         self.launcher.train(QUICKSTART / "student.yaml", overrides, run_dir, f"{layout}: {arm} #{repeat}")
         return timed_train_steps(run_dir, self.args.skip, "bench_ki_overhead")
@@ -104,6 +116,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS))
     p.add_argument("--repo", type=Path, default=ROOT, help="checkout whose pretrain_ki.py is timed")
+    p.add_argument(
+        "--partition", default=None, help="parallel.pipeline_partition for every run (default: the config's)"
+    )
     p.add_argument("--max-docs", type=int, default=0, help="demo-corpus documents (0: all)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -120,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     except QuickstartError as e:
         print(f"bench_ki_overhead: {e}", file=sys.stderr)
         return 1
-    teacher = write_teacher(args.workdir / "teacher", vocab)
+    teacher = write_teacher(args.workdir / "teacher", vocab, args.repo.resolve())
     launcher = Launcher(2, quiet=True, repo=args.repo.resolve())
     timer = Timer(launcher, args.workdir, [*data.args(), "--logging.tensorboard", "false"], args)
     before = os.getloadavg()
@@ -145,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(table(COLUMNS, cells)))
     print(f"\nrepo {args.repo}; load average before {load_text(before)}, after {load_text(os.getloadavg())}")
     if args.json is not None:
-        args.json.write_text(json.dumps({"repo": str(args.repo), "rows": rows}, indent=2) + "\n")
+        result = {"repo": str(args.repo), "partition": args.partition, "rows": rows}
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 
