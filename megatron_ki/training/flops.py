@@ -171,10 +171,13 @@ def mfu(
     return tokens_per_s * flops_per_token / (peak_flops * num_devices)
 
 
-ELEMENTWISE_FLOPS_PER_LOGIT = 100.0
-"""What one elementwise pass over a logit (exp, max, sum, scale) costs, expressed in matmul FLOPs; measured
-on the CPU (benchmarks/RESULTS.md, "KI step overhead"): the LM cross-entropy's ~4 passes took a quarter of
-a hidden-256 head's forward + backward. Only used to weigh pipeline stages, never in reported FLOPs."""
+LM_LOSS_FLOPS_PER_LOGIT = 150.0
+"""The LM cross-entropy's forward + backward per logit, in matmul-FLOP equivalents: on the CPU it takes about a
+tenth of a hidden-256 head's matmul forward + backward (benchmarks/bench_loss_parts.py, RESULTS.md). Only used
+to weigh pipeline stages, never in reported FLOPs."""
+KD_FLOPS_PER_LOGIT = 350.0
+"""The divergence's forward + backward per logit beyond the LM loss (both softmaxes and the KL gradient), in
+the same units, from the same benchmark."""
 
 
 def pipeline_layer_costs(
@@ -194,7 +197,7 @@ def pipeline_layer_costs(
     vocab = student.padded_vocab_size(tp)
     block = 3.0 * _layer_forward_flops(student, seq_length, False)
     costs = [0.0] + [block] * student.num_layers
-    head = 3.0 * 2 * student.hidden_size * vocab + 4 * ELEMENTWISE_FLOPS_PER_LOGIT * vocab
+    head = 3.0 * 2 * student.hidden_size * vocab + LM_LOSS_FLOPS_PER_LOGIT * vocab
     if not student.causal:
         head += 3.0 * 2 * student.hidden_size**2
     if teacher is not None:
@@ -202,7 +205,7 @@ def pipeline_layer_costs(
         teacher_layer = _layer_forward_flops(teacher, seq_length, False)
         for i, layers in enumerate(beside):
             costs[1 + i] += len(layers) * teacher_layer
-        head += 2 * teacher.hidden_size * vocab + 6 * ELEMENTWISE_FLOPS_PER_LOGIT * vocab
+        head += 2 * teacher.hidden_size * vocab + KD_FLOPS_PER_LOGIT * vocab
         if not teacher.causal:
             head += 2 * teacher.hidden_size**2
     return [*costs, head]
