@@ -594,3 +594,72 @@ def test_lazy_full_state_equals_load_full_state(hf_dirs, tmp_path, tp, pp):
     for k, v in full.items():
         torch.testing.assert_close(lazy[k], v, rtol=0, atol=0, msg=k)
     assert seen == list(full)
+
+
+# ------------------------------------------------------------------------- tensors the mapping would drop
+def _with_tensors(src: Path, dst: Path, extra: dict[str, torch.Tensor]) -> Path:
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(src, dst)
+    save_file({**hf_tensors(src), **extra}, dst / "model.safetensors")
+    return dst
+
+
+def test_unmapped_hf_tensors_are_refused(hf_dirs, tmp_path, capsys):
+    """Qwen2-style q/k/v biases under a Llama config.json without attention_bias: refused, not dropped."""
+    src, _ = hf_dirs["llama"]
+    biases = {
+        f"model.layers.{i}.self_attn.{x}_proj.bias": torch.ones(n)
+        for i in range(2)
+        for x, n in (("q", 32), ("k", 16), ("v", 16))
+    }
+    qwen = _with_tensors(src, tmp_path / "qwen", biases)
+    argv = ["--from", "hf", "--load", str(qwen), "--save", str(tmp_path / "out")]
+    assert cc.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "6 Hugging Face tensor(s) that the llama mapping of config.json does not use" in err, err
+    assert "model.layers.0.self_attn.k_proj.bias" in err and "(6 in all)" in err, err
+    assert_no_leftovers(tmp_path, "out")
+    with pytest.raises(ValueError, match="q_proj.bias"):
+        open_hf_model(qwen, make_vocab_size_divisible_by=16)
+
+
+def test_derivable_buffers_and_unused_heads_are_accepted(hf_dirs, tmp_path, caplog):
+    """Buffers a model recomputes (rotary inv_freq, GPT-2's causal mask, position ids) are skipped; the
+    pooler and next-sentence head of a BertForPreTraining checkpoint are dropped with a warning."""
+    llama = _with_tensors(
+        hf_dirs["llama"][0],
+        tmp_path / "llama",
+        {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.ones(4) for i in range(2)},
+    )
+    gpt2 = _with_tensors(
+        hf_dirs["gpt2"][0],
+        tmp_path / "gpt2",
+        {
+            "transformer.h.0.attn.bias": torch.ones(1, 1, 4, 4),
+            "transformer.h.0.attn.masked_bias": torch.ones(()),
+        },
+    )
+    bert = _with_tensors(
+        hf_dirs["bert"][0],
+        tmp_path / "bert",
+        {
+            "bert.embeddings.position_ids": torch.arange(32)[None],
+            "bert.pooler.dense.weight": torch.ones(32, 32),
+            "bert.pooler.dense.bias": torch.ones(32),
+            "cls.seq_relationship.weight": torch.ones(2, 32),
+            "cls.seq_relationship.bias": torch.ones(2),
+        },
+    )
+    for src in (llama, gpt2, bert):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            cc.import_hf(src, tmp_path / f"{src.name}_ckpt", progress=False)
+        dropped = [r.getMessage() for r in caplog.records if "dropping" in r.getMessage()]
+        if src is bert:
+            assert len(dropped) == 1 and "4 tensor(s)" in dropped[0] and "cls.seq_relationship" in dropped[0]
+        else:
+            assert dropped == []

@@ -133,7 +133,9 @@ def test_unknown_dtype_code(good):
 def test_bin_size_mismatch(good):
     with open(good + ".bin", "ab") as f:
         f.write(b"\x00\x00")
-    with pytest.raises(IndexedDatasetError, match=r"g\.bin: size 14 bytes does not match the index"):
+    with pytest.raises(
+        IndexedDatasetError, match=r"g\.bin: size 14 bytes does not match the index .*g\.idx.*not one pair"
+    ):
         IndexedDataset(good)
 
 
@@ -177,3 +179,183 @@ def test_merge_rejects_mixed_dtypes(tmp_path):
     with pytest.raises(ValueError, match=r"b\.idx: dtype int32 differs"):
         merge_datasets([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "c"))
     assert not (tmp_path / "c.idx").exists() and not (tmp_path / "c.bin").exists()
+
+
+# ------------------------------------------------------------------ temporary files and publication
+def _dead_pid() -> int:
+    """The PID of a process that has exited (and been reaped)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_stale_temp_files_of_dead_writers_are_removed(tmp_path):
+    """A new writer of a prefix removes what killed writers of that prefix left, nothing of anyone else."""
+    import subprocess
+    import sys
+
+    dead = _dead_pid()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = [  # this host's dead writer, and the names of earlier versions (no host)
+            f"ds.bin{ix.temp_tag(dead)}",
+            f"ds.idx{ix.temp_tag(dead)}",
+            f"ds.idx{ix.temp_tag(dead)}.lengths",
+            f"ds.idx{ix.temp_tag(dead)}.docs",
+        ]
+        kept = [
+            f"ds.bin{ix.temp_tag(live.pid)}",  # a live writer
+            f"ds.idx{ix.temp_tag(live.pid)}.docs",
+            f"ds.bin{ix.temp_tag(dead, host='other-node')}",  # a writer on another host: cannot be checked
+            f"ds2.bin{ix.temp_tag(dead)}",  # another prefix
+            f"ds.part000.bin{ix.temp_tag(dead)}",
+            f"ds.bin.tmp-{dead}.bak",  # not a name the builder writes
+        ]
+        for name in stale + kept:
+            (tmp_path / name).write_bytes(b"x")
+        _write(str(tmp_path / "ds"), [[[1, 2]]])
+        assert sorted(os.listdir(tmp_path)) == sorted([*kept, "ds.bin", "ds.idx"])
+        assert IndexedDataset(str(tmp_path / "ds"))[0].tolist() == [1, 2]
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_stale_temp_files_of_earlier_versions_are_removed(tmp_path):
+    """Names without a host (``.tmp-PID``, as written before) are this host's: removed once the PID is gone."""
+    import subprocess
+    import sys
+
+    dead = _dead_pid()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = [
+            f"ds.bin.tmp-{dead}",
+            f"ds.idx.tmp-{dead}",
+            f"ds.idx.tmp-{dead}.lengths",
+            f"ds.idx.tmp-{dead}.docs",
+        ]
+        kept = [f"ds.bin.tmp-{live.pid}", f"ds.idx.tmp-{live.pid}.docs", f"other.bin.tmp-{dead}"]
+        for name in stale + kept:
+            (tmp_path / name).write_bytes(b"x")
+        _write(str(tmp_path / "ds"), [[[1, 2]]])
+        assert sorted(os.listdir(tmp_path)) == sorted([*kept, "ds.bin", "ds.idx"])
+    finally:
+        live.kill()
+        live.wait()
+
+
+class _FullDisk:
+    """A file whose writes and final flush fail as on a full disk."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, data):
+        raise OSError(28, "No space left on device")
+
+    def flush(self):
+        raise OSError(28, "No space left on device")
+
+    def fileno(self):
+        return self.f.fileno()
+
+    def close(self):
+        self.f.close()
+        raise OSError(28, "No space left on device")
+
+
+def test_disk_full_leaves_no_temp_files(tmp_path):
+    prefix = str(tmp_path / "x")
+    with pytest.raises(OSError, match="No space"), IndexedDatasetBuilder(prefix, np.uint16) as b:
+        b._bin = _FullDisk(b._bin)
+        b.add_item([1, 2, 3])
+    assert os.listdir(tmp_path) == []
+
+
+def test_failed_finalize_leaves_no_temp_files_and_keeps_the_old_dataset(tmp_path, monkeypatch):
+    prefix = str(tmp_path / "x")
+    _write(prefix, [[[7, 8, 9]]])
+    before = {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)}
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ix.shutil, "copyfileobj", full)  # writing the new index fails
+    with pytest.raises(OSError, match="No space"):
+        _write(prefix, [[[1, 2]]])
+    assert {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)} == before
+
+
+def _pair(prefix: str, which: int) -> None:
+    """Pair A (which=1): lengths [3, 5], all tokens 1; pair B (which=2): lengths [5, 3], all tokens 2.
+    Same file sizes, so only the order of publication and the reader's checks keep them apart."""
+    lengths = [3, 5] if which == 1 else [5, 3]
+    with IndexedDatasetBuilder(prefix, np.uint16) as b:
+        for n in lengths:
+            b.add_document([which] * n)
+
+
+def _consistent(ds: IndexedDataset) -> bool:
+    which = 1 if int(ds.sizes[0]) == 3 else 2
+    return all(set(ds[i].tolist()) == {which} for i in range(len(ds)))
+
+
+def test_publication_removes_the_old_index_before_the_new_bin(tmp_path, monkeypatch):
+    """Between the two renames a reader must find no index rather than the old index beside the new .bin."""
+    prefix = str(tmp_path / "p")
+    _pair(prefix, 1)
+    seen = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if os.fspath(dst).endswith(".bin"):
+            seen.append(os.path.exists(prefix + ".idx"))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ix.os, "replace", replace)
+    _pair(prefix, 2)
+    assert seen == [False], "the old .idx was still there when the new .bin was published"
+    assert _consistent(IndexedDataset(prefix)) and IndexedDataset(prefix)[0].tolist() == [2] * 5
+
+
+def test_reader_never_pairs_an_index_with_another_bin(tmp_path, monkeypatch):
+    """A writer publishes a new pair while a reader is opening the old one (between its index and .bin):
+    the reader ends up with one consistent pair, never the old index over the new tokens."""
+    prefix = str(tmp_path / "p")
+    _pair(prefix, 1)
+    real_memmap = np.memmap
+    calls = []
+
+    def memmap(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the reader has mapped the index, not yet the data: publish pair B now
+            monkeypatch.setattr(ix.np, "memmap", real_memmap)
+            _pair(prefix, 2)
+        return real_memmap(*args, **kwargs)
+
+    monkeypatch.setattr(ix.np, "memmap", memmap)
+    ds = IndexedDataset(prefix)
+    assert len(calls) == 2
+    assert _consistent(ds), (ds.sizes.tolist(), [ds[i].tolist() for i in range(len(ds))])
+
+
+def test_reader_opens_again_when_the_pair_is_replaced_while_opening(tmp_path, monkeypatch):
+    prefix = str(tmp_path / "p")
+    _pair(prefix, 1)
+    real_open = open
+    state = {"done": False}
+
+    def hooked_open(path, *args, **kwargs):
+        if not state["done"] and os.fspath(path).endswith(".bin") and "r" in (args[0] if args else "r"):
+            state["done"] = True  # the reader holds the old index: a writer publishes pair B
+            _pair(prefix, 2)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(ix, "open", hooked_open, raising=False)
+    ds = IndexedDataset(prefix)
+    assert state["done"]
+    assert _consistent(ds) and ds[0].tolist() == [2] * 5

@@ -5,8 +5,10 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -418,3 +420,207 @@ def test_build_demo_corpus_is_deterministic(tmp_path):
     docs = [json.loads(x) for x in outs[0].decode().splitlines()]
     assert len(docs) == 300 and all(len(d["text"]) >= 64 and d["source"] for d in docs)
     assert np.mean([len(d["text"]) for d in docs]) > 100
+
+
+# ------------------------------------------------------------------ failures keep what exists
+@pytest.mark.parametrize("partitions", [1, 2])
+def test_no_documents_keeps_the_existing_dataset(assets, tmp_path, capsys, partitions):
+    out = str(tmp_path / "o" / "x")
+    assert preprocess_main(_sp_args(assets, out)) == 0
+    before = {n: (tmp_path / "o" / n).read_bytes() for n in _outputs(tmp_path / "o")}
+    assert sorted(before) == ["x_text_document.bin", "x_text_document.idx"]
+    blanks = []
+    for i in range(partitions):
+        blank = tmp_path / f"blank{i}.jsonl"
+        blank.write_text(json.dumps({"text": ""}) + "\n")
+        blanks.append(str(blank))
+    argv = _sp_args(assets, out, "--partitions", str(partitions))
+    argv[argv.index("--input") + 1 : argv.index("--input") + 2] = blanks
+    capsys.readouterr()
+    assert preprocess_main(argv) == 1
+    assert "no non-empty documents found" in capsys.readouterr().err
+    assert {n: (tmp_path / "o" / n).read_bytes() for n in _outputs(tmp_path / "o")} == before
+
+
+def test_rerun_after_kill_removes_stale_temp_files(assets, tmp_path):
+    """kill -9 leaves temporary files (nothing can remove them then); the next run of the prefix does."""
+    big = tmp_path / "big.jsonl"
+    big.write_text(Path(assets["corpus"]).read_text() * 300)
+    out_dir = tmp_path / "out"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.join(ROOT, "tools/preprocess_data.py"),
+            *_sp_args({**assets, "corpus": str(big)}, str(out_dir / "x")),
+            "--chunk-lines",
+            "8",
+            "--log-interval",
+            "100",
+        ],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    assert "docs/s" in proc.stderr.readline()  # the run is under way: its temporary files exist
+    proc.kill()
+    proc.communicate(timeout=60)
+    left = _outputs(out_dir)
+    assert left and all(f".tmp-{proc.pid}" in n for n in left), left
+    assert preprocess_main(_sp_args(assets, str(out_dir / "x"))) == 0
+    assert _outputs(out_dir) == ["x_text_document.bin", "x_text_document.idx"]
+
+
+def test_json_error_says_at_column_once():
+    from megatron_ki.data.corpus import parse_json_line
+
+    for raw in (b'{"text": "broken', b'{"text": "a\x01b"}', b"{bad"):
+        texts, reason = parse_json_line(raw, ["text"])
+        assert texts is None and "at at" not in reason and " at column " in reason, reason
+    assert parse_json_line(b'{"text": "broken', ["text"])[1] == (
+        "not valid JSON (Unterminated string starting at column 10)"
+    )
+
+
+# ------------------------------------------------------------------ merge_datasets.py refusals
+def _merge_tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "merge_datasets", os.path.join(ROOT, "tools/merge_datasets.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_merge_tool_names_the_missing_file(tmp_path, capsys):
+    from megatron_ki.data.indexed import IndexedDatasetBuilder
+
+    for name in ("a", "b"):
+        with IndexedDatasetBuilder(str(tmp_path / name), np.uint16) as b:
+            b.add_document([1, 2, 3])
+    merge = _merge_tool()
+    out = ["--output-prefix", str(tmp_path / "ab")]
+    (tmp_path / "b.idx").unlink()
+    assert merge(["--input", str(tmp_path / "a"), str(tmp_path / "b"), *out]) == 1
+    err = capsys.readouterr().err.strip()
+    assert (
+        err
+        == f"error: dataset {tmp_path / 'b'}: {tmp_path / 'b.idx'} not found ({tmp_path / 'b.bin'} is there; expected both files)"
+    )
+    (tmp_path / "a.bin").unlink()
+    assert merge(["--input", str(tmp_path / "a"), *out]) == 1
+    assert f"{tmp_path / 'a.bin'} not found" in capsys.readouterr().err
+    assert merge(["--input", str(tmp_path / "c"), *out]) == 1
+    assert f"neither {tmp_path / 'c.bin'} nor {tmp_path / 'c.idx'} found" in capsys.readouterr().err
+    assert not (tmp_path / "ab.bin").exists() and not (tmp_path / "ab.idx").exists()
+
+
+def test_merge_tool_vocab_size_refuses_ids_of_another_vocabulary(tmp_path, capsys):
+    from megatron_ki.data.indexed import IndexedDatasetBuilder
+
+    for name, ids in (("small", [1, 2, 299]), ("big", [1, 400, 2])):  # both uint16: the dtype cannot tell
+        with IndexedDatasetBuilder(str(tmp_path / name), np.uint16) as b:
+            b.add_document(ids)
+    merge = _merge_tool()
+    argv = ["--input", str(tmp_path / "small"), str(tmp_path / "big"), "--output-prefix", str(tmp_path / "m")]
+    assert merge([*argv, "--vocab-size", "300"]) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'big'}.bin: token id 400 is outside the vocabulary of 300 tokens" in err
+    assert sorted(os.listdir(tmp_path)) == ["big.bin", "big.idx", "small.bin", "small.idx"]
+    assert merge([*argv, "--vocab-size", "401"]) == 0
+    assert IndexedDataset(str(tmp_path / "m")).document(1)[0].tolist() == [1, 400, 2]
+
+
+# ------------------------------------------------------------------ pool shutdown
+_SIGTERM_AFTER_FORK: dict = {"pids": None}
+
+
+def _sigterm_self_after_fork() -> None:
+    """In a child forked while the test asks for it: note the PID, then SIGTERM itself at once (as
+    ``pool.terminate()`` does to a worker that is still starting when a short run is already over)."""
+    if _SIGTERM_AFTER_FORK["pids"] is not None:
+        with open(_SIGTERM_AFTER_FORK["pids"], "a") as f:
+            f.write(f"{os.getpid()}\n")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+os.register_at_fork(after_in_child=_sigterm_self_after_fork)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork start method and /proc")
+def test_pool_worker_dies_of_a_sigterm_received_while_starting(assets, tmp_path):
+    """Such a SIGTERM used to reach the handler inherited from main() inside an at-fork hook, where Python
+    ignores the KeyboardInterrupt it raises: the worker lived on and pool.join() waited forever."""
+    import multiprocessing
+
+    from megatron_ki.data import preprocess as pre
+
+    def _terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _terminate)  # what main() installs while it runs
+    init = (("SentencePieceTokenizer", assets["model"], None, None), ["text"], False, "uint16", False)
+    pids_file = tmp_path / "pids"
+    _SIGTERM_AFTER_FORK["pids"] = str(pids_file)
+    try:
+        pool = pre._start_pool(multiprocessing.get_context("fork"), 1, init)
+    finally:
+        _SIGTERM_AFTER_FORK["pids"] = None
+        signal.signal(signal.SIGTERM, previous)
+    try:
+        deadline = time.monotonic() + 60
+        while (
+            not (pids_file.exists() and pids_file.read_text().endswith("\n")) and time.monotonic() < deadline
+        ):
+            time.sleep(0.05)  # the child writes its PID after the fork, at its own pace
+        pids = [int(x) for x in pids_file.read_text().split()]
+        alive = pids
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.1)
+            alive = [p for p in pids if _alive(p)]
+        assert not alive, f"worker(s) {alive} survived the SIGTERM they received while starting"
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a dead worker not yet reaped by the pool is a zombie
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_failure_on_the_second_key_keeps_both_existing_datasets(assets, tmp_path, capsys, monkeypatch):
+    """With several --json-keys, every index is written before any output replaces an existing one."""
+    from megatron_ki.data import indexed as ix
+
+    src = tmp_path / "two_keys.jsonl"
+    src.write_text(
+        "".join(json.dumps({"text": f"the cat {i}", "title": f"a dog {i}"}) + "\n" for i in range(9))
+    )
+    out = str(tmp_path / "o" / "x")
+    argv = [*_sp_args({**assets, "corpus": str(src)}, out), "--json-keys", "text", "title"]
+    assert preprocess_main(argv) == 0
+    before = {n: (tmp_path / "o" / n).read_bytes() for n in _outputs(tmp_path / "o")}
+    assert len(before) == 4
+    src.write_text(
+        "".join(json.dumps({"text": f"quick fox {i}", "title": "lazy river"}) + "\n" for i in range(5))
+    )
+    real_copy, calls = ix.shutil.copyfileobj, []
+
+    def copy_until_the_disk_is_full(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # two copies per index: the first one of the second key's index
+            raise OSError(28, "No space left on device")
+        return real_copy(*args, **kwargs)
+
+    monkeypatch.setattr(ix.shutil, "copyfileobj", copy_until_the_disk_is_full)
+    capsys.readouterr()
+    assert preprocess_main(argv) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert {n: (tmp_path / "o" / n).read_bytes() for n in _outputs(tmp_path / "o")} == before

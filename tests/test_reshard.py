@@ -133,3 +133,16 @@ def test_deepspeed_pipeline_checkpoint_reads_as_single_model(tmp_path):
             if isinstance(value, torch.Tensor) and value.shape[-1] == teacher.shape[-1] and value.dim() == 2:
                 assert not any(torch.equal(value, part) for part in teacher.chunk(2, 0))
     assert json.loads((tmp_path / "ckpt" / "step00000003" / "meta.json").read_text())["format_version"] == 1
+
+
+def test_checkpoint_directories_follow_the_umask(tmp_path):
+    """Converted checkpoints get the mode of any directory the user makes (0755 under umask 022), not 0700."""
+    cfg = _config("gpt2")
+    full = build_model(cfg.model, seed=5).state_dict()
+    old = os.umask(0o022)
+    try:
+        write_checkpoint(full, cfg, tmp_path / "ckpt", tp=1, pp=1, tag="converted")
+    finally:
+        os.umask(old)
+    assert oct((tmp_path / "ckpt" / "converted").stat().st_mode & 0o777) == oct(0o755)
+    assert [p.name for p in (tmp_path / "ckpt").iterdir() if p.name.startswith(".")] == []

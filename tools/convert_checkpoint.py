@@ -17,6 +17,12 @@ shard by shard with headers planned from the config; pipeline-parallel checkpoin
 one pipeline layer at a time. A pp = 1 framework checkpoint keeps the whole model in one file per TP rank,
 which is memory-mapped (its pages count as resident while read). Every output is written to a temporary
 sibling directory and renamed at the end: a failed conversion leaves nothing behind.
+
+Importing refuses a Hugging Face checkpoint that holds tensors its ``config.json`` mapping does not use
+(e.g. Qwen2's q/k/v biases under a Llama config without ``attention_bias``) rather than drop them; only
+buffers every model recomputes are skipped (rotary ``inv_freq``, GPT-2's causal-mask ``attn.bias``,
+``position_ids``), and the pooler / next-sentence head of BERT and RoBERTa checkpoints are dropped with a
+warning (see ``DERIVABLE_BUFFERS`` and ``UNUSED_HEADS`` in ``megatron_ki/convert/hf.py``).
 """
 
 from __future__ import annotations

@@ -10,8 +10,10 @@ weights are ``[in, out]`` and are transposed. Vocabulary-sized tensors are padde
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import re
 import struct
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -22,6 +24,8 @@ from typing import Any
 import torch
 
 from megatron_ki.config import ModelConfig
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -193,6 +197,26 @@ _TIED_ALIASES = {
         "lm_head.decoder.bias": "head.bias",
     },
 }
+
+
+# Stored HF tensors that are not weights but buffers every model recomputes from its config (older
+# transformers versions saved them): importing skips them silently. Matched against the stored names.
+DERIVABLE_BUFFERS: dict[str, tuple[str, ...]] = {
+    "gpt2": (r"(?:transformer\.)?h\.\d+\.attn\.(?:bias|masked_bias)",),  # causal mask, its fill value
+    "llama": (r"(?:model\.)?(?:layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq",),  # rotary frequencies
+    "bert": (r"(?:bert\.)?embeddings\.(?:position_ids|token_type_ids)",),  # index buffers
+    "roberta": (r"(?:roberta\.)?embeddings\.(?:position_ids|token_type_ids)",),
+}
+# Heads of supported architectures that the framework model does not have (the pooler, BERT's next-sentence
+# head): importing drops them with a warning that names them, as transformers does for BertForMaskedLM.
+UNUSED_HEADS: dict[str, tuple[str, ...]] = {
+    "bert": (r"(?:bert\.)?pooler\.dense\.(?:weight|bias)", r"cls\.seq_relationship\.(?:weight|bias)"),
+    "roberta": (r"(?:roberta\.)?pooler\.dense\.(?:weight|bias)",),
+}
+
+
+class UnmappedTensorsError(ValueError):
+    """A Hugging Face checkpoint holds tensors that the mapping of its config would drop."""
 
 
 def rules_for(cfg: ModelConfig) -> list[Rule]:
@@ -614,6 +638,53 @@ class LazyState(Mapping[str, torch.Tensor]):
         return len(self._names)
 
 
+def unmapped_hf_tensors(weights: HFWeights, cfg: ModelConfig) -> tuple[list[str], list[str]]:
+    """``(unmapped, unused_heads)``: the stored tensors of ``weights`` that no rule of ``cfg`` reads.
+
+    Tensors read by a rule, tied aliases of those (``lm_head.weight`` of a tied model, the MLM decoder) and
+    :data:`DERIVABLE_BUFFERS` are accounted for; :data:`UNUSED_HEADS` are returned apart. Anything else in
+    ``unmapped`` would be lost by an import, e.g. q/k/v biases of a Qwen2 checkpoint under a Llama
+    ``config.json`` without ``attention_bias``.
+    """
+    used: set[str] = set()
+    names = [n for rule in rules_for(cfg) for n in _hf_source_names(rule, cfg, weights.__contains__)]
+    for name in [*names, *tied_aliases(cfg)]:
+        key = weights._resolve(name)
+        if key is not None:
+            used.add(key)
+    derivable = [re.compile(p) for p in DERIVABLE_BUFFERS.get(cfg.family, ())]
+    heads = [re.compile(p) for p in UNUSED_HEADS.get(cfg.family, ())]
+    unmapped, dropped = [], []
+    for key in weights:
+        if key in used or any(p.fullmatch(key) for p in derivable):
+            continue
+        (dropped if any(p.fullmatch(key) for p in heads) else unmapped).append(key)
+    return unmapped, dropped
+
+
+def _names_list(names: list[str], shown: int = 5) -> str:
+    more = f", ... ({len(names)} in all)" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def check_hf_tensors_mapped(path: str | Path, weights: HFWeights, cfg: ModelConfig) -> None:
+    """Refuse (:class:`UnmappedTensorsError`, one line) a checkpoint whose tensors the mapping would drop."""
+    unmapped, dropped = unmapped_hf_tensors(weights, cfg)
+    if unmapped:
+        raise UnmappedTensorsError(
+            f"{path}: {len(unmapped)} Hugging Face tensor(s) that the {cfg.family} mapping of config.json does "
+            f"not use: {_names_list(unmapped)}; expected none (the weights do not match config.json, e.g. "
+            "biases it does not declare), refusing to drop them"
+        )
+    if dropped:
+        logger.warning(
+            "%s: dropping %d tensor(s) of heads the framework model has no use for: %s",
+            path,
+            len(dropped),
+            _names_list(dropped),
+        )
+
+
 def read_hf_config(path: str | Path) -> Any:
     """The transformers config of a local model directory (never the network)."""
     import transformers
@@ -628,14 +699,19 @@ def open_hf_model(
     path: str | Path,
     make_vocab_size_divisible_by: int = 128,
     dtype: torch.dtype | None = None,
+    strict: bool = True,
     **overrides: Any,
 ) -> tuple[ModelConfig, LazyState]:
     """``(framework config, lazy full tp=1 state dict)`` of a Hugging Face directory, read tensor by tensor.
 
-    Every HF tensor is checked against the shape the config implies; a mismatch names the tensor.
+    Every HF tensor is checked against the shape the config implies; a mismatch names the tensor. With
+    ``strict`` (the default), a checkpoint holding tensors that the mapping would drop is refused up front
+    (:func:`check_hf_tensors_mapped`), before any tensor is read.
     """
     cfg = config_from_hf(read_hf_config(path), make_vocab_size_divisible_by, **overrides)
     weights = HFWeights(path)
+    if strict:
+        check_hf_tensors_mapped(path, weights, cfg)
     expected = framework_shapes(cfg)
     rules = {r.ours: r for r in rules_for(cfg)}
 

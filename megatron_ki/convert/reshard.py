@@ -15,8 +15,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from functools import lru_cache
 from pathlib import Path
@@ -272,9 +272,19 @@ class LazyFullState(Mapping[str, torch.Tensor]):
 # ------------------------------------------------------------------------------------------ writing
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
-    """A temporary sibling directory renamed to ``final`` only if the body succeeds."""
+    """A temporary sibling directory renamed to ``final`` only if the body succeeds.
+
+    It is made with ``os.mkdir`` (mode 0777 less the umask, like any directory the user makes: usually
+    0755), not ``tempfile.mkdtemp``, whose 0700 would stay on the published checkpoint.
+    """
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    while True:
+        tmp = final.parent / f".{final.name}.{secrets.token_hex(4)}"
+        try:
+            tmp.mkdir()
+            break
+        except FileExistsError:
+            continue
     try:
         yield tmp
         if final.exists():

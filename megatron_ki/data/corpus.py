@@ -53,7 +53,8 @@ def parse_json_line(raw: bytes, keys: list[str]) -> tuple[list[str] | None, str 
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
-        return None, f"not valid JSON ({e.msg} at column {e.colno})"
+        # some messages end with "at" ("Unterminated string starting at"): the column completes them
+        return None, f"not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})"
     if not isinstance(obj, dict):
         return None, f"expected a JSON object, got {type(obj).__name__}"
     texts = []

@@ -7,14 +7,39 @@ sequence_pointers (byte offsets into ``.bin``) and int64 document_indices (0 ...
 
 The writer keeps nothing per document in RAM: lengths and document boundaries are appended to side files
 and the index is assembled in chunks at :meth:`IndexedDatasetBuilder.finalize`, so memory does not grow with
-the corpus. Everything is written under temporary names and renamed only on success, ``.idx`` last, so an
-interrupted run never leaves a pair that looks complete.
+the corpus. Everything is written under temporary names and renamed only on success, so an interrupted run
+never leaves a pair that looks complete.
+
+Temporary files are ``{prefix}.bin.tmp-{pid}@{host}`` and ``{prefix}.idx.tmp-{pid}@{host}[.lengths|.docs]``.
+A failed write (disk full, an exception, Ctrl-C, SIGTERM) removes them; a killed writer (``kill -9``, OOM,
+power loss) cannot, so every new builder of the same prefix removes those whose writer is gone: written on
+this host by a PID that is no longer alive (:func:`remove_stale_temp_files`). Files of a live writer, and of
+a writer on another host sharing the file system (whose PID cannot be checked from here), are left alone.
+
+Publishing a pair (two files cannot be renamed at once), ``.idx`` last:
+
+1. the new ``.bin`` and ``.idx`` are complete and fsync'ed under their temporary names;
+2. the old ``{prefix}.idx`` is removed, so from now on no reader can open the old index;
+3. the new ``.bin`` replaces the old one;
+4. the new ``.idx`` appears (rename), then the directory is fsync'ed.
+
+A reader (:class:`IndexedDataset`) opens the ``.idx``, then the ``.bin``, then checks that ``{prefix}.idx``
+is still the file it opened (same inode) and maps both from the open descriptors. If a writer published in
+between, its step 2 came after the reader opened the index, so the path no longer names that file: the
+reader sees it and opens the new pair again. Whichever it gets, an ``.idx`` and the ``.bin`` published
+before it are always read together; between steps 2 and 4 a reader finds no index and says so. On top of
+this, the reader checks that the ``.bin`` size is exactly what the index describes and names both files if
+not (a pair copied or edited by hand). The files themselves stay byte-compatible with Megatron-LM's
+MMIDIDX v1: nothing is added to them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
+import socket
 import struct
 from collections.abc import Iterable
 from pathlib import Path
@@ -63,6 +88,81 @@ def dataset_exists(prefix: str | os.PathLike) -> bool:
     return os.path.isfile(idx_path(prefix)) and os.path.isfile(bin_path(prefix))
 
 
+# ------------------------------------------------------------------------------------ temporary files
+def _host_tag() -> str:
+    """This host's name as it appears in temporary file names (no dots, so the suffixes stay parseable)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "localhost"
+
+
+def temp_tag(pid: int | None = None, host: str | None = None) -> str:
+    """The suffix a writer appends to ``{prefix}.bin`` / ``{prefix}.idx`` for its temporary files."""
+    return f".tmp-{os.getpid() if pid is None else pid}@{_host_tag() if host is None else host}"
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (in doubt, it does: its files are then kept)."""
+    if os.name != "posix":
+        return True  # os.kill(pid, 0) would not be a probe there
+    if pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temp_files(prefix: str | os.PathLike) -> list[str]:
+    """Remove the temporary files of ``prefix`` left by writers that died; return the removed paths.
+
+    A file is removed only when its name says it was written on this host (or carries no host: the names of
+    earlier versions) by a PID that is no longer alive. Temporary files of other prefixes, of live writers
+    and of writers on other hosts are never touched. A PID reused since then by another process only delays
+    the clean-up to a later run.
+    """
+    prefix = os.fspath(prefix)
+    out_dir = os.path.dirname(os.path.abspath(prefix))
+    base = os.path.basename(prefix)
+    pattern = re.compile(
+        re.escape(base) + r"\.(?:bin|idx)\.tmp-(\d+)(?:@([A-Za-z0-9_-]+))?(?:\.lengths|\.docs)?"
+    )
+    try:
+        names = os.listdir(out_dir)
+    except OSError:
+        return []
+    here = _host_tag()
+    removed = []
+    for name in sorted(names):
+        m = pattern.fullmatch(name)
+        if m is None:
+            continue
+        pid, host = int(m.group(1)), m.group(2)
+        if (host is not None and host != here) or _pid_alive(pid):
+            continue
+        path = os.path.join(out_dir, name)
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            continue  # another new writer removed it first
+        removed.append(path)
+    return removed
+
+
+def _fsync_dir(path: str) -> None:
+    """Make renames in ``path`` durable (best effort: not every platform or file system allows it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class IndexedDataset:
     """Read-only view of ``{prefix}.idx/.bin``; opening costs a few page faults, not a read of the data.
 
@@ -70,16 +170,45 @@ class IndexedDataset:
     length)`` a slice of it. ``sizes``, ``pointers`` and ``document_indices`` are memory-mapped too.
     """
 
+    _OPEN_ATTEMPTS = 5
+    """How many times a pair replaced while being opened is opened again before giving up."""
+
     def __init__(self, prefix: str | os.PathLike):
         self.prefix = os.fspath(prefix)
         ipath, bpath = idx_path(self.prefix), bin_path(self.prefix)
-        if not os.path.isfile(ipath):
-            raise FileNotFoundError(f"{ipath}: index file not found (expected {{prefix}}.idx beside .bin)")
-        if not os.path.isfile(bpath):
-            raise FileNotFoundError(f"{bpath}: data file not found (expected {{prefix}}.bin beside .idx)")
-        idx_size = os.path.getsize(ipath)
-        with open(ipath, "rb") as f:
-            header = f.read(HEADER_SIZE)
+        for _ in range(self._OPEN_ATTEMPTS):
+            if not os.path.isfile(ipath):
+                raise FileNotFoundError(
+                    f"{ipath}: index file not found (expected {{prefix}}.idx beside .bin)"
+                )
+            if not os.path.isfile(bpath):
+                raise FileNotFoundError(f"{bpath}: data file not found (expected {{prefix}}.bin beside .idx)")
+            try:
+                with open(ipath, "rb") as fi, open(bpath, "rb") as fb:
+                    if self._same_file(ipath, fi):
+                        self._load(ipath, bpath, fi, fb)
+                        return
+            except FileNotFoundError:
+                continue  # a writer removed the index between the check and the open: look again
+        raise IndexedDatasetError(
+            f"{ipath} and {bpath}: replaced {self._OPEN_ATTEMPTS} times while being opened; another process "
+            "is writing this dataset, open it when that is done"
+        )
+
+    @staticmethod
+    def _same_file(path: str, f) -> bool:
+        """Whether ``path`` still names the open file ``f`` (a writer publishes by first removing the .idx)."""
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return False
+        own = os.fstat(f.fileno())
+        return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+    def _load(self, ipath: str, bpath: str, fi, fb) -> None:
+        """Validate and map the pair from the open files ``fi`` (.idx) and ``fb`` (.bin)."""
+        idx_size = os.fstat(fi.fileno()).st_size
+        header = fi.read(HEADER_SIZE)
         if len(header) < HEADER_SIZE:
             raise IndexedDatasetError(
                 f"{ipath}: truncated index, {len(header)} bytes but the MMIDIDX header alone is {HEADER_SIZE}"
@@ -106,7 +235,7 @@ class IndexedDataset:
             )
         if self.document_count < 1:
             raise IndexedDatasetError(f"{ipath}: document_count is 0, expected at least 1 (the leading 0)")
-        self._idx_map = np.memmap(ipath, mode="r", dtype=np.uint8)
+        self._idx_map = np.memmap(fi, mode="r", dtype=np.uint8)
         off = HEADER_SIZE
         n = self.sequence_count
         self.sizes = np.frombuffer(self._idx_map, dtype=np.int32, count=n, offset=off)
@@ -116,19 +245,20 @@ class IndexedDataset:
         self.document_indices = np.frombuffer(
             self._idx_map, dtype=np.int64, count=self.document_count, offset=off
         )
-        bin_size = os.path.getsize(bpath)
+        bin_size = os.fstat(fb.fileno()).st_size
         data_bytes = 0 if n == 0 else int(self.pointers[-1]) + int(self.sizes[-1]) * self.dtype.itemsize
         if bin_size != data_bytes:
             raise IndexedDatasetError(
                 f"{bpath}: size {bin_size} bytes does not match the index {ipath}, which describes "
-                f"{data_bytes} bytes of {self.dtype.name} tokens"
+                f"{data_bytes} bytes of {self.dtype.name} tokens: the two files are not one pair (written "
+                "separately, copied or cut short); write the dataset again"
             )
         if self.document_indices[0] != 0 or self.document_indices[-1] != n:
             raise IndexedDatasetError(
                 f"{ipath}: document_indices must run from 0 to sequence_count={n}, got "
                 f"{int(self.document_indices[0])} ... {int(self.document_indices[-1])}"
             )
-        self._bin_map = np.memmap(bpath, mode="r", dtype=np.uint8) if bin_size else np.zeros(0, np.uint8)
+        self._bin_map = np.memmap(fb, mode="r", dtype=np.uint8) if bin_size else np.zeros(0, np.uint8)
 
     def __getstate__(self) -> dict:
         # pickled (DataLoader workers, spawn) as its path: re-mapped on load instead of copying the data
@@ -175,9 +305,11 @@ class IndexedDataset:
 
 
 class IndexedDatasetBuilder:
-    """Streams sequences into ``{prefix}.bin/.idx`` under temporary names; :meth:`finalize` renames them.
+    """Streams sequences into ``{prefix}.bin/.idx`` under temporary names; :meth:`finalize` publishes them.
 
-    Use as a context manager: an exception (or KeyboardInterrupt) inside removes every temporary file.
+    Use as a context manager: an exception (or KeyboardInterrupt) inside, or a failure of :meth:`finalize`
+    itself (disk full), removes every temporary file. Creating a builder first removes the temporary files
+    that dead writers of the same prefix left behind (:func:`remove_stale_temp_files`).
     """
 
     def __init__(self, prefix: str | os.PathLike, dtype: type | np.dtype = np.int32):
@@ -190,7 +322,8 @@ class IndexedDatasetBuilder:
         out_dir = os.path.dirname(os.path.abspath(self.prefix))
         if not os.path.isdir(out_dir):
             raise FileNotFoundError(f"output directory {out_dir} does not exist (from prefix {self.prefix})")
-        tag = f".tmp-{os.getpid()}"
+        remove_stale_temp_files(self.prefix)
+        tag = temp_tag()
         self._tmp_bin = bin_path(self.prefix) + tag
         self._tmp_idx = idx_path(self.prefix) + tag
         self._tmp_lengths = idx_path(self.prefix) + tag + ".lengths"
@@ -200,12 +333,18 @@ class IndexedDatasetBuilder:
             self._bin = open(self._tmp_bin, "wb")  # noqa: SIM115
         except OSError as e:
             raise PermissionError(f"cannot write to output directory {out_dir}: {e.strerror}") from None
-        self._lengths = open(self._tmp_lengths, "wb")  # noqa: SIM115
-        self._docs = open(self._tmp_docs, "wb")  # noqa: SIM115
+        self._lengths = self._docs = None
+        try:
+            self._lengths = open(self._tmp_lengths, "wb")  # noqa: SIM115
+            self._docs = open(self._tmp_docs, "wb")  # noqa: SIM115
+        except BaseException:
+            self.abort()
+            raise
         self.sequence_count = 0
         self.document_count = 0
         self.token_count = 0
         self._finalized = False
+        self._prepared = False
         self._last_doc_end = 0
 
     # ------------------------------------------------------------------ writing
@@ -253,8 +392,11 @@ class IndexedDatasetBuilder:
         self.document_count += int(ends.size)
         self._last_doc_end = self.sequence_count
 
-    def add_index(self, prefix: str | os.PathLike) -> None:
-        """Append a whole existing dataset, streaming its ``.bin`` and keeping its document boundaries."""
+    def add_index(self, prefix: str | os.PathLike, vocab_size: int | None = None) -> None:
+        """Append a whole existing dataset, streaming its ``.bin`` and keeping its document boundaries.
+
+        With ``vocab_size``, every token id must lie in ``[0, vocab_size)`` (checked while copying).
+        """
         other = IndexedDataset(prefix)
         if other.dtype != self.dtype:
             raise ValueError(
@@ -263,8 +405,11 @@ class IndexedDatasetBuilder:
             )
         base = self.sequence_count
         self._bin.flush()
-        with open(bin_path(prefix), "rb") as src:
-            shutil.copyfileobj(src, self._bin, 16 << 20)
+        if vocab_size is None:
+            with open(bin_path(prefix), "rb") as src:
+                shutil.copyfileobj(src, self._bin, 16 << 20)
+        else:
+            self._copy_checking_ids(other, vocab_size)
         for lo in range(0, len(other), _CHUNK):
             self._lengths.write(np.ascontiguousarray(other.sizes[lo : lo + _CHUNK]).tobytes())
         docs = other.document_indices
@@ -275,13 +420,57 @@ class IndexedDatasetBuilder:
         self.token_count += other.num_tokens
         self._last_doc_end = self.sequence_count
 
+    def _copy_checking_ids(self, other: IndexedDataset, vocab_size: int) -> None:
+        tokens = np.frombuffer(other._bin_map, dtype=other.dtype)
+        step = (16 << 20) // other.dtype.itemsize
+        for lo in range(0, tokens.size, step):
+            chunk = tokens[lo : lo + step]
+            low, high = int(chunk.min()), int(chunk.max())
+            if low < 0 or high >= vocab_size:
+                bad = high if high >= vocab_size else low
+                raise IndexedDatasetError(
+                    f"{other.prefix}.bin: token id {bad} is outside the vocabulary of {vocab_size} tokens "
+                    "(expected ids in [0, vocab_size)): this dataset was tokenized with another vocabulary"
+                )
+            self._bin.write(chunk.tobytes())
+
     # ---------------------------------------------------------------- finishing
     def finalize(self) -> None:
-        """Write the index from the side files in chunks and rename ``.bin`` then ``.idx`` into place."""
+        """Write the index from the side files in chunks and publish the pair (see the module docstring).
+
+        On any failure (disk full while writing the index, ...) every temporary file is removed, and the
+        error is raised again; an existing dataset at the prefix is then left as it was.
+        """
+        self.prepare()
         if self._finalized:
             return
+        try:
+            self._publish()
+        except BaseException:
+            self.abort()
+            raise
+        self._finalized = True
+
+    def prepare(self) -> None:
+        """Write the index and make both files durable under their temporary names; publish nothing yet.
+
+        Several builders that must succeed together (one per JSON key) are all prepared before any is
+        finalized, so a failure while writing one index leaves every existing dataset as it was.
+        """
+        if self._prepared or self._finalized:
+            return
+        try:
+            self._write_index()
+        except BaseException:
+            self.abort()
+            raise
+        self._prepared = True
+
+    def _write_index(self) -> None:
         if self.sequence_count > self._last_doc_end:
             self.end_document()  # sequences after the last boundary form the final document
+        self._bin.flush()
+        os.fsync(self._bin.fileno())
         for f in (self._bin, self._lengths, self._docs):
             f.close()
         with open(self._tmp_idx, "wb") as out:
@@ -306,18 +495,31 @@ class IndexedDatasetBuilder:
             out.write(np.int64(0).tobytes())
             with open(self._tmp_docs, "rb") as src:
                 shutil.copyfileobj(src, out, 16 << 20)
+            out.flush()
+            os.fsync(out.fileno())
         os.remove(self._tmp_lengths)
         os.remove(self._tmp_docs)
+
+    def _publish(self) -> None:
+        """Old ``.idx`` away, then ``.bin``, then ``.idx``: no reader ever pairs an index with another .bin."""
+        final_idx = idx_path(self.prefix)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(final_idx)
         os.replace(self._tmp_bin, bin_path(self.prefix))
-        os.replace(self._tmp_idx, idx_path(self.prefix))
-        self._finalized = True
+        os.replace(self._tmp_idx, final_idx)
+        _fsync_dir(os.path.dirname(os.path.abspath(self.prefix)))
 
     def abort(self) -> None:
-        """Close and delete every temporary file (nothing that looks like an output remains)."""
+        """Close and delete every temporary file (nothing that looks like an output remains).
+
+        Closing may fail (a full disk refuses the buffered bytes): the files are deleted all the same.
+        """
         for f in (self._bin, self._lengths, self._docs):
-            f.close()
+            if f is not None:
+                with contextlib.suppress(OSError):  # the descriptor is released even when the flush fails
+                    f.close()
         for p in (self._tmp_bin, self._tmp_idx, self._tmp_lengths, self._tmp_docs):
-            if os.path.exists(p):
+            with contextlib.suppress(FileNotFoundError):
                 os.remove(p)
         self._finalized = True
 
@@ -331,14 +533,26 @@ class IndexedDatasetBuilder:
             self.finalize()
 
 
-def merge_datasets(prefixes: list[str | os.PathLike], output_prefix: str | os.PathLike) -> IndexedDataset:
-    """Concatenate datasets (same dtype) into ``output_prefix`` without loading them; returns the result."""
+def merge_datasets(
+    prefixes: list[str | os.PathLike], output_prefix: str | os.PathLike, vocab_size: int | None = None
+) -> IndexedDataset:
+    """Concatenate datasets into ``output_prefix`` without loading them; returns the result.
+
+    What can be checked: MMIDIDX files record no tokenizer or vocabulary, only the token dtype (uint16 for a
+    vocabulary under 65500, int32 above), so datasets of different dtypes are refused; with ``vocab_size``
+    every token id must also be below it. Two vocabularies of similar size cannot be told apart from the
+    files alone (and the largest id of each input says nothing about it: a small input may simply not use
+    the rare ids), so the caller must know that the inputs share a tokenizer. On any refusal nothing is
+    written.
+    """
     if not prefixes:
         raise ValueError("merge_datasets: no input prefixes given")
+    if vocab_size is not None and vocab_size < 1:
+        raise ValueError(f"merge_datasets: vocab_size must be >= 1, got {vocab_size}")
     first = IndexedDataset(prefixes[0])
     with IndexedDatasetBuilder(output_prefix, first.dtype) as builder:
         for p in prefixes:
-            builder.add_index(p)
+            builder.add_index(p, vocab_size)
     return IndexedDataset(output_prefix)
 
 

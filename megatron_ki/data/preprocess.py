@@ -4,6 +4,10 @@ The main process reads lines in chunks and hands them to a worker pool with a bo
 flight, so memory stays flat however large the corpus is (Megatron's own tool holds whole shards). Workers
 parse, validate and tokenize; results come back in input order and are streamed into
 :class:`IndexedDatasetBuilder` instances, which write under temporary names and rename only on success.
+
+A run that fails, for whatever reason (bad line, no non-empty document, disk full, Ctrl-C), leaves the
+dataset already at ``--output-prefix`` as it was: outputs are published only once the whole run succeeded.
+Temporary files of earlier runs that were killed are removed when the next run of the same prefix starts.
 """
 
 from __future__ import annotations
@@ -22,7 +26,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from megatron_ki.data.corpus import CorpusError, expand_inputs, open_binary, parse_json_line
-from megatron_ki.data.indexed import IndexedDatasetBuilder, merge_datasets, optimal_dtype, remove_dataset
+from megatron_ki.data.indexed import (
+    IndexedDatasetBuilder,
+    merge_datasets,
+    optimal_dtype,
+    remove_dataset,
+    remove_stale_temp_files,
+)
 from megatron_ki.data.tokenizers import TOKENIZER_TYPES, Tokenizer, build_tokenizer
 
 
@@ -56,10 +66,34 @@ def _init_worker(tok_args: tuple, keys: list[str], append_eod: bool, dtype: str,
 
 
 def _init_pool_worker(*args) -> None:
-    """Pool workers leave interrupts to the main process, which cleans up and terminates them."""
+    """Pool workers leave interrupts to the main process, which cleans up and terminates them.
+
+    A worker starts with SIGTERM blocked (:func:`_start_pool`) and unblocks it only once its action is the
+    default one: a SIGTERM that arrived meanwhile (``pool.terminate()`` of a run that ended while this
+    worker was still starting) then ends it at once.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     _init_worker(*args)
+
+
+def _start_pool(ctx, workers: int, init: tuple):
+    """``ctx.Pool`` whose workers are forked with SIGTERM blocked.
+
+    Otherwise a SIGTERM reaching a new worker before its initializer runs goes to the handler inherited from
+    the main process (which raises KeyboardInterrupt), possibly inside an at-fork hook, where Python reports
+    the exception as "ignored" and goes on: the signal is lost, the worker waits for tasks forever and
+    ``pool.join()`` with it. Blocked, the signal stays pending until :func:`_init_pool_worker` unblocks it.
+    """
+    if not hasattr(signal, "pthread_sigmask"):
+        return ctx.Pool(workers, initializer=_init_pool_worker, initargs=init)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        return ctx.Pool(workers, initializer=_init_pool_worker, initargs=init)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _encode(tok: Tokenizer, texts: list[str]) -> list[list[int]]:
@@ -172,9 +206,25 @@ def _check_output_dir(prefix: str) -> None:
         raise PreprocessError(f"--output-prefix {prefix}: output directory {out_dir} is not writable")
 
 
+def _no_documents(args, stats: Stats) -> PreprocessError:
+    return PreprocessError(
+        f"--input {' '.join(args.input)}: no non-empty documents found "
+        f"({stats.empty} empty, {stats.bad_lines} bad lines); expected at least one"
+    )
+
+
 def _run_partition(
-    files: list[str], prefixes: dict[str, str], args, tok: Tokenizer, pool, stats: Stats, progress: _Progress
+    files: list[str],
+    prefixes: dict[str, str],
+    args,
+    tok: Tokenizer,
+    pool,
+    stats: Stats,
+    progress: _Progress,
+    require_documents: bool = False,
 ) -> None:
+    """Tokenize ``files`` into ``prefixes``; with ``require_documents`` (the only partition, written at the
+    final prefixes), a run without any document fails before anything is published."""
     dtype = optimal_dtype(tok.vocab_size)
     builders = {k: IndexedDatasetBuilder(p, dtype) for k, p in prefixes.items()}
     try:
@@ -195,6 +245,10 @@ def _run_partition(
                     stats.documents += int(lengths.size)
                 stats.tokens += int(tokens.size)
             progress.update(stats)
+        if require_documents and stats.documents == 0:
+            raise _no_documents(args, stats)
+        for b in builders.values():  # every index written before any output is published
+            b.prepare()
         for b in builders.values():
             b.finalize()
     except BaseException:
@@ -223,6 +277,9 @@ def preprocess(args: argparse.Namespace) -> Stats:
     dtype = np.dtype(optimal_dtype(tok.vocab_size)).name
     init = (tok_args, list(args.json_keys), args.append_eod, dtype, args.skip_bad_lines)
     final = {k: output_prefix_for(args.output_prefix, k) for k in args.json_keys}
+    # what killed runs left (with partitions, the builder of the final prefix starts only at the very end)
+    for p in final.values():
+        remove_stale_temp_files(p)
     n_parts = max(1, min(args.partitions, len(files)))
     groups = [files[i::n_parts] for i in range(n_parts)]
     stats = Stats()
@@ -231,21 +288,16 @@ def preprocess(args: argparse.Namespace) -> Stats:
     part_prefixes: list[dict[str, str]] = []
     if args.workers > 1:
         ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-        pool = ctx.Pool(args.workers, initializer=_init_pool_worker, initargs=init)
+        pool = _start_pool(ctx, args.workers, init)
     else:
         _init_worker(*init)
     try:
         for i, group in enumerate(groups):
             prefixes = final if n_parts == 1 else {k: f"{p}.part{i:03d}" for k, p in final.items()}
             part_prefixes.append(prefixes)
-            _run_partition(group, prefixes, args, tok, pool, stats, progress)
-        if stats.documents == 0:
-            for p in final.values():
-                remove_dataset(p)
-            raise PreprocessError(
-                f"--input {' '.join(args.input)}: no non-empty documents found "
-                f"({stats.empty} empty, {stats.bad_lines} bad lines)"
-            )
+            _run_partition(group, prefixes, args, tok, pool, stats, progress, require_documents=n_parts == 1)
+        if stats.documents == 0:  # the parts are temporary: an existing dataset at the prefix stays as it was
+            raise _no_documents(args, stats)
         if n_parts > 1:
             for k, p in final.items():
                 merge_datasets([pp[k] for pp in part_prefixes], p)
