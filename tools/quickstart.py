@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -50,6 +51,12 @@ class Data:
             "--data.tokenizer_model", self.tokenizer,
             "--model.vocab_size", str(self.vocab_size),
         ]  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def run(
@@ -149,12 +156,14 @@ class Launcher:
     """Checkout whose launch/pretrain_ki.sh (and so pretrain_ki.py) runs."""
 
     def env(self) -> dict[str, str]:
-        # The virtualenv's own deepspeed launcher, whether or not the venv is activated.
+        # The virtualenv's own deepspeed launcher, whether or not the venv is activated; a free rendezvous port
+        # unless MASTER_PORT is set, so two jobs on one machine do not collide on DeepSpeed's default 29500.
         bin_dir = str(Path(self.python).parent)
         return {
             "CPU_RANKS": str(self.ranks),
             "PYTHON": self.python,
             "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+            "MASTER_PORT": os.environ.get("MASTER_PORT") or str(free_port()),
         }
 
     def train(self, config: Path, overrides: list[str], run_dir: Path, what: str) -> float:
