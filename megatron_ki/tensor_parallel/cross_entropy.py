@@ -13,6 +13,16 @@ from torch.distributed import ProcessGroup
 from .mappings import all_reduce_no_grad, group_rank
 
 
+def _owned_targets(
+    target: torch.Tensor, valid: torch.Tensor, start: int, vocab_local: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(local index [..., 1], owned)``: where each valid target falls in this rank's vocabulary slice
+    ``[start, start + vocab_local)``, index 0 where another rank owns it."""
+    local_t = target - start
+    owned = valid & (local_t >= 0) & (local_t < vocab_local)
+    return local_t.masked_fill(~owned, 0).unsqueeze(-1), owned
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor, group, ignore_index: int):
@@ -24,9 +34,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         shifted = x - row_max.unsqueeze(-1)
 
         valid = target != ignore_index
-        local_t = target - start
-        in_range = valid & (local_t >= 0) & (local_t < vocab_local)
-        idx = local_t.masked_fill(~in_range, 0).unsqueeze(-1)
+        idx, in_range = _owned_targets(target, valid, start, vocab_local)
         target_logit = shifted.gather(-1, idx).squeeze(-1).masked_fill(~in_range, 0.0)
         all_reduce_no_grad(target_logit, group)
 
@@ -56,10 +64,8 @@ def vocab_parallel_target_logit(
     """``logits[..., target]`` (fp32, 0 at ``ignore_index``) of vocab-sharded ``logits``: the rank owning
     each target contributes it, one all-reduce of ``[tokens]``. No gradient."""
     vocab_local = logits.shape[-1]
-    local_t = target - group_rank(group) * vocab_local
-    in_range = (target != ignore_index) & (local_t >= 0) & (local_t < vocab_local)
-    idx = local_t.masked_fill(~in_range, 0).unsqueeze(-1)
-    picked = logits.detach().gather(-1, idx).squeeze(-1).float().masked_fill(~in_range, 0.0)
+    idx, owned = _owned_targets(target, target != ignore_index, group_rank(group) * vocab_local, vocab_local)
+    picked = logits.detach().gather(-1, idx).squeeze(-1).float().masked_fill(~owned, 0.0)
     all_reduce_no_grad(picked, group)
     return picked
 
