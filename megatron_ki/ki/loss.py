@@ -276,12 +276,13 @@ def per_token_divergence(
         if not bool(flat.all()):
             idx = flat.nonzero().squeeze(-1)
     rows, lse_t = _VocabParallelDivergence.apply(s, t, idx, float(temperature), divergence, tp_group, backend)
-    if idx is not None:
-        rows = rows.new_zeros(s.shape[0]).index_put((idx,), rows)
-        lse_t = lse_t.new_zeros(s.shape[0]).index_put((idx,), lse_t)
-    if return_teacher_lse:
-        return rows.reshape(lead), lse_t.reshape(lead)
-    return rows.reshape(lead)
+
+    def full(per_row: torch.Tensor) -> torch.Tensor:
+        return (per_row if idx is None else per_row.new_zeros(s.shape[0]).index_put((idx,), per_row)).reshape(
+            lead
+        )
+
+    return (full(rows), full(lse_t)) if return_teacher_lse else full(rows)
 
 
 # ------------------------------------------------------------------------------------ the KI loss
