@@ -123,42 +123,34 @@ class Trainer:
         loss positions, so the value is the mean over the evaluated tokens whatever the micro-batch split
         (MLM micro-batches carry different numbers of masked positions).
         """
-        # Per quantity: (weighted sum, weight) -> lm, kd, teacher lm, loss; one all-reduce for all of them.
-        totals = torch.zeros(8, dtype=torch.float64)
+        # (weighted sum, weight) of lm, kd and teacher lm, then the weighted loss (its weight is lm's): one
+        # device-to-host copy and one all-reduce for all of them.
+        totals = torch.zeros(7, dtype=torch.float64)
         if records:
-            # One device-to-host copy for all records instead of a sync per value.
-            zero = torch.zeros((), device=records[0].lm_loss.device)
+            zero = torch.zeros((), dtype=torch.float64, device=records[0].lm_loss.device)
             rows = []
             for r in records:
-                weight = r.num_tokens.double() if token_weighted else torch.ones((), dtype=torch.float64)
-                weight = weight.to(zero.device)
-                has_kd = torch.ones_like(weight) if r.kd_loss is not None else torch.zeros_like(weight)
-                has_t = torch.ones_like(weight) if r.teacher_lm_loss is not None else torch.zeros_like(weight)
-                kd = r.kd_loss if r.kd_loss is not None else zero
-                teacher = r.teacher_lm_loss if r.teacher_lm_loss is not None else zero
-                rows.append(
-                    torch.stack(
-                        [
-                            r.lm_loss.detach().double() * weight,
-                            weight,
-                            kd.detach().double() * weight * has_kd,
-                            weight * has_kd,
-                            teacher.detach().double() * weight * has_t,
-                            weight * has_t,
-                            r.loss.detach().double() * weight,
-                            weight,
-                        ]
-                    )
-                )
+                w = r.num_tokens.to(zero) if token_weighted else torch.ones_like(zero)
+                kd_w = w if r.kd_loss is not None else zero
+                t_w = w if r.teacher_lm_loss is not None else zero
+                kd = r.kd_loss.detach().double() if r.kd_loss is not None else zero
+                teacher = r.teacher_lm_loss.detach().double() if r.teacher_lm_loss is not None else zero
+                lm, loss = r.lm_loss.detach().double(), r.loss.detach().double()
+                rows.append(torch.stack([lm * w, w, kd * kd_w, kd_w, teacher * t_w, t_w, loss * w]))
             totals = torch.stack(rows).cpu().sum(dim=0)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(totals)
         t = totals.tolist()
 
-        def mean(i: int) -> float | None:
-            return t[i] / t[i + 1] if t[i + 1] else None
+        def mean(total: int, weight: int) -> float | None:
+            return t[total] / t[weight] if t[weight] else None
 
-        return {"lm_loss": mean(0), "kd_loss": mean(2), "teacher_lm_loss": mean(4), "loss": mean(6)}
+        return {
+            "lm_loss": mean(0, 1),
+            "kd_loss": mean(2, 3),
+            "teacher_lm_loss": mean(4, 5),
+            "loss": mean(6, 1),
+        }
 
     def train_step(self, data_iter: Iterator) -> dict[str, Any]:
         step = self.state.step
