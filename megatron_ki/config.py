@@ -199,6 +199,16 @@ class ModelConfig:
         0. A sample of s tokens uses ids up to s - 1 + this."""
         return self.pad_token_id + 1 if self.padding_positions else 0
 
+    def positions_fit(self, seq_length: int) -> bool:
+        """Whether every position id of a ``seq_length``-token sample (up to seq_length - 1 + the offset) has a
+        row in the position table."""
+        return seq_length - 1 + self.position_id_offset < self.position_table_size
+
+    def pads_like(self, student: ModelConfig) -> bool:
+        """Whether this model, used as ``student``'s teacher, numbers RoBERTa positions from the student's
+        padding id (only a learned RoBERTa table depends on it; an unknown student padding id is no conflict)."""
+        return not self.padding_positions or student.pad_token_id in (None, self.pad_token_id)
+
     @property
     def position_table_size(self) -> int:
         """Rows of the learned position table: max_position_embeddings + position_id_offset (transformers'
@@ -586,9 +596,9 @@ def check_positions(model: ModelConfig, seq_length: int, prefix: str = "model") 
     RoBERTa's ids run up to pad_token_id + seq_length (transformers' rule) over a table of
     max_position_embeddings + pad_token_id + 1 rows; others run up to seq_length - 1 over max_position_embeddings.
     """
-    last = seq_length - 1 + model.position_id_offset
-    if last < model.position_table_size:
+    if model.positions_fit(seq_length):
         return
+    last = seq_length - 1 + model.position_id_offset
     if model.padding_positions:
         raise ConfigError(
             "data.seq_length",
@@ -606,13 +616,12 @@ def check_positions(model: ModelConfig, seq_length: int, prefix: str = "model") 
 
 def check_same_padding(student: ModelConfig, teacher: ModelConfig, prefix: str = "ki.teacher") -> None:
     """A RoBERTa teacher numbers the student's padded batches from its own pad_token_id: it must be the same."""
-    if teacher.padding_positions and student.pad_token_id is not None:
-        _check(
-            teacher.pad_token_id == student.pad_token_id,
-            f"{prefix}.pad_token_id",
-            f"{teacher.pad_token_id} differs from model.pad_token_id={student.pad_token_id}: teacher and student "
-            "share the tokenizer, and the teacher's RoBERTa positions must skip the same padding tokens",
-        )
+    _check(
+        teacher.pads_like(student),
+        f"{prefix}.pad_token_id",
+        f"{teacher.pad_token_id} differs from model.pad_token_id={student.pad_token_id}: teacher and student "
+        "share the tokenizer, and the teacher's RoBERTa positions must skip the same padding tokens",
+    )
 
 
 def upgrade_stored_config(data: dict[str, Any]) -> dict[str, Any]:

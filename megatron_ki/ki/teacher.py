@@ -47,21 +47,13 @@ def check_teacher_fits(
             f"teacher family {teacher.family!r} and student family {student.family!r} differ in attention "
             "(causal vs bidirectional): their distributions are over different tasks"
         )
-    if (
-        teacher.padding_positions
-        and student.pad_token_id is not None
-        and teacher.pad_token_id != student.pad_token_id
-    ):
+    if not teacher.pads_like(student):
         raise TeacherError(
             f"teacher pad_token_id {teacher.pad_token_id} differs from the student's {student.pad_token_id}: the "
             "teacher's RoBERTa positions (from pad_token_id + 1) would not skip the shared tokenizer's padding"
         )
     learned = teacher.position_embedding == "learned"  # rotary positions have no table to run past
-    if (
-        learned
-        and seq_length is not None
-        and seq_length - 1 + teacher.position_id_offset >= teacher.position_table_size
-    ):
+    if learned and seq_length is not None and not teacher.positions_fit(seq_length):
         raise TeacherError(
             f"data.seq_length {seq_length} is longer than the teacher's max_position_embeddings "
             f"{teacher.max_position_embeddings} (a {teacher.position_table_size}-row position table"
