@@ -332,9 +332,9 @@ def test_clear_errors_and_no_outputs(assets, tmp_path, capsys):
     assert not (tmp_path / "o").exists() or _outputs(tmp_path / "o") == []
 
 
-@pytest.mark.parametrize("how", ["kill", "terminate"])
-def test_cli_interrupt_leaves_no_complete_pair(assets, tmp_path, how):
-    """SIGKILL mid-run leaves at most temporary files, never a .bin/.idx pair; SIGTERM leaves nothing."""
+def _start_big_run(assets, tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, Path]:
+    """tools/preprocess_data.py on a 300x corpus into ``<tmp>/out/x``, returned once its first progress line
+    is out: the run is under way and its temporary files exist."""
     big = tmp_path / "big.jsonl"
     big.write_text(Path(assets["corpus"]).read_text() * 300)
     out_dir = tmp_path / "out"
@@ -343,8 +343,7 @@ def test_cli_interrupt_leaves_no_complete_pair(assets, tmp_path, how):
             sys.executable,
             os.path.join(ROOT, "tools/preprocess_data.py"),
             *_sp_args({**assets, "corpus": str(big)}, str(out_dir / "x")),
-            "--workers",
-            "2",
+            *extra,
             "--chunk-lines",
             "8",
             "--log-interval",
@@ -355,7 +354,14 @@ def test_cli_interrupt_leaves_no_complete_pair(assets, tmp_path, how):
         text=True,
     )
     assert proc.stderr is not None
-    assert "docs/s" in proc.stderr.readline()  # first progress line: the run is under way
+    assert "docs/s" in proc.stderr.readline()
+    return proc, out_dir
+
+
+@pytest.mark.parametrize("how", ["kill", "terminate"])
+def test_cli_interrupt_leaves_no_complete_pair(assets, tmp_path, how):
+    """SIGKILL mid-run leaves at most temporary files, never a .bin/.idx pair; SIGTERM leaves nothing."""
+    proc, out_dir = _start_big_run(assets, tmp_path, "--workers", "2")
     getattr(proc, how)()
     _, err = proc.communicate(timeout=60)
     names = os.listdir(out_dir) if out_dir.exists() else []
@@ -444,25 +450,7 @@ def test_no_documents_keeps_the_existing_dataset(assets, tmp_path, capsys, parti
 
 def test_rerun_after_kill_removes_stale_temp_files(assets, tmp_path):
     """kill -9 leaves temporary files (nothing can remove them then); the next run of the prefix does."""
-    big = tmp_path / "big.jsonl"
-    big.write_text(Path(assets["corpus"]).read_text() * 300)
-    out_dir = tmp_path / "out"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            os.path.join(ROOT, "tools/preprocess_data.py"),
-            *_sp_args({**assets, "corpus": str(big)}, str(out_dir / "x")),
-            "--chunk-lines",
-            "8",
-            "--log-interval",
-            "100",
-        ],
-        stderr=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stderr is not None
-    assert "docs/s" in proc.stderr.readline()  # the run is under way: its temporary files exist
+    proc, out_dir = _start_big_run(assets, tmp_path)
     proc.kill()
     proc.communicate(timeout=60)
     left = _outputs(out_dir)
