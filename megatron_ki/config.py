@@ -26,9 +26,13 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from megatron_ki.errors import EXIT_USAGE, MegatronKIError
 
-class ConfigError(ValueError):
+
+class ConfigError(MegatronKIError, ValueError):
     """A configuration value is unknown, of the wrong type, or inconsistent; the message names the key."""
+
+    exit_code = EXIT_USAGE
 
     def __init__(self, key: str, message: str):
         self.key = key

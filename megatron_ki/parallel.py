@@ -21,8 +21,10 @@ from typing import NamedTuple
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from megatron_ki.errors import MegatronKIError
 
-class TopologyError(ValueError):
+
+class TopologyError(MegatronKIError, ValueError):
     """The requested sizes do not fit the world; the message names the option."""
 
 

@@ -52,11 +52,12 @@ from megatron_ki.convert.reshard import (
     write_checkpoint,
 )
 from megatron_ki.convert.tokenizer import export_tokenizer, has_hf_tokenizer
+from megatron_ki.errors import MegatronKIError
 
 logger = logging.getLogger("convert_checkpoint")
 
 
-class ConversionError(ValueError):
+class ConversionError(MegatronKIError, ValueError):
     """A conversion cannot be done as asked; the message names the option, field or file."""
 
 

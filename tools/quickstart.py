@@ -26,13 +26,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_ki.errors import MegatronKIError
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 CONFIGS = ROOT / "launch" / "configs" / "quickstart"
 
 
-class QuickstartError(RuntimeError):
+class QuickstartError(MegatronKIError, RuntimeError):
     """A step failed; the message says which and how."""
 
 

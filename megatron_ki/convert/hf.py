@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from megatron_ki.config import ModelConfig
+from megatron_ki.errors import MegatronKIError
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +216,7 @@ UNUSED_HEADS: dict[str, tuple[str, ...]] = {
 }
 
 
-class UnmappedTensorsError(ValueError):
+class UnmappedTensorsError(MegatronKIError, ValueError):
     """A Hugging Face checkpoint holds tensors that the mapping of its config would drop."""
 
 

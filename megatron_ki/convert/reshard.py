@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from megatron_ki.config import Config, ModelConfig, config_from_dict, upgrade_stored_config
+from megatron_ki.errors import MegatronKIError
 from megatron_ki.tensor_parallel import shard_rows, unshard_rows
 
 FORMAT_VERSION = 1
@@ -32,7 +33,7 @@ META_FILE = "meta.json"
 LATEST_FILE = "latest"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MegatronKIError, ValueError):
     """A checkpoint is missing, incomplete or does not fit; the message names the file."""
 
 

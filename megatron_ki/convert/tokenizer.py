@@ -16,6 +16,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from megatron_ki.errors import MegatronKIError
+
 # Files a Hugging Face tokenizer directory may hold (copied as they are).
 HF_TOKENIZER_FILES = (
     "tokenizer.json",
@@ -33,7 +35,7 @@ HF_TOKENIZER_FILES = (
 _SP_NORMAL, _SP_UNKNOWN, _SP_CONTROL, _SP_USER, _SP_UNUSED, _SP_BYTE = 1, 2, 3, 4, 5, 6
 
 
-class TokenizerMismatchError(ValueError):
+class TokenizerMismatchError(MegatronKIError, ValueError):
     """Teacher and student tokenizers differ; the message names the first differing id."""
 
 

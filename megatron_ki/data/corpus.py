@@ -13,8 +13,10 @@ import os
 from collections.abc import Iterator
 from typing import IO
 
+from megatron_ki.errors import MegatronKIError
 
-class CorpusError(ValueError):
+
+class CorpusError(MegatronKIError, ValueError):
     """Bad input: the message starts with ``file:line`` where there is one."""
 
 

@@ -46,6 +46,8 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_ki.errors import MegatronKIError
+
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 HEADER_SIZE = len(MAGIC) + 8 + 1 + 8 + 8  # 34 bytes
@@ -65,7 +67,7 @@ CODE_OF_DTYPE = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
 _CHUNK = 1 << 20  # entries per chunk when streaming index arrays
 
 
-class IndexedDatasetError(ValueError):
+class IndexedDatasetError(MegatronKIError, ValueError):
     """An ``.idx``/``.bin`` pair is malformed; the message names the file and what was expected."""
 
 

@@ -34,9 +34,10 @@ from megatron_ki.data.indexed import (
     remove_stale_temp_files,
 )
 from megatron_ki.data.tokenizers import TOKENIZER_TYPES, Tokenizer, build_tokenizer
+from megatron_ki.errors import MegatronKIError
 
 
-class PreprocessError(RuntimeError):
+class PreprocessError(MegatronKIError, RuntimeError):
     """A failure with a one-line message meant for the user (the tool prints it and exits 1)."""
 
 

@@ -14,13 +14,14 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from megatron_ki.config import KIConfig, ModelConfig
+from megatron_ki.errors import MegatronKIError
 from megatron_ki.models import build_model
 from megatron_ki.models.transformer import DTYPES
 
 from .loss import KILossOutput, ki_loss
 
 
-class TeacherError(ValueError):
+class TeacherError(MegatronKIError, ValueError):
     """The teacher does not fit the student (vocabulary, tokenizer, tensor-parallel split)."""
 
 

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_ki.config import Config
+from megatron_ki.errors import MegatronKIError
 from megatron_ki.ki.schedule import KISchedule
 from megatron_ki.ki.teacher import KILossFunction
 from megatron_ki.parallel import ParallelGroups
@@ -27,7 +28,7 @@ from megatron_ki.training.metrics import peak_memory_gib
 logger = logging.getLogger("megatron_ki")
 
 
-class TrainingAborted(RuntimeError):
+class TrainingAborted(MegatronKIError, RuntimeError):
     """Training cannot continue (too many consecutive non-finite steps)."""
 
 

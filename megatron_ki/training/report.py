@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from megatron_ki.errors import MegatronKIError
 from megatron_ki.training.metrics import METRICS_FILE, read_metrics
 
 FLOPS_KEYS = ("flops", "train_flops")
@@ -34,7 +35,7 @@ MARKDOWN_FILE = "ki_report.md"
 PNG_FILE = "ki_report.png"
 
 
-class PlotRunsError(Exception):
+class PlotRunsError(MegatronKIError):
     """A run directory or its metrics cannot be used; the message names the path."""
 
 
