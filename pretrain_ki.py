@@ -18,9 +18,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_ki.config import Config, ConfigError, parse_args
+from megatron_ki.errors import EXIT_FAILURE, EXIT_REQUEUE, debug_requested, exit_code_for
 from megatron_ki.parallel import release_deepspeed_shm
 
 logger = logging.getLogger("megatron_ki")
+PROG = "pretrain_ki.py"
+STARTED = time.monotonic()  # train.exit_duration_mins counts from here
 
 
 def setup_logging(rank: int) -> None:
@@ -31,16 +34,19 @@ def setup_logging(rank: int) -> None:
     )
 
 
+def collective_timeout(cfg: Config) -> timedelta:
+    """The process groups' timeout: a backstop a little after the step watchdog, which names the hung rank."""
+    return timedelta(seconds=cfg.train.collective_timeout_s + 30)
+
+
 def init_distributed(cfg: Config) -> None:
-    """DeepSpeed's comm layer over NCCL (GPU) or gloo (CPU); a dead peer fails collectives after the timeout."""
+    """DeepSpeed's comm layer over NCCL (GPU) or gloo (CPU)."""
     import deepspeed
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    deepspeed.init_distributed(
-        dist_backend=backend, timeout=timedelta(seconds=cfg.train.collective_timeout_s)
-    )
+    deepspeed.init_distributed(dist_backend=backend, timeout=collective_timeout(cfg))
     release_deepspeed_shm()
 
 
@@ -154,18 +160,36 @@ def _test_hook_fail(step: int, rank: int) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run, and turn an expected failure into one line on one rank (``--debug``: the traceback)."""
+    from megatron_ki.training.resilience import is_peer_failure, report_failure
+
     argv = sys.argv[1:] if argv is None else argv
     argv = [a for a in argv if not a.startswith("--local_rank")]  # added by the deepspeed launcher
+    debug = debug_requested(argv)
+    argv = [a for a in argv if a != "--debug"]
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     setup_logging(rank)
     try:
-        cfg = parse_args(argv)
-        cfg.validate(world)
-        if not cfg.data.data_path:
-            raise ConfigError("data.data_path", "is required: a preprocessed prefix or 'weight prefix' pairs")
-    except ConfigError as e:
-        print(f"pretrain_ki.py: {e}", file=sys.stderr)
-        return 2
+        return run(argv, rank, world)
+    except BaseException as e:
+        if debug or isinstance(e, SystemExit):
+            raise
+        if is_peer_failure(e):  # the rank that failed says why; the others only say that they stop
+            if rank == 0:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                print(f"{PROG}: rank 0 stops: lost contact with another rank ({first})", file=sys.stderr)
+            return EXIT_FAILURE
+        code = exit_code_for(e)
+        if code is None:
+            raise
+        return report_failure(PROG, e, rank, code, distributed=dist.is_initialized())
+
+
+def run(argv: list[str], rank: int, world: int) -> int:
+    cfg = parse_args(argv)
+    cfg.validate(world)
+    if not cfg.data.data_path:
+        raise ConfigError("data.data_path", "is required: a preprocessed prefix or 'weight prefix' pairs")
 
     from megatron_ki.convert.reshard import write_text_atomic
     from megatron_ki.ki.schedule import build_schedule
@@ -186,10 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_ki.training.loop import Trainer
     from megatron_ki.training.lr import lr_schedule
     from megatron_ki.training.metrics import MetricsWriter, ProgressBar
+    from megatron_ki.training.resilience import StepWatchdog, StopRequest
 
     init_distributed(cfg)
     groups = ParallelGroups.build(
-        Topology.from_world(world, cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel)
+        Topology.from_world(world, cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel),
+        timeout=collective_timeout(cfg),
     )
     device = (
         torch.device("cuda", torch.cuda.current_device())
@@ -297,42 +323,87 @@ def main(argv: list[str] | None = None) -> int:
         )
         return result
 
-    while trainer.state.step < train.train_steps:
-        teacher_ran = trainer.teacher_active
-        metrics = trainer.train_step(train_iter)
-        step = trainer.state.step
-        per_token = training_flops_per_token(
-            cfg.model, cfg.data.seq_length, teacher_cfg if teacher_ran else None
-        )
-        trainer.state.flops += per_token * train.global_batch_size * cfg.data.seq_length
-        metrics.update(
-            flops_per_token=per_token,
-            flops=trainer.state.flops,
-            mfu=mfu(metrics["tokens_per_s"], per_token, peak, world) if metrics["tokens_per_s"] else None,
-            elapsed_s=time.perf_counter() - started,
-        )
-        if step % cfg.logging.log_interval == 0 or step == train.train_steps:
-            writer.log(step, metrics)
-        bar.update(step, metrics["loss"], metrics["alpha"], metrics["tokens_per_s"])
-        if _test_hook_fail(step, rank):
-            raise RuntimeError(f"test hook: MEGATRON_KI_FAIL_AT_STEP={step} on rank {rank}")
-        if valid_iter is not None and train.eval_interval and step % train.eval_interval == 0:
-            evaluate("valid", valid_iter())
-        if cfg.checkpoint.save and cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0:
+    stop = StopRequest(train.exit_signal_handler, train.exit_duration_mins, started=STARTED)
+    watchdog = StepWatchdog.from_env(rank, world, train.collective_timeout_s)
+    saved_at = trainer.state.step if cfg.checkpoint.load else None
+    stop.install()
+    watchdog.start()
+    try:
+        while trainer.state.step < train.train_steps:
+            watchdog.progress(trainer.state.step, "training")
+            teacher_ran = trainer.teacher_active
+            metrics = trainer.train_step(train_iter)
+            step = trainer.state.step
+            per_token = training_flops_per_token(
+                cfg.model, cfg.data.seq_length, teacher_cfg if teacher_ran else None
+            )
+            trainer.state.flops += per_token * train.global_batch_size * cfg.data.seq_length
+            metrics.update(
+                flops_per_token=per_token,
+                flops=trainer.state.flops,
+                mfu=mfu(metrics["tokens_per_s"], per_token, peak, world) if metrics["tokens_per_s"] else None,
+                elapsed_s=time.perf_counter() - started,
+            )
+            if step % cfg.logging.log_interval == 0 or step == train.train_steps:
+                writer.log(step, metrics)
+            bar.update(step, metrics["loss"], metrics["alpha"], metrics["tokens_per_s"])
+            if _test_hook_fail(step, rank):
+                raise RuntimeError(f"test hook: MEGATRON_KI_FAIL_AT_STEP={step} on rank {rank}")
+            if valid_iter is not None and train.eval_interval and step % train.eval_interval == 0:
+                watchdog.progress(step, "evaluation")
+                evaluate("valid", valid_iter())
+            if (
+                cfg.checkpoint.save
+                and cfg.checkpoint.save_interval
+                and step % cfg.checkpoint.save_interval == 0
+            ):
+                watchdog.progress(step, "saving a checkpoint")
+                save()
+                saved_at = step
+            reason = stop.agreed(device)
+            if reason is not None and step < train.train_steps:
+                return stop_early(
+                    reason, step, save if saved_at != step else None, cfg.checkpoint.save, writer, bar
+                )
+        bar.close()
+        if cfg.checkpoint.save and saved_at != trainer.state.step:
+            watchdog.progress(trainer.state.step, "saving a checkpoint")
             save()
+        watchdog.progress(trainer.state.step, "evaluation")
+        if valid_iter is not None and (not train.eval_interval or trainer.state.step % train.eval_interval):
+            evaluate("valid", valid_iter())
+        if test_loader is not None:
+            final = evaluate("test", batches(test_loader, cfg.model.causal))
+            logger.info("test: %s", {k: v for k, v in final.items() if v is not None})
+        writer.close()
+        watchdog.progress(trainer.state.step, "the final barrier")
+        dist.barrier()
+    finally:
+        watchdog.stop()
+        stop.uninstall()
+    return 0
+
+
+def stop_early(reason: str, step: int, save, save_dir: str | None, writer, bar) -> int:
+    """Save (unless this step is saved already) and return the requeue exit code."""
     bar.close()
-    if cfg.checkpoint.save and (
-        not cfg.checkpoint.save_interval or trainer.state.step % cfg.checkpoint.save_interval
-    ):
+    if save is not None and save_dir:
+        logger.info(
+            "%s: saving a checkpoint at step %d, then exiting with code %d", reason, step, EXIT_REQUEUE
+        )
         save()
-    if valid_iter is not None and (not train.eval_interval or trainer.state.step % train.eval_interval):
-        evaluate("valid", valid_iter())
-    if test_loader is not None:
-        final = evaluate("test", batches(test_loader, cfg.model.causal))
-        logger.info("test: %s", {k: v for k, v in final.items() if v is not None})
+    elif save_dir:
+        logger.info("%s: step %d is saved; exiting with code %d", reason, step, EXIT_REQUEUE)
+    else:
+        logger.info(
+            "%s: exiting at step %d with code %d WITHOUT a checkpoint (checkpoint.save is not set)",
+            reason,
+            step,
+            EXIT_REQUEUE,
+        )
     writer.close()
     dist.barrier()
-    return 0
+    return EXIT_REQUEUE
 
 
 if __name__ == "__main__":

@@ -112,4 +112,49 @@ printf '\n'
 if [[ "${DRY_RUN:-0}" == "1" ]]; then
     exit 0
 fi
-exec "${cmd[@]}"
+
+# Signals: DeepSpeed's single-node launcher dies on SIGTERM without passing it on, which would orphan the
+# ranks. So the job runs in its own process group (a terminal's Ctrl-C reaches only this script) and this
+# script forwards SIGTERM/SIGINT to the ranks, the children of DeepSpeed's per-node launch.py: they finish
+# the step, save a checkpoint and exit with 75 (train.exit_signal_handler). Multi-node runs over pdsh get the
+# signal through DeepSpeed's runner, which stops the remote ranks without a save (signal them directly, as
+# SLURM's scancel does, to save).
+children_of() {
+    local stat line rest state ppid
+    for stat in /proc/[0-9]*/stat; do
+        read -r line <"$stat" 2>/dev/null || continue
+        rest="${line##*) }"
+        read -r state ppid _ <<<"$rest"
+        [[ "$ppid" == "$1" ]] && echo "${line%% *}"
+    done
+    return 0
+}
+
+forward() {
+    local sig="$1" launcher rank ranks=()
+    for launcher in $(children_of "$job"); do
+        for rank in $(children_of "$launcher"); do
+            ranks+=("$rank")
+        done
+    done
+    if [[ ${#ranks[@]} -gt 0 && "${NNODES:-1}" -le 1 ]]; then
+        echo "pretrain_ki.sh: SIG$sig: forwarding it to the ranks (${ranks[*]}); they save and exit" >&2
+        kill -s "$sig" "${ranks[@]}" 2>/dev/null || true
+    else
+        echo "pretrain_ki.sh: SIG$sig: forwarding it to the DeepSpeed launcher" >&2
+        kill -s "$sig" "$job" $(children_of "$job") 2>/dev/null || true
+    fi
+}
+
+set -m
+"${cmd[@]}" &
+job=$!
+set +m
+trap 'forward TERM' TERM
+trap 'forward INT' INT
+while true; do
+    rc=0
+    wait "$job" || rc=$?
+    kill -0 "$job" 2>/dev/null || break # wait returned because the job ended, not because of a signal
+done
+exit "$rc"

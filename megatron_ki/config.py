@@ -440,8 +440,15 @@ class TrainConfig:
     deepspeed_config: str | None = None
     """Optional DeepSpeed JSON whose entries override the generated config."""
     collective_timeout_s: int = 600
-    """Seconds a collective may wait for a peer before failing, so a crashed rank ends the job instead of
-    hanging it."""
+    """Seconds without progress after which the job ends instead of hanging: a step watchdog on every rank
+    names the rank that stopped answering and exits non-zero; collectives themselves time out a little later."""
+    exit_signal_handler: bool = True
+    """SIGTERM/SIGINT to the launcher or any rank: every rank finishes its step, saves a checkpoint (when
+    checkpoint.save is set) and exits with code 75, so a scheduler can requeue (Megatron-LM's
+    --exit-signal-handler). False: the signals end the processes at once."""
+    exit_duration_mins: float | None = None
+    """Save and exit with code 75 after this many minutes of wall-clock time since start-up, before a
+    scheduler's time limit (Megatron-LM's --exit-duration-in-mins)."""
 
     def __post_init__(self) -> None:
         _check(
@@ -458,6 +465,11 @@ class TrainConfig:
         _check(self.zero_stage in (0, 1, 2), "train.zero_stage", f"must be 0, 1 or 2, got {self.zero_stage}")
         _check(self.eval_interval >= 0, "train.eval_interval", "must be >= 0")
         _check(self.collective_timeout_s > 0, "train.collective_timeout_s", "must be positive")
+        _check(
+            self.exit_duration_mins is None or self.exit_duration_mins > 0,
+            "train.exit_duration_mins",
+            f"must be positive, got {self.exit_duration_mins}",
+        )
 
 
 # ---------------------------------------------------------------------------------------- checkpoint

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import NamedTuple
 
@@ -143,8 +144,13 @@ class ParallelGroups:
         )
 
     @classmethod
-    def build(cls, topology: Topology, backend: str | None = None) -> ParallelGroups:
-        """Create every group of ``topology``; collective: all ranks must call it in the same order."""
+    def build(
+        cls, topology: Topology, backend: str | None = None, timeout: timedelta | None = None
+    ) -> ParallelGroups:
+        """Create every group of ``topology``; collective: all ranks must call it in the same order.
+
+        ``timeout`` bounds each collective of the groups (torch gives new groups 30 minutes, not the world's).
+        """
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed must be initialised before ParallelGroups.build")
         world, rank = dist.get_world_size(), dist.get_rank()
@@ -163,7 +169,7 @@ class ParallelGroups:
         ):
             mine = None
             for ranks in groups:
-                group = dist.new_group(ranks=ranks, backend=backend)
+                group = dist.new_group(ranks=ranks, backend=backend, timeout=timeout)
                 if rank in ranks:
                     mine = group
             setattr(out, name, mine)
