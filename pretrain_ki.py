@@ -217,6 +217,8 @@ def run(argv: list[str], rank: int, world: int) -> int:
         Topology.from_world(world, cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel),
         timeout=collective_timeout(cfg),
     )
+    watchdog = StepWatchdog.from_env(rank, world, cfg.train.collective_timeout_s)
+    watchdog.start()  # heartbeats from now on; the deadline counts from the first training step
     device = (
         torch.device("cuda", torch.cuda.current_device())
         if torch.cuda.is_available()
@@ -324,10 +326,8 @@ def run(argv: list[str], rank: int, world: int) -> int:
         return result
 
     stop = StopRequest(train.exit_signal_handler, train.exit_duration_mins, started=STARTED)
-    watchdog = StepWatchdog.from_env(rank, world, train.collective_timeout_s)
     saved_at = trainer.state.step if cfg.checkpoint.load else None
     stop.install()
-    watchdog.start()
     try:
         while trainer.state.step < train.train_steps:
             watchdog.progress(trainer.state.step, "training")
@@ -361,6 +361,8 @@ def run(argv: list[str], rank: int, world: int) -> int:
                 save()
                 saved_at = step
             reason = stop.agreed(device)
+            if reason is None and train.exit_interval and step % train.exit_interval == 0:
+                reason = f"train.exit_interval ({train.exit_interval}) reached"
             if reason is not None and step < train.train_steps:
                 return stop_early(
                     reason, step, save if saved_at != step else None, cfg.checkpoint.save, writer, bar

@@ -449,6 +449,9 @@ class TrainConfig:
     exit_duration_mins: float | None = None
     """Save and exit with code 75 after this many minutes of wall-clock time since start-up, before a
     scheduler's time limit (Megatron-LM's --exit-duration-in-mins)."""
+    exit_interval: int = 0
+    """Save and exit with code 75 after a step that is a multiple of this (0: never), to cut a long run into
+    scheduler-sized pieces (Megatron-LM's --exit-interval)."""
 
     def __post_init__(self) -> None:
         _check(
@@ -470,6 +473,7 @@ class TrainConfig:
             "train.exit_duration_mins",
             f"must be positive, got {self.exit_duration_mins}",
         )
+        _check(self.exit_interval >= 0, "train.exit_interval", f"must be >= 0, got {self.exit_interval}")
 
 
 # ---------------------------------------------------------------------------------------- checkpoint

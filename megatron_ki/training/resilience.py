@@ -130,6 +130,7 @@ class StepWatchdog(threading.Thread):
         self._step, self._phase, self._last = 0, "start-up", time.monotonic()
         self._beat = 0
         self._reporter = False
+        self._armed = False
         self._stopped = threading.Event()
 
     @classmethod
@@ -148,17 +149,20 @@ class StepWatchdog(threading.Thread):
         return cls(rank, world, timeout_s, store=store, **kwargs)
 
     def progress(self, step: int, phase: str) -> None:
-        """Called by the loop whenever it gets somewhere (cheap: three attribute writes)."""
+        """Called by the loop whenever it gets somewhere (cheap attribute writes); the first call arms the
+        deadline: before it (start-up) the thread only sends heartbeats, so peers can name this rank."""
         self._step, self._phase, self._last = step, phase, time.monotonic()
+        self._armed = True
 
     def stop(self) -> None:
         self._stopped.set()
 
     def run(self) -> None:
+        self._publish()
         while not self._stopped.wait(self.interval_s):
             self._publish()
             idle = time.monotonic() - self._last
-            if idle >= self.timeout_s and not self._stopped.is_set():
+            if self._armed and idle >= self.timeout_s and not self._stopped.is_set():
                 self.on_hang(self.diagnose(idle), self.reporter())
                 return
 
