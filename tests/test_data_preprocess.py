@@ -495,7 +495,7 @@ def test_merge_tool_names_the_missing_file(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert (
         err
-        == f"error: dataset {tmp_path / 'b'}: {tmp_path / 'b.idx'} not found ({tmp_path / 'b.bin'} is there; expected both files)"
+        == f"merge_datasets.py: error: dataset {tmp_path / 'b'}: {tmp_path / 'b.idx'} not found ({tmp_path / 'b.bin'} is there; expected both files)"
     )
     (tmp_path / "a.bin").unlink()
     assert merge(["--input", str(tmp_path / "a"), *out]) == 1

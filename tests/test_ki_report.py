@@ -232,11 +232,11 @@ def test_cli_errors(runs, tmp_path, capsys):
         ki_report.main(["--ki", str(missing), "--scratch", str(runs[1]), "--out", str(tmp_path / "o")]) == 1
     )
     err = capsys.readouterr().err
-    assert err == f"ki_report: run directory not found: {missing}\n"
+    assert err == f"ki_report.py: error: run directory not found: {missing}\n"
     empty = tmp_path / "empty"
     empty.mkdir()
     assert ki_report.main(["--ki", str(runs[0]), "--scratch", str(empty)]) == 1
-    assert capsys.readouterr().err.startswith(f"ki_report: {empty / 'metrics.jsonl'} not found")
+    assert capsys.readouterr().err.startswith(f"ki_report.py: error: {empty / 'metrics.jsonl'} not found")
     assert ki_report.main(["--ki", str(runs[0]), "--scratch", str(runs[1]), "--split", "test"]) == 1
     err = capsys.readouterr().err
     assert "no 'test' records" in err and str(runs[0] / "metrics.jsonl") in err and err.count("\n") == 1

@@ -21,6 +21,12 @@ import sysconfig
 import warnings
 from collections.abc import Iterator
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_ki.errors import MegatronKIError, add_debug_argument, describe_os_error, run_main
+
+PROG = "build_demo_corpus.py"
+
 SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test", "lib2to3"}
 
 
@@ -61,23 +67,29 @@ def documents(root: str, mode: str, min_chars: int) -> Iterator[dict]:
                 yield {"text": doc, "source": f"{rel}:{name}"}
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
+    """An expected failure is one line on stderr and exit code 1."""
+    return run_main(PROG, _main, argv)
+
+
+def _main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--output", required=True, help="output .jsonl file")
     p.add_argument("--mode", choices=("docstrings", "files", "both"), default="docstrings")
     p.add_argument("--min-chars", type=int, default=64, help="drop documents shorter than this")
     p.add_argument("--max-docs", type=int, default=0, help="stop after this many documents (0: all)")
     p.add_argument("--stdlib", default=sysconfig.get_paths()["stdlib"], help="standard-library directory")
+    add_debug_argument(p)
     args = p.parse_args(argv)
     if not os.path.isdir(args.stdlib):
-        print(f"error: --stdlib {args.stdlib} is not a directory", file=sys.stderr)
-        return 1
+        raise MegatronKIError(f"--stdlib {args.stdlib}: not a directory, expected Python's standard library")
     out_dir = os.path.dirname(os.path.abspath(args.output))
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise MegatronKIError(f"--output {args.output}: {out_dir} is a file, expected the output directory")
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
-        print(f"error: cannot create {out_dir}: {e.strerror}", file=sys.stderr)
-        return 1
+        raise MegatronKIError(f"--output {args.output}: cannot create {out_dir}: {e.strerror}") from None
     tmp = f"{args.output}.tmp-{os.getpid()}"
     n = chars = 0
     try:
@@ -89,6 +101,10 @@ def main(argv=None) -> int:
                 if args.max_docs and n >= args.max_docs:
                     break
         os.replace(tmp, args.output)
+    except OSError as e:
+        raise MegatronKIError(
+            f"--output {args.output}: cannot write the corpus ({describe_os_error(e)})"
+        ) from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -22,7 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_ki.training.report import PlotRunsError, build_ki_report, write_ki_report
+from megatron_ki.errors import MegatronKIError, add_debug_argument, describe_os_error, run_main
+from megatron_ki.training.report import build_ki_report, write_ki_report
+
+PROG = "ki_report.py"
 
 
 def _default_out(ki: str) -> Path:
@@ -33,6 +36,11 @@ def _default_out(ki: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """An expected failure (a missing run, no records to compare) is one line on stderr and exit code 1."""
+    return run_main(PROG, _main, argv)
+
+
+def _main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ki", required=True, metavar="DIR", help="the KI run directory (holds metrics.jsonl)")
     p.add_argument("--scratch", required=True, metavar="DIR", help="the scratch run of the same student")
@@ -40,18 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, metavar="DIR", help="where to write (default: the KI run's parent)")
     p.add_argument("--metric", default="lm_loss", help="metric to compare (default lm_loss; lower is better)")
     p.add_argument("--split", default="valid", help="evaluation split to compare (default valid)")
+    add_debug_argument(p)
     args = p.parse_args(argv)
-    try:
-        report = build_ki_report(args.ki, args.scratch, args.teacher, args.metric, args.split)
-    except PlotRunsError as e:
-        print(f"ki_report: {e}", file=sys.stderr)
-        return 1
+    report = build_ki_report(args.ki, args.scratch, args.teacher, args.metric, args.split)
     out = Path(args.out) if args.out is not None else _default_out(args.ki)
     try:
         md, png = write_ki_report(report, out)
     except OSError as e:
-        print(f"ki_report: cannot write the report into {out}: {e}", file=sys.stderr)
-        return 1
+        raise MegatronKIError(f"--out {out}: cannot write the report ({describe_os_error(e)})") from e
     print(report.markdown())
     print(f"wrote {md}")
     print(f"wrote {png}")

@@ -22,6 +22,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_ki.errors import MegatronKIError, UsageError, add_debug_argument, describe_os_error, run_main
 from megatron_ki.training.report import (
     FLOPS_KEYS,
     TOKENS_KEYS,
@@ -61,7 +62,16 @@ __all__ = [
 ]
 
 
+PROG = "plot_runs.py"
+FORMATS = (".png", ".pdf", ".svg")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """An expected failure is one line on stderr and exit code 1 (2: a bad option)."""
+    return run_main(PROG, _main, argv)
+
+
+def _main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories holding metrics.jsonl")
     p.add_argument("--out", required=True, help="image to write (png, pdf or svg by extension)")
@@ -70,26 +80,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target-loss", type=float, default=None, help="target value (default: reference final)")
     p.add_argument("--labels", nargs="+", default=None, help="one label per RUN_DIR ('scratch' = reference)")
     p.add_argument("--higher-is-better", action="store_true", help="the metric is an accuracy, not a loss")
+    add_debug_argument(p)
     args = p.parse_args(argv)
     if args.labels is not None and len(args.labels) != len(args.run_dirs):
-        print(
-            f"error: --labels has {len(args.labels)} names for {len(args.run_dirs)} run directories",
-            file=sys.stderr,
+        raise UsageError(f"--labels has {len(args.labels)} names for {len(args.run_dirs)} run directories")
+    if os.path.splitext(args.out)[1].lower() not in FORMATS:
+        raise UsageError(
+            f"--out {args.out}: unknown image format, expected a name ending in {', '.join(FORMATS)}"
         )
-        return 2
     labels = args.labels or [None] * len(args.run_dirs)
-    try:
-        runs = [load_run(d, args.metric, args.split, lab) for d, lab in zip(args.run_dirs, labels)]
-    except PlotRunsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    runs = [load_run(d, args.metric, args.split, lab) for d, lab in zip(args.run_dirs, labels)]
     seen: dict[str, int] = {}
     for run in runs:  # keep legend entries and table rows distinguishable
         seen[run.label] = seen.get(run.label, 0) + 1
         if seen[run.label] > 1:
             run.label = f"{run.label} ({seen[run.label]})"
     target, ref, rows = summarize(runs, args.target_loss, args.higher_is_better)
-    out = plot(runs, args.out, target)
+    try:
+        out = plot(runs, args.out, target)
+    except OSError as e:
+        raise MegatronKIError(f"--out {args.out}: cannot write the plot ({describe_os_error(e)})") from e
     print(format_table(runs, target, ref, rows))
     print(f"wrote {out}")
     return 0

@@ -26,10 +26,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_ki.errors import MegatronKIError
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_ki.errors import MegatronKIError, add_debug_argument, run_main
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+PROG = "quickstart.py"
 
 CONFIGS = ROOT / "launch" / "configs" / "quickstart"
 
@@ -76,8 +78,11 @@ def run(
         text=True,
     )
     if result.returncode != 0:
-        tail = "\n" + result.stdout[-3000:] if quiet and result.stdout else ""
-        raise QuickstartError(f"'{what}' failed with exit code {result.returncode}{tail}")
+        if quiet and result.stdout:  # the step's own output first: its error line says what went wrong
+            print(result.stdout[-3000:], file=sys.stderr, end="" if result.stdout.endswith("\n") else "\n")
+        raise QuickstartError(
+            f"step '{what}' failed with exit code {result.returncode} (its output is above)"
+        )
     seconds = time.time() - start
     print(f"    done in {seconds:.0f} s", flush=True)
     return seconds
@@ -178,6 +183,11 @@ class Launcher:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """A failed step is one line on stderr (after the step's own output) and exit code 1."""
+    return run_main(PROG, _main, argv)
+
+
+def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -192,43 +202,40 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--vocab-size", type=int, default=4000)
     parser.add_argument("--ranks", type=int, default=2)
+    add_debug_argument(parser)
     args = parser.parse_args(argv)
     ki_steps = args.ki_steps if args.ki_steps is not None else args.student_steps // 2
 
     work = args.work_dir.resolve()
     started = time.time()
-    try:
-        data = prepare_data(args.corpus, work, args.vocab_size)
-        launcher = Launcher(args.ranks)
-        steps = ["--train.train_steps"]
-        teacher_ckpt = work / "teacher_ckpt"
-        launcher.train(
-            CONFIGS / "teacher.yaml",
-            [*data.args(), *steps, str(args.teacher_steps), "--checkpoint.save", str(teacher_ckpt)],
-            work / "teacher",
-            f"train the teacher ({args.teacher_steps} steps)",
-        )
-        student = [*data.args(), *steps, str(args.student_steps)]
-        ki = [
-            "--ki.enabled",
-            "true",
-            "--ki.teacher_path",
-            str(teacher_ckpt),
-            "--ki.decay_steps",
-            str(ki_steps),
-        ]
-        launcher.train(
-            CONFIGS / "student.yaml",
-            student + ki,
-            work / "student_ki",
-            f"train the student with KI (teacher inside the pipeline stages, a_t 1 -> 0 over {ki_steps} steps)",
-        )
-        launcher.train(
-            CONFIGS / "student.yaml", student, work / "student_scratch", "train the student from scratch"
-        )
-    except QuickstartError as e:
-        print(f"quickstart: {e}", file=sys.stderr)
-        return 1
+    data = prepare_data(args.corpus, work, args.vocab_size)
+    launcher = Launcher(args.ranks)
+    steps = ["--train.train_steps"]
+    teacher_ckpt = work / "teacher_ckpt"
+    launcher.train(
+        CONFIGS / "teacher.yaml",
+        [*data.args(), *steps, str(args.teacher_steps), "--checkpoint.save", str(teacher_ckpt)],
+        work / "teacher",
+        f"train the teacher ({args.teacher_steps} steps)",
+    )
+    student = [*data.args(), *steps, str(args.student_steps)]
+    ki = [
+        "--ki.enabled",
+        "true",
+        "--ki.teacher_path",
+        str(teacher_ckpt),
+        "--ki.decay_steps",
+        str(ki_steps),
+    ]
+    launcher.train(
+        CONFIGS / "student.yaml",
+        student + ki,
+        work / "student_ki",
+        f"train the student with KI (teacher inside the pipeline stages, a_t 1 -> 0 over {ki_steps} steps)",
+    )
+    launcher.train(
+        CONFIGS / "student.yaml", student, work / "student_scratch", "train the student from scratch"
+    )
 
     from megatron_ki.training.report import build_ki_report, write_ki_report
 

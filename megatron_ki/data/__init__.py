@@ -23,7 +23,12 @@ _EXPORTS = {
     "merge_datasets": "indexed",
     "MLMDataset": "mlm_dataset",
     "Tokenizer": "tokenizers",
+    "TokenizerError": "tokenizers",
     "build_tokenizer": "tokenizers",
+    "TokenRangeError": "token_range",
+    "check_token_range": "token_range",
+    "dataset_prefixes": "token_range",
+    "max_token_id": "token_range",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -10,6 +10,7 @@ import glob
 import gzip
 import json
 import os
+import zlib
 from collections.abc import Iterator
 from typing import IO
 
@@ -26,7 +27,14 @@ def expand_inputs(patterns: list[str] | str) -> list[str]:
         patterns = [patterns]
     files: list[str] = []
     for pat in patterns:
-        matches = sorted(glob.glob(pat)) if glob.has_magic(pat) else ([pat] if os.path.exists(pat) else [])
+        if not glob.has_magic(pat):
+            if os.path.isdir(pat):
+                raise CorpusError(
+                    f"--input {pat}: is a directory, expected a file or a glob like '{pat}/*.jsonl'"
+                )
+            if not os.path.exists(pat):
+                raise CorpusError(f"--input {pat}: file not found")
+        matches = sorted(glob.glob(pat)) if glob.has_magic(pat) else [pat]
         matches = [m for m in matches if os.path.isfile(m)]
         if not matches:
             raise CorpusError(f"--input {pat}: no file matches")
@@ -38,6 +46,32 @@ def expand_inputs(patterns: list[str] | str) -> list[str]:
 
 def open_binary(path: str) -> IO[bytes]:
     return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+def iter_lines(path: str) -> Iterator[bytes]:
+    """The raw lines of ``path`` (gunzipped for ``.gz``); a damaged gzip file raises one CorpusError naming it."""
+    lineno = 0
+    with open_binary(path) as f:
+        try:
+            for raw in f:
+                yield raw
+                lineno += 1
+        except EOFError:
+            raise CorpusError(
+                f"{path}: truncated gzip file, it ends after line {lineno} without the gzip end-of-stream "
+                "marker (expected a complete .gz: was it cut short while being written or copied?)"
+            ) from None
+        except (gzip.BadGzipFile, zlib.error) as e:
+            if lineno == 0 and str(e).startswith("Not a gzipped file"):
+                with open(path, "rb") as raw_file:
+                    head = raw_file.read(8)
+                raise CorpusError(
+                    f"{path}: not a gzip file (it starts with {head!r}, expected the gzip magic b'\\x1f\\x8b'); "
+                    "drop the .gz suffix if it is plain text"
+                ) from None
+            raise CorpusError(
+                f"{path}: corrupt gzip data after line {lineno} ({e}); expected a valid .gz file"
+            ) from None
 
 
 def is_jsonl(path: str) -> bool:
@@ -78,25 +112,25 @@ def iter_texts(
     With ``split_lines`` a JSON text is further split into its lines (sentencepiece trains on lines).
     """
     for path in files:
-        with open_binary(path) as f:
-            for lineno, raw in enumerate(f, 1):
-                if is_jsonl(path):
-                    texts, reason = parse_json_line(raw, [json_key])
-                    if texts is None:
-                        if skip_bad_lines:
-                            continue
-                        raise CorpusError(f"{path}:{lineno}: {reason}")
-                    text = texts[0]
-                else:
-                    try:
-                        text = raw.decode("utf-8")
-                    except UnicodeDecodeError:
-                        if skip_bad_lines:
-                            continue
-                        raise CorpusError(f"{path}:{lineno}: not valid UTF-8") from None
-                if split_lines:
-                    for part in text.splitlines():
-                        if part.strip():
-                            yield part
-                elif text.strip():
-                    yield text.rstrip("\n")
+        jsonl = is_jsonl(path)
+        for lineno, raw in enumerate(iter_lines(path), 1):
+            if jsonl:
+                texts, reason = parse_json_line(raw, [json_key])
+                if texts is None:
+                    if skip_bad_lines:
+                        continue
+                    raise CorpusError(f"{path}:{lineno}: {reason}")
+                text = texts[0]
+            else:
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    if skip_bad_lines:
+                        continue
+                    raise CorpusError(f"{path}:{lineno}: not valid UTF-8") from None
+            if split_lines:
+                for part in text.splitlines():
+                    if part.strip():
+                        yield part
+            elif text.strip():
+                yield text.rstrip("\n")

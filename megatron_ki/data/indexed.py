@@ -31,11 +31,17 @@ before it are always read together; between steps 2 and 4 a reader finds no inde
 this, the reader checks that the ``.bin`` size is exactly what the index describes and names both files if
 not (a pair copied or edited by hand). The files themselves stay byte-compatible with Megatron-LM's
 MMIDIDX v1: nothing is added to them.
+
+Optional sidecar ``{prefix}.stats.json`` (:func:`write_stats`, :func:`read_stats`): token count and the
+smallest and largest token id, with the size and mtime of the ``.bin`` it describes; a sidecar that does not
+match the ``.bin`` beside it (rewritten by another tool) is ignored. Publishing a new pair removes the old one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
 import re
 import shutil
@@ -65,6 +71,12 @@ DTYPE_CODES: dict[int, type] = {
 CODE_OF_DTYPE = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
 
 _CHUNK = 1 << 20  # entries per chunk when streaming index arrays
+_COPY_BYTES = 16 << 20  # bytes per chunk when copying or scanning a .bin
+
+STATS_SUFFIX = ".stats.json"
+STATS_VERSION = 1
+
+log = logging.getLogger(__name__)
 
 
 class IndexedDatasetError(MegatronKIError, ValueError):
@@ -86,8 +98,62 @@ def bin_path(prefix: str | os.PathLike) -> str:
     return f"{os.fspath(prefix)}.bin"
 
 
+def stats_path(prefix: str | os.PathLike) -> str:
+    return f"{os.fspath(prefix)}{STATS_SUFFIX}"
+
+
 def dataset_exists(prefix: str | os.PathLike) -> bool:
     return os.path.isfile(idx_path(prefix)) and os.path.isfile(bin_path(prefix))
+
+
+# ------------------------------------------------------------------------------------ stats sidecar
+def _bin_signature(prefix: str | os.PathLike) -> dict:
+    st = os.stat(bin_path(prefix))
+    return {"bin_size": int(st.st_size), "bin_mtime_ns": int(st.st_mtime_ns)}
+
+
+def write_stats(prefix: str | os.PathLike, stats: dict, path: str | None = None) -> str:
+    """Write ``stats`` (token counts and id range) for the ``.bin`` of ``prefix`` to ``path`` (default the
+    sidecar ``{prefix}.stats.json``), atomically: a temporary name, then a rename. Returns the path.
+
+    The size and mtime of the ``.bin`` are recorded so :func:`read_stats` can tell a stale file.
+    """
+    path = stats_path(prefix) if path is None else path
+    record = {
+        "version": STATS_VERSION,
+        "bin": os.path.abspath(bin_path(prefix)),
+        **_bin_signature(prefix),
+        **stats,
+    }
+    tmp = path + temp_tag()
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=1, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+    return path
+
+
+def read_stats(prefix: str | os.PathLike, path: str | None = None) -> dict | None:
+    """The stats at ``path`` (default the sidecar of ``prefix``) if they describe the ``.bin`` as it is now
+    (same size and mtime), else None (no file, unreadable, or written for another version of the data)."""
+    path = stats_path(prefix) if path is None else path
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+        signature = _bin_signature(prefix)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("version") != STATS_VERSION:
+        return None
+    if any(record.get(k) != v for k, v in signature.items()):
+        return None
+    if not all(k in record and isinstance(record[k], int | None) for k in ("min_token_id", "max_token_id")):
+        return None
+    return record
 
 
 # ------------------------------------------------------------------------------------ temporary files
@@ -128,7 +194,7 @@ def remove_stale_temp_files(prefix: str | os.PathLike) -> list[str]:
     out_dir = os.path.dirname(os.path.abspath(prefix))
     base = os.path.basename(prefix)
     pattern = re.compile(
-        re.escape(base) + r"\.(?:bin|idx)\.tmp-(\d+)(?:@([A-Za-z0-9_-]+))?(?:\.lengths|\.docs)?"
+        re.escape(base) + r"\.(?:bin|idx|stats\.json)\.tmp-(\d+)(?:@([A-Za-z0-9_-]+))?(?:\.lengths|\.docs)?"
     )
     try:
         names = os.listdir(out_dir)
@@ -345,14 +411,39 @@ class IndexedDatasetBuilder:
         self.sequence_count = 0
         self.document_count = 0
         self.token_count = 0
+        self.min_token_id: int | None = None
+        self.max_token_id: int | None = None
         self._finalized = False
         self._prepared = False
         self._last_doc_end = 0
 
     # ------------------------------------------------------------------ writing
+    def _see(self, low: int | None, high: int | None) -> None:
+        """Widen the recorded token id range to ``[low, high]``."""
+        if high is None or low is None:
+            return
+        self.min_token_id = low if self.min_token_id is None else min(self.min_token_id, low)
+        self.max_token_id = high if self.max_token_id is None else max(self.max_token_id, high)
+
+    def _see_tokens(self, arr: np.ndarray) -> None:
+        if arr.size:
+            self._see(int(arr.min()), int(arr.max()))
+
+    def token_stats(self) -> dict:
+        """What the sidecar records about the tokens written so far (see :func:`write_stats`)."""
+        return {
+            "dtype": self.dtype.name,
+            "num_tokens": self.token_count,
+            "num_sequences": self.sequence_count,
+            "num_documents": self.document_count,
+            "min_token_id": self.min_token_id,
+            "max_token_id": self.max_token_id,
+        }
+
     def add_item(self, tokens: np.ndarray | Iterable[int]) -> None:
         """Append one sequence (no document boundary)."""
         arr = np.asarray(tokens, dtype=self.dtype)
+        self._see_tokens(arr)
         self._bin.write(arr.tobytes(order="C"))
         self._lengths.write(np.int32(arr.size).tobytes())
         self.sequence_count += 1
@@ -366,6 +457,7 @@ class IndexedDatasetBuilder:
             raise ValueError(
                 f"{self.prefix}: lengths sum to {int(lengths.sum())} but {tokens.size} tokens given"
             )
+        self._see_tokens(tokens)
         self._bin.write(tokens.tobytes())
         self._lengths.write(lengths.tobytes())
         self.sequence_count += int(lengths.size)
@@ -401,17 +493,19 @@ class IndexedDatasetBuilder:
         """
         other = IndexedDataset(prefix)
         if other.dtype != self.dtype:
-            raise ValueError(
+            raise IndexedDatasetError(
                 f"{idx_path(prefix)}: dtype {other.dtype.name} differs from the output's {self.dtype.name}; "
                 "datasets made with different vocabularies cannot be merged"
             )
         base = self.sequence_count
         self._bin.flush()
-        if vocab_size is None:
+        known = read_stats(prefix)
+        if vocab_size is None and known is not None:  # the id range is known: a plain copy
             with open(bin_path(prefix), "rb") as src:
-                shutil.copyfileobj(src, self._bin, 16 << 20)
+                shutil.copyfileobj(src, self._bin, _COPY_BYTES)
+            self._see(known["min_token_id"], known["max_token_id"])
         else:
-            self._copy_checking_ids(other, vocab_size)
+            self._copy_tokens(other, vocab_size)
         for lo in range(0, len(other), _CHUNK):
             self._lengths.write(np.ascontiguousarray(other.sizes[lo : lo + _CHUNK]).tobytes())
         docs = other.document_indices
@@ -422,13 +516,15 @@ class IndexedDatasetBuilder:
         self.token_count += other.num_tokens
         self._last_doc_end = self.sequence_count
 
-    def _copy_checking_ids(self, other: IndexedDataset, vocab_size: int) -> None:
+    def _copy_tokens(self, other: IndexedDataset, vocab_size: int | None) -> None:
+        """Copy the tokens of ``other`` in chunks, recording their range (and checking it against a vocab)."""
         tokens = np.frombuffer(other._bin_map, dtype=other.dtype)
-        step = (16 << 20) // other.dtype.itemsize
+        step = _COPY_BYTES // other.dtype.itemsize
         for lo in range(0, tokens.size, step):
             chunk = tokens[lo : lo + step]
             low, high = int(chunk.min()), int(chunk.max())
-            if low < 0 or high >= vocab_size:
+            self._see(low, high)
+            if vocab_size is not None and (low < 0 or high >= vocab_size):
                 bad = high if high >= vocab_size else low
                 raise IndexedDatasetError(
                     f"{other.prefix}.bin: token id {bad} is outside the vocabulary of {vocab_size} tokens "
@@ -506,6 +602,8 @@ class IndexedDatasetBuilder:
         """Old ``.idx`` away, then ``.bin``, then ``.idx``: no reader ever pairs an index with another .bin."""
         final_idx = idx_path(self.prefix)
         with contextlib.suppress(FileNotFoundError):
+            os.remove(stats_path(self.prefix))  # it described the old .bin
+        with contextlib.suppress(FileNotFoundError):
             os.remove(final_idx)
         os.replace(self._tmp_bin, bin_path(self.prefix))
         os.replace(self._tmp_idx, final_idx)
@@ -536,9 +634,15 @@ class IndexedDatasetBuilder:
 
 
 def merge_datasets(
-    prefixes: list[str | os.PathLike], output_prefix: str | os.PathLike, vocab_size: int | None = None
+    prefixes: list[str | os.PathLike],
+    output_prefix: str | os.PathLike,
+    vocab_size: int | None = None,
+    stats: dict | None = None,
 ) -> IndexedDataset:
     """Concatenate datasets into ``output_prefix`` without loading them; returns the result.
+
+    With ``stats`` (extra fields, may be empty), the sidecar ``{output_prefix}.stats.json`` is written too
+    (best effort: a failure to write it is logged, the merged dataset stays).
 
     What can be checked: MMIDIDX files record no tokenizer or vocabulary, only the token dtype (uint16 for a
     vocabulary under 65500, int32 above), so datasets of different dtypes are refused; with ``vocab_size``
@@ -552,12 +656,24 @@ def merge_datasets(
     if vocab_size is not None and vocab_size < 1:
         raise ValueError(f"merge_datasets: vocab_size must be >= 1, got {vocab_size}")
     first = IndexedDataset(prefixes[0])
+    for p in prefixes[1:]:  # refused before anything is written
+        other = IndexedDataset(p)
+        if other.dtype != first.dtype:
+            raise IndexedDatasetError(
+                f"{idx_path(p)}: dtype {other.dtype.name} differs from {first.dtype.name} of {idx_path(prefixes[0])}; "
+                "datasets made with different vocabularies cannot be merged"
+            )
     with IndexedDatasetBuilder(output_prefix, first.dtype) as builder:
         for p in prefixes:
             builder.add_index(p, vocab_size)
+    if stats is not None:
+        try:
+            write_stats(output_prefix, {**builder.token_stats(), **stats})
+        except OSError as e:
+            log.warning("warning: could not write %s (%s)", stats_path(output_prefix), e)
     return IndexedDataset(output_prefix)
 
 
 def remove_dataset(prefix: str | os.PathLike) -> None:
-    for p in (bin_path(prefix), idx_path(prefix)):
+    for p in (bin_path(prefix), idx_path(prefix), stats_path(prefix)):
         Path(p).unlink(missing_ok=True)

@@ -13,6 +13,8 @@ Temporary files of earlier runs that were killed are removed when the next run o
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import itertools
 import multiprocessing as mp
 import os
@@ -25,16 +27,21 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from megatron_ki.data.corpus import CorpusError, expand_inputs, open_binary, parse_json_line
+from megatron_ki.data.corpus import CorpusError, expand_inputs, iter_lines, parse_json_line
 from megatron_ki.data.indexed import (
     IndexedDatasetBuilder,
     merge_datasets,
     optimal_dtype,
     remove_dataset,
     remove_stale_temp_files,
+    stats_path,
+    temp_tag,
+    write_stats,
 )
-from megatron_ki.data.tokenizers import TOKENIZER_TYPES, Tokenizer, build_tokenizer
-from megatron_ki.errors import MegatronKIError
+from megatron_ki.data.tokenizers import TOKENIZER_TYPES, Tokenizer, TokenizerError, build_tokenizer
+from megatron_ki.errors import EXIT_INTERRUPTED, MegatronKIError, UsageError, add_debug_argument, run_main
+
+PROG = "preprocess_data.py"
 
 
 class PreprocessError(MegatronKIError, RuntimeError):
@@ -141,18 +148,17 @@ def _process_chunk(chunk: tuple[str, int, list[bytes]]) -> dict:
 # ------------------------------------------------------------------------------------------- reading
 def _chunks(files: list[str], chunk_lines: int, chunk_bytes: int) -> Iterator[tuple[str, int, list[bytes]]]:
     for path in files:
-        with open_binary(path) as f:
-            buf: list[bytes] = []
-            size = 0
-            first = 1
-            for lineno, raw in enumerate(f, 1):
-                buf.append(raw)
-                size += len(raw)
-                if len(buf) >= chunk_lines or size >= chunk_bytes:
-                    yield path, first, buf
-                    buf, size, first = [], 0, lineno + 1
-            if buf:
+        buf: list[bytes] = []
+        size = 0
+        first = 1
+        for lineno, raw in enumerate(iter_lines(path), 1):
+            buf.append(raw)
+            size += len(raw)
+            if len(buf) >= chunk_lines or size >= chunk_bytes:
                 yield path, first, buf
+                buf, size, first = [], 0, lineno + 1
+        if buf:
+            yield path, first, buf
 
 
 def _ordered_map(pool, chunks: Iterator, inflight: int) -> Iterator[dict]:
@@ -195,16 +201,55 @@ def output_prefix_for(prefix: str, key: str) -> str:
     return f"{prefix}_{key}_document"
 
 
-def _check_output_dir(prefix: str) -> None:
+def check_output_dir(
+    prefix: str, option: str = "--output-prefix", error: type[MegatronKIError] = PreprocessError
+) -> None:
+    """Create the directory of ``prefix`` if needed and make sure a file can be written there.
+
+    Writing a probe file is the only test that holds for root, ACLs and read-only mounts alike.
+    """
     out_dir = os.path.dirname(os.path.abspath(prefix))
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise error(f"{option} {prefix}: {out_dir} is a file, expected the output directory")
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
-        raise PreprocessError(
-            f"--output-prefix {prefix}: cannot create output directory {out_dir}: {e.strerror}"
+        raise error(f"{option} {prefix}: cannot create output directory {out_dir}: {e.strerror}") from None
+    probe = os.path.join(out_dir, f".{os.path.basename(prefix)}.probe{temp_tag()}")
+    try:
+        with open(probe, "wb"):
+            pass
+    except OSError as e:
+        raise error(
+            f"{option} {prefix}: output directory {out_dir} is not writable ({e.strerror}); "
+            "expected a directory this user can create files in"
         ) from None
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise PreprocessError(f"--output-prefix {prefix}: output directory {out_dir} is not writable")
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(probe)
+
+
+def write_error(e: OSError, prefix: str) -> PreprocessError:
+    """An OSError met while the dataset was being written, as one line naming the file or the prefix."""
+    reason = e.strerror or str(e)
+    if e.errno == errno.ENOSPC:
+        reason += " (the disk is full)"
+    where = f"{e.filename}" if e.filename else f"--output-prefix {prefix}"
+    return PreprocessError(
+        f"{where}: {reason}; nothing was written, a dataset already at the prefix was kept"
+    )
+
+
+def _write_sidecars(
+    prefixes: dict[str, str], builders: dict[str, IndexedDatasetBuilder], extra: dict
+) -> None:
+    for key, prefix in prefixes.items():
+        try:
+            write_stats(prefix, {**builders[key].token_stats(), **extra, "json_key": key})
+        except OSError as e:  # the dataset is complete without it; training then scans the .bin once
+            print(
+                f"{PROG}: warning: could not write {stats_path(prefix)} ({e.strerror or e})", file=sys.stderr
+            )
 
 
 def _no_documents(args, stats: Stats) -> PreprocessError:
@@ -223,9 +268,11 @@ def _run_partition(
     stats: Stats,
     progress: _Progress,
     require_documents: bool = False,
+    stats_extra: dict | None = None,
 ) -> None:
     """Tokenize ``files`` into ``prefixes``; with ``require_documents`` (the only partition, written at the
-    final prefixes), a run without any document fails before anything is published."""
+    final prefixes), a run without any document fails before anything is published. With ``stats_extra``
+    each dataset gets its ``.stats.json`` sidecar."""
     dtype = optimal_dtype(tok.vocab_size)
     builders = {k: IndexedDatasetBuilder(p, dtype) for k, p in prefixes.items()}
     try:
@@ -256,6 +303,8 @@ def _run_partition(
         for b in builders.values():
             b.abort()
         raise
+    if stats_extra is not None:
+        _write_sidecars(prefixes, builders, stats_extra)
 
 
 def preprocess(args: argparse.Namespace) -> Stats:
@@ -270,11 +319,20 @@ def preprocess(args: argparse.Namespace) -> Stats:
     tok_args = (args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file)
     try:
         tok = build_tokenizer(*tok_args)
-    except (FileNotFoundError, ValueError) as e:
+    except TokenizerError as e:
         raise PreprocessError(str(e)) from None
     if args.append_eod and tok.eod is None:
         raise PreprocessError(f"--append-eod: tokenizer {tok.name} has no end-of-document token")
-    _check_output_dir(args.output_prefix)
+    check_output_dir(args.output_prefix)
+    try:
+        return _preprocess(args, files, tok, tok_args)
+    except MegatronKIError:
+        raise
+    except OSError as e:
+        raise write_error(e, args.output_prefix) from e
+
+
+def _preprocess(args: argparse.Namespace, files: list[str], tok: Tokenizer, tok_args: tuple) -> Stats:
     dtype = np.dtype(optimal_dtype(tok.vocab_size)).name
     init = (tok_args, list(args.json_keys), args.append_eod, dtype, args.skip_bad_lines)
     final = {k: output_prefix_for(args.output_prefix, k) for k in args.json_keys}
@@ -285,6 +343,13 @@ def preprocess(args: argparse.Namespace) -> Stats:
     groups = [files[i::n_parts] for i in range(n_parts)]
     stats = Stats()
     progress = _Progress(args.log_interval)
+    stats_extra = {
+        "source": PROG,
+        "tokenizer_type": args.tokenizer_type,
+        "tokenizer_model": os.path.abspath(args.tokenizer_model) if args.tokenizer_model else None,
+        "vocab_size": tok.vocab_size,
+        "append_eod": bool(args.append_eod),
+    }
     pool = None
     part_prefixes: list[dict[str, str]] = []
     if args.workers > 1:
@@ -296,12 +361,15 @@ def preprocess(args: argparse.Namespace) -> Stats:
         for i, group in enumerate(groups):
             prefixes = final if n_parts == 1 else {k: f"{p}.part{i:03d}" for k, p in final.items()}
             part_prefixes.append(prefixes)
-            _run_partition(group, prefixes, args, tok, pool, stats, progress, require_documents=n_parts == 1)
+            only = n_parts == 1
+            _run_partition(
+                group, prefixes, args, tok, pool, stats, progress, only, stats_extra if only else None
+            )
         if stats.documents == 0:  # the parts are temporary: an existing dataset at the prefix stays as it was
             raise _no_documents(args, stats)
         if n_parts > 1:
             for k, p in final.items():
-                merge_datasets([pp[k] for pp in part_prefixes], p)
+                merge_datasets([pp[k] for pp in part_prefixes], p, stats={**stats_extra, "json_key": k})
     finally:
         if pool is not None:
             pool.terminate()
@@ -347,14 +415,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-interval", type=int, default=10000, help="print progress every this many documents")
     g.add_argument("--chunk-lines", type=int, default=512, help="lines per work unit sent to a worker")
     g.add_argument("--chunk-bytes", type=int, default=1 << 20, help="bytes per work unit sent to a worker")
+    add_debug_argument(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``tools/preprocess_data.py``: an expected failure is one line on stderr and exit code 1 (2: usage)."""
+    return run_main(PROG, _main, argv)
+
+
+def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    if args.workers < 1 or args.partitions < 1 or args.chunk_lines < 1:
-        print("error: --workers, --partitions and --chunk-lines must be >= 1", file=sys.stderr)
-        return 2
+    for flag in ("workers", "partitions", "chunk_lines", "chunk_bytes"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected an integer >= 1")
     t0 = time.perf_counter()
 
     def _terminate(signum, frame):
@@ -363,12 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         stats = preprocess(args)
-    except (PreprocessError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
-        print("interrupted: no output was written", file=sys.stderr)
-        return 130
+        print(f"{PROG}: interrupted: no output was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
     finally:
         signal.signal(signal.SIGTERM, previous)
     dt = time.perf_counter() - t0

@@ -13,8 +13,35 @@ from typing import Literal
 
 import numpy as np
 
+from megatron_ki.errors import MegatronKIError
+
 TokenizerType = Literal["SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer"]
 TOKENIZER_TYPES: tuple[str, ...] = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer")
+
+
+class TokenizerError(MegatronKIError, ValueError):
+    """A tokenizer file is missing, empty or not what its type expects; the message names the option and path."""
+
+
+class TokenizerFileNotFoundError(TokenizerError, FileNotFoundError):
+    """A tokenizer file or directory does not exist."""
+
+
+def _describe_unreadable(path: str) -> str:
+    """Why a file a tokenizer could not load looks wrong: empty, JSON, or just its size."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(64).lstrip()
+    except OSError as e:
+        return e.strerror or str(e)
+    if size == 0:
+        return "an empty file (0 bytes)"
+    if head.startswith((b"{", b"[")):
+        return (
+            f"{size} bytes of JSON (a Hugging Face tokenizer? that is --tokenizer-type HuggingFaceTokenizer)"
+        )
+    return f"{size} bytes that sentencepiece cannot parse as a model"
 
 
 class Tokenizer:
@@ -65,12 +92,23 @@ class SentencePieceTokenizer(Tokenizer):
 
     name = "SentencePieceTokenizer"
 
-    def __init__(self, model_file: str):
+    def __init__(self, model_file: str, option: str = "--tokenizer-model"):
         import sentencepiece as spm
 
+        if os.path.isdir(model_file):
+            raise TokenizerError(
+                f"{option} {model_file}: is a directory, expected a sentencepiece .model file"
+            )
         if not os.path.isfile(model_file):
-            raise FileNotFoundError(f"--tokenizer-model {model_file}: sentencepiece model file not found")
-        self.sp = spm.SentencePieceProcessor(model_file=model_file)
+            raise TokenizerFileNotFoundError(f"{option} {model_file}: sentencepiece model file not found")
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=model_file)
+        except (RuntimeError, OSError):
+            # sentencepiece says "could not parse ModelProto" or, for an empty file, "unk is not defined"
+            raise TokenizerError(
+                f"{option} {model_file}: found {_describe_unreadable(model_file)}; expected a sentencepiece "
+                ".model file (as written by tools/train_tokenizer.py)"
+            ) from None
         self.vocab_size = int(self.sp.get_piece_size())
 
         def piece(p: str) -> int | None:
@@ -153,20 +191,28 @@ class HuggingFaceTokenizer(_HFTokenizer):
 
     name = "HuggingFaceTokenizer"
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, option: str = "--tokenizer-model"):
         from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
         if not os.path.exists(path):
-            raise FileNotFoundError(f"--tokenizer-model {path}: Hugging Face tokenizer directory not found")
+            raise TokenizerFileNotFoundError(f"{option} {path}: Hugging Face tokenizer directory not found")
         tok_json = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         try:
             self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except Exception as first_error:
+            reason = " ".join(str(first_error).split())
             if not os.path.isfile(tok_json):
-                raise ValueError(
-                    f"--tokenizer-model {path}: cannot load a Hugging Face tokenizer ({first_error})"
+                raise TokenizerError(
+                    f"{option} {path}: cannot load a Hugging Face tokenizer ({reason}); expected a "
+                    "directory with tokenizer.json or tokenizer_config.json"
                 ) from None
-            self.tok = PreTrainedTokenizerFast(tokenizer_file=tok_json)
+            try:
+                self.tok = PreTrainedTokenizerFast(tokenizer_file=tok_json)
+            except Exception as e:
+                raise TokenizerError(
+                    f"{option} {path}: {tok_json} is not a Hugging Face tokenizer.json "
+                    f"({' '.join(str(e).split())})"
+                ) from None
         self._set_ids()
 
 
@@ -182,12 +228,18 @@ class GPT2BPETokenizer(_HFTokenizer):
 
         for flag, f in (("--vocab-file", vocab_file), ("--merge-file", merge_file)):
             if not f or not os.path.isfile(f):
-                raise FileNotFoundError(
+                raise TokenizerFileNotFoundError(
                     f"{flag} {f}: file not found (GPT2BPETokenizer needs vocab.json and merges.txt)"
                 )
         # Built from the `tokenizers` library directly: GPT2TokenizerFast changed its file arguments in
         # transformers 5, this works with every version.
-        raw = RawTokenizer(models.BPE.from_file(vocab_file, merge_file))
+        try:
+            raw = RawTokenizer(models.BPE.from_file(vocab_file, merge_file))
+        except Exception as e:
+            raise TokenizerError(
+                f"--vocab-file {vocab_file} / --merge-file {merge_file}: cannot be read as GPT-2 BPE files "
+                f"({' '.join(str(e).split())}); expected a vocab.json object and a merges.txt of pairs"
+            ) from None
         raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         raw.decoder = decoders.ByteLevel()
         eot = "<|endoftext|>"
@@ -203,16 +255,22 @@ def build_tokenizer(
     tokenizer_model: str | None = None,
     vocab_file: str | None = None,
     merge_file: str | None = None,
+    *,
+    option: str = "--tokenizer-model",
 ) -> Tokenizer:
-    """Build a tokenizer by Megatron's type name from local files."""
+    """Build a tokenizer by Megatron's type name from local files.
+
+    A missing, empty or unreadable file raises :class:`TokenizerError` naming ``option`` (the flag or config
+    key that gave ``tokenizer_model``, e.g. ``data.tokenizer_model``) and the path.
+    """
     if tokenizer_type == "SentencePieceTokenizer":
         if not tokenizer_model:
-            raise ValueError("SentencePieceTokenizer needs --tokenizer-model (a sentencepiece .model file)")
-        return SentencePieceTokenizer(tokenizer_model)
+            raise TokenizerError(f"SentencePieceTokenizer needs {option} (a sentencepiece .model file)")
+        return SentencePieceTokenizer(tokenizer_model, option)
     if tokenizer_type == "HuggingFaceTokenizer":
         if not tokenizer_model:
-            raise ValueError("HuggingFaceTokenizer needs --tokenizer-model (a local tokenizer directory)")
-        return HuggingFaceTokenizer(tokenizer_model)
+            raise TokenizerError(f"HuggingFaceTokenizer needs {option} (a local tokenizer directory)")
+        return HuggingFaceTokenizer(tokenizer_model, option)
     if tokenizer_type == "GPT2BPETokenizer":
         return GPT2BPETokenizer(vocab_file or "", merge_file or "")
-    raise ValueError(f"--tokenizer-type {tokenizer_type!r}: expected one of {list(TOKENIZER_TYPES)}")
+    raise TokenizerError(f"--tokenizer-type {tokenizer_type!r}: expected one of {list(TOKENIZER_TYPES)}")

@@ -1,14 +1,58 @@
-"""Sentencepiece training from streamed ``.jsonl``/``.txt`` input (the engine of tools/train_tokenizer.py)."""
+"""Sentencepiece training from streamed ``.jsonl``/``.txt`` input (the engine of tools/train_tokenizer.py).
+
+The model is trained under a temporary prefix and renamed to ``{model_prefix}.model/.vocab`` only on success:
+a failed run (bad input, Ctrl-C) leaves an existing tokenizer at the prefix as it was.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import os
-import sys
+import re
+from collections.abc import Iterator
 
-from megatron_ki.data.corpus import CorpusError, expand_inputs, iter_texts
+from megatron_ki.data.corpus import expand_inputs, is_jsonl, iter_texts
+from megatron_ki.data.indexed import temp_tag
+from megatron_ki.data.preprocess import check_output_dir
+from megatron_ki.errors import MegatronKIError, add_debug_argument, run_main
 
+PROG = "train_tokenizer.py"
 DEFAULT_SPECIALS = "<mask>,<pad>,<eod>"
+
+
+class TrainTokenizerError(MegatronKIError, ValueError):
+    """Bad options or input for tokenizer training; the message names the option or file."""
+
+
+class _Recording:
+    """Wraps the text iterator handed to sentencepiece, which turns any exception into a RuntimeError
+    ("INTERNAL: ..."): the original exception is kept here and raised instead."""
+
+    def __init__(self, texts: Iterator[str]):
+        self.texts = texts
+        self.error: BaseException | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            yield from self.texts
+        except BaseException as e:
+            self.error = e
+            raise
+
+
+def _spm_error(e: RuntimeError, inputs: list[str], vocab_size: int) -> TrainTokenizerError:
+    """sentencepiece's ``RuntimeError("Internal: file.cc(123) [cond] message")`` as one line naming the option."""
+    text = " ".join(str(e).split())
+    message = re.sub(r"^(?:INTERNAL|Internal):\s*(?:\S+\.cc\(\d+\)\s*)?(?:\[[^\]]*\]\s*)?", "", text) or text
+    if "Vocabulary size" in message:
+        return TrainTokenizerError(
+            f"--vocab-size {vocab_size}: too large for this corpus (sentencepiece: {message})"
+        )
+    return TrainTokenizerError(
+        f"--input {' '.join(inputs)}: sentencepiece could not train a model ({message})"
+    )
 
 
 def train_sentencepiece(
@@ -29,37 +73,63 @@ def train_sentencepiece(
     """Train and write ``{model_prefix}.model/.vocab``; returns the model path.
 
     Special tokens become sentencepiece user-defined symbols: never split, and present in the vocabulary in
-    the given order right after ``<unk>``, ``<s>``, ``</s>``.
+    the given order right after ``<unk>``, ``<s>``, ``</s>``. Bad options or input raise
+    :class:`TrainTokenizerError` (or :class:`~megatron_ki.data.corpus.CorpusError`); nothing is written then.
     """
     import sentencepiece as spm
 
+    inputs = [inputs] if isinstance(inputs, str) else list(inputs)
     if model_type not in ("bpe", "unigram"):
-        raise ValueError(f"--model-type {model_type!r}: expected 'bpe' or 'unigram'")
+        raise TrainTokenizerError(f"--model-type {model_type!r}: expected 'bpe' or 'unigram'")
+    if vocab_size < 1:
+        raise TrainTokenizerError(f"--vocab-size {vocab_size}: expected a positive number of pieces")
     if 0 < sample_size <= 100:
-        raise ValueError(
+        raise TrainTokenizerError(
             f"--sample-size {sample_size}: sentencepiece needs more than 100 lines (or 0 for all)"
         )
     files = expand_inputs(inputs)
-    out_dir = os.path.dirname(os.path.abspath(model_prefix))
-    os.makedirs(out_dir, exist_ok=True)
+    check_output_dir(model_prefix, "--model-prefix", TrainTokenizerError)
     specials = [t for t in (special_tokens or []) if t]
-    spm.set_random_generator_seed(seed)  # sampling and shuffling of the input lines
     texts = iter_texts(files, json_key=json_key, skip_bad_lines=skip_bad_lines, split_lines=True)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=texts,
-        model_prefix=model_prefix,
-        vocab_size=vocab_size,
-        model_type=model_type,
-        character_coverage=character_coverage,
-        user_defined_symbols=specials,
-        input_sentence_size=sample_size,
-        shuffle_input_sentence=True,
-        byte_fallback=byte_fallback,
-        seed_sentencepiece_size=max(10 * vocab_size, 100_000),
-        num_threads=num_threads,
-        max_sentence_length=max_sentence_length,
-        minloglevel=2,
-    )
+    first = next(texts, None)  # sentencepiece fails on an empty input with an INTERNAL error
+    if first is None:
+        where = f" under key {json_key!r}" if any(is_jsonl(f) for f in files) else ""
+        raise TrainTokenizerError(
+            f"--input {' '.join(inputs)}: no text found{where} in {len(files)} file(s); expected at least one "
+            "non-empty line to train on"
+        )
+    recording = _Recording(itertools.chain([first], texts))
+    tmp_prefix = model_prefix + temp_tag()
+    spm.set_random_generator_seed(seed)  # sampling and shuffling of the input lines
+    try:
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(recording),
+                model_prefix=tmp_prefix,
+                vocab_size=vocab_size,
+                model_type=model_type,
+                character_coverage=character_coverage,
+                user_defined_symbols=specials,
+                input_sentence_size=sample_size,
+                shuffle_input_sentence=True,
+                byte_fallback=byte_fallback,
+                seed_sentencepiece_size=max(10 * vocab_size, 100_000),
+                num_threads=num_threads,
+                max_sentence_length=max_sentence_length,
+                minloglevel=2,
+            )
+        except RuntimeError as e:
+            if recording.error is not None:
+                raise recording.error from None
+            raise _spm_error(e, inputs, vocab_size) from None
+        if recording.error is not None:
+            raise recording.error
+        os.replace(tmp_prefix + ".vocab", model_prefix + ".vocab")
+        os.replace(tmp_prefix + ".model", model_prefix + ".model")
+    finally:
+        for ext in (".model", ".vocab"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp_prefix + ext)
     return model_prefix + ".model"
 
 
@@ -86,30 +156,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--skip-bad-lines", action="store_true")
+    add_debug_argument(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``tools/train_tokenizer.py``: an expected failure is one line on stderr and exit code 1."""
+    return run_main(PROG, _main, argv)
+
+
+def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     specials = [t.strip() for t in args.special_tokens.split(",") if t.strip()]
-    try:
-        path = train_sentencepiece(
-            args.input,
-            args.model_prefix,
-            args.vocab_size,
-            args.model_type,
-            args.json_key,
-            args.character_coverage,
-            specials,
-            args.sample_size,
-            args.byte_fallback,
-            args.seed,
-            args.num_threads,
-            skip_bad_lines=args.skip_bad_lines,
-        )
-    except (CorpusError, ValueError, RuntimeError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    path = train_sentencepiece(
+        args.input,
+        args.model_prefix,
+        args.vocab_size,
+        args.model_type,
+        args.json_key,
+        args.character_coverage,
+        specials,
+        args.sample_size,
+        args.byte_fallback,
+        args.seed,
+        args.num_threads,
+        skip_bad_lines=args.skip_bad_lines,
+    )
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=path)
