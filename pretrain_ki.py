@@ -53,10 +53,13 @@ def init_distributed(cfg: Config) -> None:
 def build_data(cfg: Config, groups, consumed_samples: int):
     """Tokenizer, datasets, and per-data-parallel-rank iterators (train resumes at ``consumed_samples``)."""
     from megatron_ki.data import PretrainingSampler, build_datasets_from_config, build_tokenizer
+    from megatron_ki.data.token_range import check_token_range, dataset_prefixes
 
     tokenizer = None
     if cfg.data.tokenizer_type != "none":
-        tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+        tokenizer = build_tokenizer(
+            cfg.data.tokenizer_type, cfg.data.tokenizer_model, option="data.tokenizer_model"
+        )
         if tokenizer.vocab_size > cfg.model.vocab_size:
             raise ConfigError(
                 "model.vocab_size",
@@ -68,6 +71,9 @@ def build_data(cfg: Config, groups, consumed_samples: int):
                 "model.pad_token_id",
                 f"{cfg.model.pad_token_id} differs from the padding id {tokenizer.pad} of {cfg.data.tokenizer_model}",
             )
+    if groups.rank == 0:  # token ids beyond the embedding: an IndexError at tp=1, silent garbage at tp>=2
+        check_token_range(dataset_prefixes(cfg.data), cfg.model.vocab_size, cfg.data.cache_dir)
+    dist.barrier()
     kind = "gpt" if cfg.model.causal else "mlm"
     gbs, train = cfg.train.global_batch_size, cfg.train
     evals = (train.train_steps // train.eval_interval if train.eval_interval else 0) + 1

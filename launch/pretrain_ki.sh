@@ -46,7 +46,7 @@ deepspeed_bin="${DEEPSPEED:-deepspeed}"
 python_bin="${PYTHON:-python3}"
 
 die() {
-    echo "pretrain_ki.sh: $*" >&2
+    echo "pretrain_ki.sh: error: $*" >&2
     exit 2
 }
 
