@@ -178,13 +178,13 @@ def test_sigterm_to_the_launcher_saves_and_resumes_bitwise(corpus, tmp_path):
 
 
 def test_sigterm_to_one_rank_stops_every_rank(corpus, tmp_path):
-    """A scheduler that signals one rank (here rank 1, under the plain deepspeed launcher): all ranks stop at
-    the same step, one checkpoint with both ranks' RNG states, exit 75."""
+    """A signal to one rank (SIGINT to rank 1, under the plain deepspeed launcher): all ranks stop at the same
+    step, one checkpoint with both ranks' RNG states, exit 75."""
     ckpt = tmp_path / "ckpt"
     run_dir = tmp_path / "one_rank"
     job = Job(run_dir, args_for(corpus, run_dir, "--checkpoint.save", str(ckpt)), script=False)
     job.wait_for_step(3)
-    os.kill(job.rank_pid(1), signal.SIGTERM)
+    os.kill(job.rank_pid(1), signal.SIGINT)
     rc = job.wait(timeout=120)
     out = job.output()
     assert rc == EXIT_REQUEUE, out[-3000:]
