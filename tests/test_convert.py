@@ -486,7 +486,7 @@ def _student_config(tokenizer: str, teacher_path: str) -> Config:
 
 
 def test_hf_teacher_equals_framework_teacher(tmp_path):
-    import pretrain_ki
+    from megatron_ki.training.run import load_teacher_weights
 
     model_file = _sp_model(tmp_path, "bpe", 400, False)
     hf = transformers.LlamaForCausalLM(
@@ -505,11 +505,11 @@ def test_hf_teacher_equals_framework_teacher(tmp_path):
     )
     for rank in range(2):  # the pretrain-style call of each TP rank of a tp=2 run
         groups = SimpleNamespace(topology=SimpleNamespace(tp=2), tp_rank=rank)
-        t_cfg, state = pretrain_ki.build_teacher(
-            _student_config(model_file, f"hf:{tmp_path / 'teacher_hf'}"), groups, "cpu"
+        t_cfg, state = load_teacher_weights(
+            _student_config(model_file, f"hf:{tmp_path / 'teacher_hf'}"), groups
         )
-        _, ref = pretrain_ki.build_teacher(
-            _student_config(model_file, str(tmp_path / "teacher_ckpt")), groups, "cpu"
+        _, ref = load_teacher_weights(
+            _student_config(model_file, str(tmp_path / "teacher_ckpt")), groups
         )
         assert t_cfg.num_key_value_heads == 2 and t_cfg.vocab_size == 400
         assert set(state) == set(ref)
@@ -518,8 +518,8 @@ def test_hf_teacher_equals_framework_teacher(tmp_path):
     # the tp=2 shards hold the HF model: rank 0's query rows are the first half of q_proj's
     q = hf.state_dict()["model.layers.0.self_attn.q_proj.weight"]
     groups = SimpleNamespace(topology=SimpleNamespace(tp=2), tp_rank=0)
-    _, state = pretrain_ki.build_teacher(
-        _student_config(model_file, f"hf:{tmp_path / 'teacher_hf'}"), groups, "cpu"
+    _, state = load_teacher_weights(
+        _student_config(model_file, f"hf:{tmp_path / 'teacher_hf'}"), groups
     )
     torch.testing.assert_close(
         state["layers.0.attention.qkv.weight"][: q.shape[0] // 2], q[: q.shape[0] // 2]
@@ -527,7 +527,7 @@ def test_hf_teacher_equals_framework_teacher(tmp_path):
 
 
 def test_hf_teacher_with_another_tokenizer_is_refused(tmp_path):
-    import pretrain_ki
+    from megatron_ki.training.run import load_teacher_weights
 
     student_tok = _sp_model(tmp_path, "bpe", 400, False)
     other_tok = _sp_model(tmp_path, "unigram", 420, True)
@@ -547,12 +547,12 @@ def test_hf_teacher_with_another_tokenizer_is_refused(tmp_path):
     cfg = _student_config(student_tok, f"hf:{tmp_path / 'teacher_hf'}")
     expected = f"at id {first}: student {a.id_to_piece(first)!r}, teacher {b.id_to_piece(first)!r}"
     with pytest.raises(TokenizerMismatchError, match=expected.replace("(", r"\(").replace(")", r"\)")):
-        pretrain_ki.build_teacher(cfg, groups, "cpu")
+        load_teacher_weights(cfg, groups)
     # no tokenizer at all in the teacher directory: refused too
     for f in ("tokenizer.json", "tokenizer_config.json"):
         (tmp_path / "teacher_hf" / f).unlink()
     with pytest.raises(TokenizerMismatchError, match="no tokenizer.json"):
-        pretrain_ki.build_teacher(cfg, groups, "cpu")
+        load_teacher_weights(cfg, groups)
 
 
 def test_open_hf_model_streams_the_weights(hf_dirs):

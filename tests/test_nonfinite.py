@@ -31,6 +31,7 @@ def _worker(rank, world, poison_steps, max_skips):
     from megatron_ki.training.ds_config import deepspeed_config
     from megatron_ki.training.engine import initialize_engine
     from megatron_ki.training.loop import Trainer, TrainingAborted
+    from megatron_ki.training.run import Run, default_device
 
     cfg = load_config(
         "launch/configs/models/tiny_gpt2.yaml",
@@ -52,7 +53,7 @@ def _worker(rank, world, poison_steps, max_skips):
             loss = super().__call__(outputs, labels)
             return loss * float("nan") if trainer.state.step in poison_steps else loss
 
-    trainer = Trainer(cfg, engine, groups, Poisoned(cfg.ki), build_schedule(cfg.ki))
+    trainer = Trainer(Run(cfg, groups, default_device(), engine, Poisoned(cfg.ki), build_schedule(cfg.ki)))
     ids = torch.randint(0, 500, (2, 9))
     batch = (
         (ids[:, :-1], torch.ones(2, 8, dtype=torch.long), torch.zeros(2, 8, dtype=torch.long)),

@@ -213,15 +213,17 @@ def test_failing_case_trains():
 def test_failing_case_reads_the_projects_tokenizer(tmp_path):
     """With data made by the project's own tokenizer (<pad> = 4) build_data accepts pad id 4, and its samples
     run through the student at seq_length 128."""
-    import pretrain_ki
+    from megatron_ki.data import build_tokenizer
+    from megatron_ki.training.run import build_loaders
     from tests.training_utils import build_corpus
 
     corpus = build_corpus(tmp_path / "corpus")
     data = [*corpus.data_args(tmp_path / "cache"), "--data.seq_length", "128"]  # the corpus' args say 32
     cfg = load_config(TINY, [*FAILING_CASE, *data])
     cfg.validate(1)
-    groups = SimpleNamespace(topology=SimpleNamespace(dp=1), dp_rank=0)
-    tokenizer, (train, _, _) = pretrain_ki.build_data(cfg, groups, 0)
+    groups = SimpleNamespace(topology=SimpleNamespace(dp=1), dp_rank=0, rank=0)
+    train, _, _ = build_loaders(cfg, groups, 0)
+    tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
     assert tokenizer.pad == cfg.model.pad_token_id == 4
     model = build_model(cfg.model, seed=cfg.train.seed)
     sample = next(iter(train))
@@ -235,7 +237,7 @@ def test_failing_case_reads_the_projects_tokenizer(tmp_path):
     # a model whose pad id is not the tokenizer's is still refused
     wrong = load_config(TINY, [*FAILING_CASE, *data, "--model.pad_token_id", "1"])
     with pytest.raises(ConfigError, match="differs from the padding id 4") as info:
-        pretrain_ki.build_data(wrong, groups, 0)
+        build_loaders(wrong, groups, 0)
     assert info.value.key == "model.pad_token_id"
 
 

@@ -61,6 +61,7 @@ KEYS = ("loss", "lm_loss", "kd_loss")
 # which also exercises the pipeline's change of activation shape mid-run.
 KI_ALPHA0, KI_DECAY_STEPS = 0.5, 2
 SCRIPT = ["bash", str(ROOT / "launch" / "pretrain_ki.sh")]
+FAULT_ENTRY = ROOT / "tests" / "fault_entry.py"
 
 
 # ------------------------------------------------------------------------------------- workspace
@@ -432,12 +433,12 @@ def test_kill_during_save_keeps_previous_checkpoint(ws):
 
 # ------------------------------------------------------------------------------ failures, launcher
 def test_crashed_rank_fails_the_job(ws):
-    """One rank raising (test hook MEGATRON_KI_FAIL_AT_STEP=1:1, rank 1 of 2) ends the launcher non-zero,
+    """One rank raising (tests/fault_entry.py --fail-at-step 1:1, rank 1 of 2) ends the launcher non-zero,
     well within 2 minutes, instead of leaving the other rank in a collective."""
     result = independent_run(ws, "crash")
     assert result.returncode != 0, result.tail()
     assert result.seconds < 120, f"the job took {result.seconds:.0f} s to fail"
-    assert "test hook: MEGATRON_KI_FAIL_AT_STEP=1 on rank 1" in result.output
+    assert "fault injected: step 1 on rank 1" in result.output
     assert "pretrain_ki.sh: DS_ACCELERATOR=cpu" in result.output  # the script resolved the CPU accelerator
 
 
@@ -465,8 +466,8 @@ def independent_launches(ws: Workspace) -> dict[str, tuple[int, list[str], dict[
     zero = ("--parallel.pipeline_parallel", "2", "--train.zero_stage", "1", "--checkpoint.save", zero_ckpt)
     out["zero_first"] = (4, resume_args(ws, "zero_first", N, *zero), {})
     # Both through launch/pretrain_ki.sh: rank 1 of 2 raises after step 1; an invalid ZeRO stage.
-    crash = {"env": {"MEGATRON_KI_FAIL_AT_STEP": "1:1"}, "script": SCRIPT, "timeout": 150}
-    out["crash"] = (2, ws.base_args("gpt2", "crash", steps=50), crash)
+    crash = {"env": {"ENTRY": str(FAULT_ENTRY)}, "script": SCRIPT, "timeout": 150}
+    out["crash"] = (2, [*ws.base_args("gpt2", "crash", steps=50), "--fail-at-step", "1:1"], crash)
     bad = [*ws.base_args("gpt2", "bad_config"), "--train.zero_stage", "3"]
     out["bad_config"] = (2, bad, {"script": SCRIPT, "timeout": 120})
     out["eval_fixed_dp1"] = (1, eval_args(ws, "eval_fixed_dp1"), {})

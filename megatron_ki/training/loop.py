@@ -11,19 +11,19 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
-from megatron_ki.config import Config
 from megatron_ki.errors import MegatronKIError
-from megatron_ki.ki.schedule import KISchedule
-from megatron_ki.ki.teacher import KILossFunction
-from megatron_ki.parallel import ParallelGroups
 from megatron_ki.training.metrics import peak_memory_gib
+
+if TYPE_CHECKING:
+    from megatron_ki.training.run import Run
 
 logger = logging.getLogger("megatron_ki")
 
@@ -66,26 +66,39 @@ class LoopState:
     """Cumulative seconds spent in training steps (evaluation, saving and start-up left out)."""
 
 
-class Trainer:
-    """Drives one run; built by ``pretrain_ki.py`` from already constructed parts."""
+class Callback:
+    """Hooks into a run, for what the loop itself should not know about (tests inject faults through them)."""
 
-    def __init__(
-        self,
-        cfg: Config,
-        engine,
-        groups: ParallelGroups,
-        loss_fn: KILossFunction,
-        schedule: KISchedule,
-        teacher=None,
-        companion=None,
-    ):
-        self.cfg, self.engine, self.groups = cfg, engine, groups
-        self.loss_fn, self.schedule = loss_fn, schedule
-        self.teacher, self.companion = teacher, companion
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        """After every training step, before evaluation, saving and the stop decision."""
+
+    def on_checkpoint_written(self, trainer: Trainer, tmp_dir: Path) -> None:
+        """A checkpoint's files are written under ``tmp_dir`` and not yet published."""
+
+
+class Trainer:
+    """Trains a :class:`~megatron_ki.training.run.Run`: ``Trainer(build_run(cfg)).fit()``.
+
+    One step: the a_t schedule sets the KI weight (and releases the teacher once it is 0), the engine runs
+    forward/backward over the micro-batches (the pipeline engine at pp > 1), the loss records of every rank are
+    averaged. :meth:`fit` adds logging, evaluation, checkpoints, the stop decision and the step watchdog.
+    """
+
+    def __init__(self, run: Run, callbacks: Sequence[Callback] = ()):
+        cfg, groups = run.cfg, run.groups
+        self.run, self.cfg, self.engine, self.groups = run, cfg, run.engine, groups
+        self.loss_fn, self.schedule = run.loss_fn, run.schedule
+        self.teacher, self.companion = run.teacher, run.companion
+        self.callbacks = list(callbacks)
         self.pipeline = cfg.parallel.pipeline_parallel > 1
         self.causal = cfg.model.causal
-        self.gas = cfg.gradient_accumulation_steps(groups.topology.world_size)
+        self.micro_batches = cfg.gradient_accumulation_steps(groups.topology.world_size)
         self.state = LoopState()
+        if run.resumed:
+            meta = run.resumed
+            self.state.step, self.state.consumed_samples = meta["step"], meta["consumed_samples"]
+            self.state.flops = meta.get("flops", 0.0)
+            self.state.train_time_s = meta.get("train_time_s", 0.0)
         self.tokens_per_sample = cfg.data.seq_length
         self.teacher_valid_loss: float | None = None
         """The teacher's LM loss on the fixed validation samples, kept after the teacher is released."""
@@ -167,13 +180,13 @@ class Trainer:
             loss_value = float(loss)
         else:
             total = torch.zeros((), dtype=torch.float64, device=self.engine.device)
-            for _ in range(self.gas):
+            for _ in range(self.micro_batches):
                 inputs, labels = next(data_iter)
                 loss = self._forward_loss(inputs, labels)
                 self.engine.backward(loss)
                 self.engine.step()
                 total += loss.detach().double()  # no host sync per micro-batch
-            loss_value = float(total) / self.gas  # the step's one sync, inside the timed span
+            loss_value = float(total) / self.micro_batches  # the step's one sync, inside the timed span
         elapsed = time.perf_counter() - start
         self.state.train_time_s += elapsed
         skipped = self._skipped() - skipped_before
@@ -226,7 +239,7 @@ class Trainer:
             if self.pipeline:
                 self.engine.eval_batch(data_iter=data_iter, return_logits=False)
             else:
-                for _ in range(self.gas):
+                for _ in range(self.micro_batches):
                     inputs, labels = next(data_iter)
                     self._forward_loss(inputs, labels)
         metrics = self._aggregate(self.loss_fn.pop_records(), token_weighted=True)
@@ -239,6 +252,155 @@ class Trainer:
                 metrics["teacher_lm_loss"] = self.teacher_valid_loss
         self.engine.train()
         return metrics
+
+    # ------------------------------------------------------------------------------------------- fit
+    def fit(self, started: float | None = None) -> int:
+        """Train to ``train.train_steps`` or until a stop request; returns the exit code: 0, or 75 when a
+        signal, ``exit_duration_mins`` (counted from ``started``, a ``time.monotonic()``) or ``exit_interval``
+        stopped the run after saving."""
+        from megatron_ki.training.metrics import MetricsWriter, ProgressBar
+        from megatron_ki.training.resilience import StopRequest
+
+        cfg, train, state = self.cfg, self.cfg.train, self.state
+        rank0 = self.groups.rank == 0
+        self._started = time.perf_counter()
+        self._writer = MetricsWriter(cfg.logging.run_dir, cfg.logging.tensorboard, enabled=rank0)
+        self._bar = ProgressBar(
+            train.train_steps, enabled=rank0 and cfg.logging.progress_bar, initial=state.step
+        )
+        self._saved_at = state.step if self.run.resumed else None
+        stop = StopRequest(train.exit_signal_handler, train.exit_duration_mins, started=started)
+        stop.install()
+        try:
+            while state.step < train.train_steps:
+                self._progress("training")
+                teacher_ran = self.teacher_active
+                self._log_step(self.train_step(self.run.data.train), teacher_ran)
+                step = state.step
+                for callback in self.callbacks:
+                    callback.on_step_end(self, self._last_metrics)
+                if (
+                    self.run.data.valid is not None
+                    and train.eval_interval
+                    and step % train.eval_interval == 0
+                ):
+                    self._evaluate("valid")
+                if (
+                    cfg.checkpoint.save
+                    and cfg.checkpoint.save_interval
+                    and step % cfg.checkpoint.save_interval == 0
+                ):
+                    self.save()
+                reason = stop.agreed(self.run.device)
+                if reason is None and train.exit_interval and step % train.exit_interval == 0:
+                    reason = f"train.exit_interval ({train.exit_interval}) reached"
+                if reason is not None and step < train.train_steps:
+                    return self._stop_early(reason)
+            self._finish()
+        finally:
+            if self.run.watchdog is not None:
+                self.run.watchdog.stop()
+            stop.uninstall()
+        return 0
+
+    def _progress(self, phase: str) -> None:
+        if self.run.watchdog is not None:
+            self.run.watchdog.progress(self.state.step, phase)
+
+    def _log_step(self, metrics: dict[str, Any], teacher_ran: bool) -> None:
+        """Count the step's FLOPs (the teacher's while it ran), log every log_interval steps."""
+        from megatron_ki.training.flops import device_peak_flops, mfu, training_flops_per_token
+
+        cfg, step = self.cfg, self.state.step
+        teacher_cfg = self.run.teacher_cfg if teacher_ran else None
+        per_token = training_flops_per_token(cfg.model, cfg.data.seq_length, teacher_cfg)
+        self.state.flops += per_token * cfg.train.global_batch_size * cfg.data.seq_length
+        peak = device_peak_flops(cfg.train.precision, self.run.device)
+        world = self.groups.topology.world_size
+        metrics.update(
+            flops_per_token=per_token,
+            flops=self.state.flops,
+            mfu=mfu(metrics["tokens_per_s"], per_token, peak, world) if metrics["tokens_per_s"] else None,
+            elapsed_s=time.perf_counter() - self._started,
+        )
+        if step % cfg.logging.log_interval == 0 or step == cfg.train.train_steps:
+            self._writer.log(step, metrics)
+        self._bar.update(step, metrics["loss"], metrics["alpha"], metrics["tokens_per_s"])
+        self._last_metrics = metrics
+
+    def _evaluate(self, split: str) -> dict[str, float | None]:
+        """One evaluation, logged with where the run stands (tokens, FLOPs, seconds)."""
+        self._progress("evaluation")
+        data = self.run.data.valid if split == "valid" else self.run.data.test
+        fixed = self.cfg.train.eval_samples == "fixed" and split == "valid"
+        result = self.evaluate(data(), self.cfg.train.eval_iters, fixed=fixed)
+        record = {
+            "split": split,
+            "consumed_tokens": self.state.consumed_samples * self.tokens_per_sample,
+            "flops": self.state.flops,
+            "train_time_s": self.state.train_time_s,
+            "elapsed_s": time.perf_counter() - self._started,
+            **result,
+        }
+        self._writer.log(self.state.step, record)
+        return result
+
+    def save(self) -> None:
+        from megatron_ki.training import checkpoint as ckpt
+
+        self._progress("saving a checkpoint")
+        state = self.state
+        ckpt.save_checkpoint(
+            self.engine,
+            self.cfg,
+            self.groups,
+            state.step,
+            state.consumed_samples,
+            extra_meta={"flops": state.flops, "train_time_s": state.train_time_s},
+            tp_tracker=self.run.tracker,
+        )
+        self._saved_at = state.step
+
+    def _finish(self) -> None:
+        """The last save and evaluations, then every rank leaves together."""
+        cfg, train, step = self.cfg, self.cfg.train, self.state.step
+        self._bar.close()
+        if cfg.checkpoint.save and self._saved_at != step:
+            self.save()
+        if self.run.data.valid is not None and (not train.eval_interval or step % train.eval_interval):
+            self._evaluate("valid")
+        if self.run.data.test is not None:
+            final = self._evaluate("test")
+            logger.info("test: %s", {k: v for k, v in final.items() if v is not None})
+        self._writer.close()
+        self._progress("the final barrier")
+        if dist.is_initialized():
+            dist.barrier()
+
+    def _stop_early(self, reason: str) -> int:
+        """Save (unless this step is saved already) and return the requeue exit code."""
+        from megatron_ki.errors import EXIT_REQUEUE
+
+        step, save_dir = self.state.step, self.cfg.checkpoint.save
+        self._bar.close()
+        if save_dir and self._saved_at != step:
+            logger.info(
+                "%s: saving a checkpoint at step %d, then exiting with code %d", reason, step, EXIT_REQUEUE
+            )
+            self.save()
+        elif save_dir:
+            logger.info("%s: step %d is saved; exiting with code %d", reason, step, EXIT_REQUEUE)
+        else:
+            logger.info(
+                "%s: exiting at step %d with code %d WITHOUT a checkpoint (checkpoint.save is not set)",
+                reason,
+                step,
+                EXIT_REQUEUE,
+            )
+        self._writer.close()
+        if dist.is_initialized():
+            dist.barrier()
+        return EXIT_REQUEUE
 
 
 def _grad_norm(engine) -> float | None:

@@ -1,0 +1,283 @@
+"""Build one training run from its config: process groups, student and teacher, DeepSpeed engine, resume, data.
+
+``build_run(cfg)`` returns a :class:`Run`; ``Trainer(run).fit()`` (``training/loop.py``) trains it. The entry
+point and the tests that need a whole run go through these functions, in this order:
+
+    init_distributed -> ParallelGroups -> seeds -> teacher weights -> student (+ teacher beside it at pp = 1,
+    inside the pipeline stages at pp > 1) -> DeepSpeed engine -> resume -> data from where the run stopped
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron_ki.config import Config, ConfigError, ModelConfig
+from megatron_ki.ki.schedule import KISchedule, build_schedule
+from megatron_ki.ki.teacher import KILossFunction
+from megatron_ki.parallel import ParallelGroups, Topology, release_deepspeed_shm
+from megatron_ki.tensor_parallel import TPRngTracker, seed_everything
+from megatron_ki.training.resilience import StepWatchdog
+
+logger = logging.getLogger("megatron_ki")
+
+Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor]
+
+
+@dataclass
+class RunData:
+    """Batches for training (resumed at the consumed samples), and for evaluation."""
+
+    train: Iterator[Batch]
+    valid: Callable[[], Iterator[Batch]] | None
+    """``() -> iterator`` for one evaluation (a fresh pass, or Megatron's continuing iterator)."""
+    test: Callable[[], Iterator[Batch]] | None
+
+
+@dataclass
+class Run:
+    """Everything one run is made of."""
+
+    cfg: Config
+    groups: ParallelGroups
+    device: torch.device
+    engine: Any
+    loss_fn: KILossFunction
+    schedule: KISchedule
+    tracker: TPRngTracker | None = None
+    teacher_cfg: ModelConfig | None = None
+    teacher: nn.Module | None = None
+    """pp = 1: the frozen teacher, run beside the engine."""
+    companion: Any = None
+    """pp > 1: the teacher's layers, carried inside the pipeline stages (``models/pipe.py``)."""
+    resumed: dict[str, Any] | None = None
+    """Metadata of the checkpoint the run resumed from (step, consumed samples, FLOPs, seconds)."""
+    data: RunData | None = None
+    watchdog: StepWatchdog | None = None
+
+
+# ---------------------------------------------------------------------------------------- processes
+def collective_timeout(cfg: Config) -> timedelta:
+    """The process groups' timeout: a backstop a little after the step watchdog, which names the hung rank."""
+    return timedelta(seconds=cfg.train.collective_timeout_s + 30)
+
+
+def init_distributed(cfg: Config) -> None:
+    """DeepSpeed's comm layer over NCCL (GPU) or gloo (CPU); does nothing if it is already set up."""
+    import deepspeed
+
+    if dist.is_initialized():
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    deepspeed.init_distributed(dist_backend=backend, timeout=collective_timeout(cfg))
+    release_deepspeed_shm()
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------ student, teacher
+def load_teacher_weights(cfg: Config, groups: ParallelGroups) -> tuple[ModelConfig | None, dict | None]:
+    """``(teacher config, this TP rank's teacher state dict or None)`` from ``ki.teacher_path`` / ``ki.teacher``."""
+    from megatron_ki.convert.reshard import load_full_state, shard_state_dict
+    from megatron_ki.ki.teacher import check_teacher_fits
+
+    if not cfg.ki.enabled:
+        return None, None
+    teacher_cfg, full, source = cfg.ki.teacher, None, None
+    if cfg.ki.teacher_path and cfg.ki.teacher_path.startswith("hf:"):
+        # A Hugging Face directory, read tensor by tensor and sharded like the student; same tokenizer enforced.
+        from megatron_ki.convert.hf import open_hf_model
+        from megatron_ki.convert.tokenizer import check_teacher_tokenizer
+
+        source = cfg.ki.teacher_path[len("hf:") :]
+        check_teacher_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model, source)
+        saved_cfg, full = open_hf_model(
+            source,
+            cfg.model.make_vocab_size_divisible_by,
+            attention_backend=cfg.model.attention_backend,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+        )
+        where = f"the architecture of {source}/config.json"
+    elif cfg.ki.teacher_path:
+        source = cfg.ki.teacher_path
+        _, saved_cfg, full = load_full_state(source)
+        where = f"the architecture saved in {source}"
+    if full is not None:
+        if teacher_cfg is not None and teacher_cfg != saved_cfg:
+            raise ConfigError("ki.teacher", f"differs from {where}")
+        teacher_cfg = saved_cfg
+    check_teacher_fits(cfg.model, teacher_cfg, groups.topology.tp, cfg.data.seq_length)
+    if full is None:
+        return teacher_cfg, None
+    return teacher_cfg, shard_state_dict(full, teacher_cfg, groups.topology.tp, groups.tp_rank)
+
+
+def build_student_and_teacher(
+    cfg: Config, groups: ParallelGroups, device: torch.device, tracker: TPRngTracker | None
+) -> tuple[nn.Module, KILossFunction, ModelConfig | None, nn.Module | None, Any]:
+    """``(student module, loss function, teacher config, teacher at pp = 1, companion at pp > 1)``."""
+    from megatron_ki.ki.teacher import frozen_teacher
+    from megatron_ki.models import build_model
+    from megatron_ki.models.pipe import Companion, build_pipeline_module, companion_layers_for
+    from megatron_ki.training.flops import pipeline_layer_costs
+
+    teacher_cfg, teacher_state = load_teacher_weights(cfg, groups)
+    loss_fn = KILossFunction(cfg.ki, groups.tp_group)
+    seed = cfg.train.seed
+    if cfg.parallel.pipeline_parallel == 1:
+        model = build_model(cfg.model, groups.tp_group, seed=seed, rng_tracker=tracker).to(device)
+        teacher = None
+        if teacher_cfg is not None:
+            teacher = frozen_teacher(teacher_cfg, cfg.ki, groups.tp_group, teacher_state, seed + 1, device)
+        return model, loss_fn, teacher_cfg, teacher, None
+    companion = None
+    if teacher_cfg is not None:
+        companion = Companion(
+            teacher_cfg, seed=seed + 1, dtype=cfg.ki.teacher_dtype, state_dict=teacher_state
+        )
+    carried = companion_layers_for(cfg.model.num_layers, teacher_cfg.num_layers) if teacher_cfg else None
+    costs = pipeline_layer_costs(
+        cfg.model, cfg.data.seq_length, teacher_cfg, carried, cfg.parallel.tensor_parallel
+    )
+    model = build_pipeline_module(
+        cfg.model,
+        groups.topology,
+        groups,
+        seed=seed,
+        loss_fn=loss_fn,
+        partition_method=cfg.parallel.pipeline_partition,
+        rng_tracker=tracker,
+        companion=companion,
+        device=device,
+        layer_costs=costs,
+    )
+    return model, loss_fn, teacher_cfg, None, companion
+
+
+# ------------------------------------------------------------------------------------------------ data
+def build_loaders(cfg: Config, groups: ParallelGroups, consumed_samples: int) -> list:
+    """Train/valid/test DataLoaders of this data-parallel rank (train resumes at ``consumed_samples``)."""
+    from megatron_ki.data import PretrainingSampler, build_datasets_from_config, build_tokenizer
+    from megatron_ki.data.token_range import check_token_range, dataset_prefixes
+
+    tokenizer = None
+    if cfg.data.tokenizer_type != "none":
+        tokenizer = build_tokenizer(
+            cfg.data.tokenizer_type, cfg.data.tokenizer_model, option="data.tokenizer_model"
+        )
+        if tokenizer.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(
+                "model.vocab_size",
+                f"{cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} ({cfg.data.tokenizer_model})",
+            )
+        if cfg.model.padding_positions and cfg.model.pad_token_id != tokenizer.pad:
+            # RoBERTa-style positions skip tokens equal to pad_token_id: a mismatch silently shifts them.
+            raise ConfigError(
+                "model.pad_token_id",
+                f"{cfg.model.pad_token_id} differs from the padding id {tokenizer.pad} of {cfg.data.tokenizer_model}",
+            )
+    if groups.rank == 0:  # token ids beyond the embedding: an IndexError at tp=1, silent garbage at tp>=2
+        check_token_range(dataset_prefixes(cfg.data), cfg.model.vocab_size, cfg.data.cache_dir)
+    if dist.is_initialized():
+        dist.barrier()
+    train = cfg.train
+    gbs = train.global_batch_size
+    evals = (train.train_steps // train.eval_interval if train.eval_interval else 0) + 1
+    if train.eval_samples == "fixed":
+        evals = 1  # every evaluation re-reads the same first eval_iters global batches
+    sizes = (train.train_steps * gbs, evals * train.eval_iters * gbs, train.eval_iters * gbs)
+    kind = "gpt" if cfg.model.causal else "mlm"
+    datasets = build_datasets_from_config(cfg.data, sizes, kind=kind, tokenizer=tokenizer)
+    dp, dp_rank = groups.topology.dp, groups.dp_rank
+
+    def loader(ds, consumed: int):
+        if ds is None:
+            return None
+        sampler = PretrainingSampler(len(ds), consumed, train.micro_batch_size, dp_rank, dp)
+        # Its own generator: starting an iterator (every fixed evaluation does) draws a worker seed, which
+        # must not advance the global RNG that dropout and a bitwise resume depend on.
+        return torch.utils.data.DataLoader(
+            ds,
+            batch_sampler=sampler,
+            num_workers=cfg.data.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            generator=torch.Generator().manual_seed(train.seed),
+        )
+
+    return [loader(ds, consumed_samples if i == 0 else 0) for i, ds in enumerate(datasets)]
+
+
+def batches(loader, causal: bool) -> Iterator[Batch]:
+    """Model inputs and labels from a loader; re-read if evaluation asks for more than one pass."""
+    from megatron_ki.training.loop import model_inputs
+
+    while True:
+        for sample in loader:
+            yield model_inputs(sample, causal)
+
+
+def build_data(cfg: Config, groups: ParallelGroups, consumed_samples: int) -> RunData:
+    train_loader, valid_loader, test_loader = build_loaders(cfg, groups, consumed_samples)
+    causal = cfg.model.causal
+    valid = None
+    if valid_loader is not None:
+        if cfg.train.eval_samples == "fixed":
+            valid = lambda: batches(valid_loader, causal)  # noqa: E731 - a fresh pass from the first sample
+        else:
+            shared = batches(valid_loader, causal)
+            valid = lambda: shared  # noqa: E731 - Megatron's continuing iterator
+    test = (lambda: batches(test_loader, causal)) if test_loader is not None else None
+    return RunData(batches(train_loader, causal), valid, test)
+
+
+# ------------------------------------------------------------------------------------------------- run
+def build_run(cfg: Config, world: int | None = None, data: bool = True) -> Run:
+    """Assemble the run ``cfg`` describes on this process (collective: every rank calls it)."""
+    from megatron_ki.convert.reshard import write_text_atomic
+    from megatron_ki.training import checkpoint as ckpt
+    from megatron_ki.training.ds_config import deepspeed_config, write_deepspeed_config
+    from megatron_ki.training.engine import initialize_engine
+    from megatron_ki.training.lr import lr_schedule
+
+    init_distributed(cfg)
+    world = dist.get_world_size() if world is None else world
+    topology = Topology.from_world(world, cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel)
+    groups = ParallelGroups.build(topology, timeout=collective_timeout(cfg))
+    watchdog = StepWatchdog.from_env(groups.rank, world, cfg.train.collective_timeout_s)
+    watchdog.start()  # heartbeats from now on; the deadline counts from the first training step
+    device = default_device()
+    seed_everything(cfg.train.seed + 100 * groups.pp_rank, device)
+    tracker = TPRngTracker(cfg.train.seed, groups.tp_rank, device)
+    model, loss_fn, teacher_cfg, teacher, companion = build_student_and_teacher(cfg, groups, device, tracker)
+
+    ds = deepspeed_config(cfg, world)
+    if groups.rank == 0:
+        run_dir = write_deepspeed_config(ds, cfg.logging.run_dir).parent
+        write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())
+    engine = initialize_engine(cfg, model, groups, ds)
+    schedule = build_schedule(cfg.ki, lr_schedule(cfg.optim, cfg.train.train_steps), cfg.optim.lr)
+    run = Run(cfg, groups, device, engine, loss_fn, schedule, tracker, teacher_cfg, teacher, companion)
+    run.watchdog = watchdog
+    if cfg.checkpoint.load:
+        meta = ckpt.load_checkpoint(engine, cfg, groups, tracker)
+        if meta is not None and not meta.get("weights_only"):
+            run.resumed = meta
+    if data:
+        consumed = run.resumed["consumed_samples"] if run.resumed else 0
+        run.data = build_data(cfg, groups, consumed)
+    return run
