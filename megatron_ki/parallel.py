@@ -13,10 +13,8 @@ explicitly to the code that needs it; nothing here is a module-level mutable glo
 from __future__ import annotations
 
 import itertools
-import os
 from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
 from typing import NamedTuple
 
 import torch.distributed as dist
@@ -204,31 +202,3 @@ class ParallelGroups:
     def tp_group(self) -> ProcessGroup | None:
         """The tensor-parallel group to hand to layers (None when tp == 1, so layers skip collectives)."""
         return self.tensor if self.topology.tp > 1 else None
-
-
-_SHM_RELEASED = False
-
-
-def release_deepspeed_shm() -> None:
-    """Unlink this rank's DeepSpeed CPU all-reduce workspace from ``/dev/shm`` once every rank has mapped it.
-
-    DeepSpeed's CPU communication op (``ShareMemCommBuilder``) creates ``deepspeed_allreduce_buffer_*`` per
-    rank and never unlinks it, so every CPU run would leave its workspaces in ``/dev/shm`` (RAM) until reboot.
-    A mapped segment stays valid after its name is removed. Collective over all ranks: call it on every rank
-    right after DeepSpeed's comm layer is initialised; later calls do nothing.
-    """
-    global _SHM_RELEASED
-    if _SHM_RELEASED or not dist.is_initialized():
-        return
-    _SHM_RELEASED = True
-    dist.barrier()  # every rank has returned from DeepSpeed's shm set-up, which maps all peers' workspaces
-    name = "_".join(
-        [
-            "deepspeed_allreduce_buffer",
-            str(os.getuid()),
-            os.environ.get("MASTER_ADDR", ""),
-            os.environ.get("MASTER_PORT", ""),
-            str(dist.get_rank()),
-        ]
-    )
-    Path("/dev/shm", name).unlink(missing_ok=True)

@@ -73,11 +73,12 @@ def _full_name(pipe_name: str, num_layers: int) -> str:
 def _pipe_worker(rank, world, tp, pp, family, alphas, partition="parameters"):
     os.environ["DS_ACCELERATOR"] = "cpu"
     from megatron_ki.ki.teacher import KILossFunction
-    from megatron_ki.models.pipe import Companion, build_pipeline_module
+    from megatron_ki.models.pipe import Companion
     from megatron_ki.parallel import ParallelGroups, Topology
     from megatron_ki.training.ds_config import deepspeed_config
     from megatron_ki.training.engine import initialize_engine
     from megatron_ki.training.flops import pipeline_layer_costs
+    from megatron_ki.training.run import build_pipeline_module
 
     student_cfg, teacher_cfg = _configs(family)
     cfg = load_config(

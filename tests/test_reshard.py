@@ -87,11 +87,12 @@ def test_refusals_leave_nothing(tmp_path):
 def _save_worker(rank, world, tp, pp, root):
     os.environ["DS_ACCELERATOR"] = "cpu"
     from megatron_ki.ki.teacher import KILossFunction
-    from megatron_ki.models.pipe import Companion, build_pipeline_module
+    from megatron_ki.models.pipe import Companion
     from megatron_ki.parallel import ParallelGroups, Topology
     from megatron_ki.training.checkpoint import save_checkpoint
     from megatron_ki.training.ds_config import deepspeed_config
     from megatron_ki.training.engine import initialize_engine
+    from megatron_ki.training.run import build_pipeline_module
 
     cfg = load_config(
         f"{CONFIGS}/tiny_gpt2.yaml",

@@ -14,7 +14,9 @@ so the frozen companion's hidden rides inside the student's tensor and is split 
 The companion is never registered as a submodule: it is not in ``parameters()`` (no optimizer state, no
 gradient), not in ``state_dict()`` (never saved in the student's checkpoint), and ``release()`` drops it.
 The tied input/output embedding lives on the first and last stage; its gradients are all-reduced over the
-framework's embedding group (Megatron's scheme) through ``get_tied_weights_and_groups``.
+framework's embedding group (Megatron's scheme). The ``PipelineModule`` itself, which needs DeepSpeed
+internals for that and for the "compute" partition, is built by ``training/run.py:build_pipeline_module``
+(``training/deepspeed_compat.py``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from megatron_ki.config import ModelConfig
-from megatron_ki.parallel import release_deepspeed_shm
 from megatron_ki.tensor_parallel import TPRngTracker
 
 from . import build_model
@@ -264,88 +265,3 @@ def pipeline_layers(
         )
     specs.append(LayerSpec(HeadPipe, cfg, tp_group, seed, companion, device))
     return specs
-
-
-def build_pipeline_module(
-    cfg: ModelConfig,
-    topology,
-    groups,
-    seed: int,
-    loss_fn,
-    partition_method: str = "parameters",
-    rng_tracker: TPRngTracker | None = None,
-    companion: Companion | None = None,
-    device: torch.device | str | None = None,
-    layer_costs: list[float] | None = None,
-):
-    """A DeepSpeed ``PipelineModule`` over ``topology`` (``megatron_ki.parallel.Topology``) whose tied
-    embedding gradients are all-reduced over ``groups.embedding``.
-
-    ``partition_method`` "compute" splits the layers so each stage gets about the same ``layer_costs`` (one per
-    pipeline layer, e.g. ``training.flops.pipeline_layer_costs``: the head and a teacher's work count); the
-    others are DeepSpeed's own ("parameters", "uniform")."""
-    import deepspeed
-    import torch.distributed as dist
-    from deepspeed.pipe import PipelineModule
-
-    if not deepspeed.comm.is_initialized():  # DeepSpeed's comm layer over the existing torch process group
-        deepspeed.init_distributed(dist_backend=dist.get_backend())
-    release_deepspeed_shm()
-    if partition_method == "compute" and (layer_costs is None or len(layer_costs) != cfg.num_layers + 2):
-        raise ValueError(
-            f"pipeline partition 'compute' needs one cost per pipeline layer ({cfg.num_layers + 2}), "
-            f"got {None if layer_costs is None else len(layer_costs)}"
-        )
-
-    class KIPipelineModule(PipelineModule):
-        def __init__(self):
-            super().__init__(
-                layers=pipeline_layers(cfg, groups.tp_group, seed, rng_tracker, companion, device),
-                topology=topology.to_deepspeed(),
-                loss_fn=loss_fn,
-                partition_method=partition_method,
-                dynamic_shape=companion is not None,
-            )
-            tied = []  # a plain list: assigning a Parameter attribute would register it a second time
-            if cfg.tie_word_embeddings and topology.pp > 1:
-                for layer in self.forward_funcs:
-                    weight = getattr(layer, "word_embeddings_weight", None)
-                    if isinstance(layer, (EmbeddingPipe, HeadPipe)) and weight is not None:
-                        tied.append(weight)
-                        if isinstance(layer, HeadPipe):
-                            weight.ds_pipe_replicated = True  # counted once in the gradient norm
-            if groups.tp_rank == 0:
-                # DeepSpeed's ZeRO / fp32 norms count TP-replicated parameters only where its "model parallel
-                # rank" (over pipe x tensor) is 0, i.e. on the first stage alone; mark this stage's as owned.
-                for p in self.parameters():
-                    p.model_parallel = True
-            self.tied_embedding = tied
-            self.companion = companion
-
-        def _partition_layers(self, method="uniform"):
-            # DeepSpeed balances parameter counts or layer counts only; a stage holding the head (and the
-            # teacher's head and the divergence) then takes far longer than the others. DeepSpeed's own
-            # balanced partitioner over our per-layer costs, then its bounds, as its method would set them.
-            if method != "compute":
-                return super()._partition_layers(method)
-            from deepspeed.runtime import utils as ds_utils
-
-            self.parts = ds_utils.partition_balanced(weights=layer_costs, num_parts=self.num_stages)
-            stage = self._topo.get_coord(self.global_rank).pipe
-            if self.global_rank == 0:
-                spans = [f"{self.parts[i]}-{self.parts[i + 1] - 1}" for i in range(self.num_stages)]
-                logger.info("pipeline stages by compute: layers %s of %d", ", ".join(spans), len(layer_costs))
-            self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
-
-        def get_tied_weights_and_groups(self):
-            return super().get_tied_weights_and_groups() + [
-                (w, groups.embedding) for w in self.tied_embedding
-            ]
-
-        def allreduce_tied_weight_gradients(self):
-            super().allreduce_tied_weight_gradients()
-            for weight in self.tied_embedding:
-                if weight.grad is not None:
-                    dist.all_reduce(weight.grad, group=groups.embedding)
-
-    return KIPipelineModule()

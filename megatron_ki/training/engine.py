@@ -16,7 +16,12 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_ki.config import Config
-from megatron_ki.parallel import ParallelGroups, release_deepspeed_shm
+from megatron_ki.parallel import ParallelGroups
+from megatron_ki.training.deepspeed_compat import (
+    check_deepspeed_version,
+    install_gradient_clipping,
+    release_deepspeed_shm,
+)
 from megatron_ki.training.lr import lr_schedule
 
 logger = logging.getLogger("megatron_ki")
@@ -158,6 +163,7 @@ def initialize_engine(cfg: Config, model: nn.Module, groups: ParallelGroups, ds_
     """``deepspeed.initialize`` with the framework's optimizer, LR schedule and groups; returns the engine."""
     import deepspeed
 
+    check_deepspeed_version()
     optimizer = build_optimizer(model, cfg)
     schedule = lr_schedule(cfg.optim, cfg.train.train_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step) / cfg.optim.lr)
@@ -173,10 +179,8 @@ def initialize_engine(cfg: Config, model: nn.Module, groups: ParallelGroups, ds_
     release_deepspeed_shm()
     fp32_plain = cfg.train.precision == "fp32" and cfg.train.zero_stage == 0
     if fp32_plain and cfg.optim.clip_grad > 0:
-
-        def clip() -> None:
-            engine._global_grad_norm = clip_grad_norm(engine.module.parameters(), cfg.optim.clip_grad, groups)
-
-        engine.clip_fp32_gradients = clip
+        install_gradient_clipping(
+            engine, lambda: clip_grad_norm(engine.module.parameters(), cfg.optim.clip_grad, groups)
+        )
     engine.guarded_optimizer = optimizer if isinstance(optimizer, GuardedAdamW) else None
     return engine

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_ki.errors import MegatronKIError
+from megatron_ki.training.deepspeed_compat import global_grad_norm, loss_scale, skipped_steps
 from megatron_ki.training.metrics import peak_memory_gib
 
 if TYPE_CHECKING:
@@ -206,8 +207,8 @@ class Trainer:
             step=self.state.step,
             alpha=self.loss_fn.alpha,
             lr=self.engine.get_lr()[0],
-            grad_norm=_grad_norm(self.engine),
-            loss_scale=_loss_scale(self.engine),
+            grad_norm=global_grad_norm(self.engine),
+            loss_scale=loss_scale(self.engine),
             skipped=skipped,
             skipped_total=self.state.skipped_total,
             consumed_samples=self.state.consumed_samples,
@@ -221,8 +222,7 @@ class Trainer:
 
     def _skipped(self) -> int:
         """Steps skipped so far: by DeepSpeed (fp16/bf16 overflow) or by the framework's guarded optimizer."""
-        guarded = getattr(self.engine, "guarded_optimizer", None)
-        return int(self.engine.skipped_steps or 0) + (guarded.nonfinite_skips if guarded is not None else 0)
+        return skipped_steps(self.engine)
 
     # ------------------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -401,22 +401,3 @@ class Trainer:
         if dist.is_initialized():
             dist.barrier()
         return EXIT_REQUEUE
-
-
-def _grad_norm(engine) -> float | None:
-    try:
-        norm = engine.get_global_grad_norm()
-    except Exception:
-        return None
-    if norm is None:
-        return None
-    return float(norm)
-
-
-def _loss_scale(engine) -> float | None:
-    opt = getattr(engine, "optimizer", None)
-    scale = getattr(opt, "cur_scale", None) or getattr(opt, "loss_scale", None)
-    try:
-        return float(scale) if scale is not None else None
-    except (TypeError, ValueError):
-        return None

@@ -23,8 +23,13 @@ from torch import nn
 from megatron_ki.config import Config, ConfigError, ModelConfig
 from megatron_ki.ki.schedule import KISchedule, build_schedule
 from megatron_ki.ki.teacher import KILossFunction
-from megatron_ki.parallel import ParallelGroups, Topology, release_deepspeed_shm
+from megatron_ki.parallel import ParallelGroups, Topology
 from megatron_ki.tensor_parallel import TPRngTracker, seed_everything
+from megatron_ki.training.deepspeed_compat import (
+    check_deepspeed_version,
+    ki_pipeline_module,
+    release_deepspeed_shm,
+)
 from megatron_ki.training.resilience import StepWatchdog
 
 logger = logging.getLogger("megatron_ki")
@@ -74,6 +79,7 @@ def init_distributed(cfg: Config) -> None:
     """DeepSpeed's comm layer over NCCL (GPU) or gloo (CPU); does nothing if it is already set up."""
     import deepspeed
 
+    check_deepspeed_version()
     if dist.is_initialized():
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -133,7 +139,7 @@ def build_student_and_teacher(
     """``(student module, loss function, teacher config, teacher at pp = 1, companion at pp > 1)``."""
     from megatron_ki.ki.teacher import frozen_teacher
     from megatron_ki.models import build_model
-    from megatron_ki.models.pipe import Companion, build_pipeline_module, companion_layers_for
+    from megatron_ki.models.pipe import Companion, companion_layers_for
     from megatron_ki.training.flops import pipeline_layer_costs
 
     teacher_cfg, teacher_state = load_teacher_weights(cfg, groups)
@@ -167,6 +173,48 @@ def build_student_and_teacher(
         layer_costs=costs,
     )
     return model, loss_fn, teacher_cfg, None, companion
+
+
+def build_pipeline_module(
+    cfg: ModelConfig,
+    topology: Topology,
+    groups: ParallelGroups,
+    seed: int,
+    loss_fn,
+    partition_method: str = "parameters",
+    rng_tracker: TPRngTracker | None = None,
+    companion: Any = None,
+    device: torch.device | str | None = None,
+    layer_costs: list[float] | None = None,
+) -> nn.Module:
+    """The student (and the teacher beside it, ``companion``) as a DeepSpeed ``PipelineModule`` over
+    ``topology``; the tied embedding's gradients are all-reduced over ``groups.embedding``.
+
+    ``partition_method`` "compute" splits the layers so each stage gets about the same ``layer_costs`` (one per
+    pipeline layer, e.g. ``training.flops.pipeline_layer_costs``: the head and a teacher's work count); the
+    others are DeepSpeed's own ("parameters", "uniform")."""
+    from megatron_ki.models.pipe import EmbeddingPipe, HeadPipe, pipeline_layers
+
+    if partition_method == "compute" and (layer_costs is None or len(layer_costs) != cfg.num_layers + 2):
+        raise ValueError(
+            f"pipeline partition 'compute' needs one cost per pipeline layer ({cfg.num_layers + 2}), "
+            f"got {None if layer_costs is None else len(layer_costs)}"
+        )
+    layers = pipeline_layers(cfg, groups.tp_group, seed, rng_tracker, companion, device)
+    module = ki_pipeline_module(
+        layers,
+        topology,
+        groups,
+        loss_fn,
+        partition_method,
+        layer_costs,
+        tied_types=(EmbeddingPipe, HeadPipe),
+        head_type=HeadPipe,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        dynamic_shape=companion is not None,
+    )
+    module.companion = companion
+    return module
 
 
 # ------------------------------------------------------------------------------------------------ data
