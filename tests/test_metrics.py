@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 
 import pytest
@@ -22,7 +21,7 @@ from megatron_ki.training.flops import (
     teacher_forward_flops_per_token,
     training_flops_per_token,
 )
-from megatron_ki.training.metrics import MetricsWriter, ProgressBar, StepTimer, read_metrics
+from megatron_ki.training.metrics import MetricsWriter, ProgressBar, read_metrics
 from tests.distributed import run_distributed
 
 
@@ -206,39 +205,6 @@ def test_read_metrics_truncated_and_corrupt(tmp_path):
     path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl:2"):
         read_metrics(path)
-
-
-class _FakeClock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_step_timer_throughput_mfu_and_flops():
-    clock = _FakeClock()
-    timer = StepTimer(peak_flops=1e9, num_devices=2, clock=clock)
-    timer.start()
-    clock.now += 2.0
-    s = timer.stop(tokens=1000, flops_per_token=1e6)  # KI on: teacher included in flops_per_token
-    assert s.step_time_s == pytest.approx(2.0)
-    assert s.tokens_per_s == pytest.approx(500.0)
-    assert s.flops_per_s == pytest.approx(5e8)
-    assert s.mfu == pytest.approx(5e8 / 2e9)
-    assert (s.consumed_tokens, s.flops) == (1000, pytest.approx(1e9))
-    timer.start()
-    clock.now += 1.0
-    s = timer.stop(tokens=1000, flops_per_token=4e5)  # teacher released
-    assert (s.consumed_tokens, s.flops) == (2000, pytest.approx(1.4e9))
-    assert s.as_dict()["flops"] == pytest.approx(1.4e9)
-    resumed = StepTimer(consumed_tokens=2000, flops=1.4e9, clock=clock)
-    resumed.start()
-    s = resumed.stop(tokens=10)
-    assert s.mfu is None and s.flops == pytest.approx(1.4e9) and s.consumed_tokens == 2010
-    assert math.isfinite(s.tokens_per_s)
-    with pytest.raises(RuntimeError, match="start"):
-        resumed.stop(tokens=1)
 
 
 def test_progress_bar(capsys):

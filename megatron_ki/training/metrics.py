@@ -1,4 +1,4 @@
-"""Run metrics: a JSON-lines log (plus TensorBoard), step throughput/MFU, and a rank-0 progress bar.
+"""Run metrics: a JSON-lines log (plus TensorBoard), the step metrics' field names, and a rank-0 progress bar.
 
 ``<run_dir>/metrics.jsonl`` is the record tools/plot_runs.py reads: one JSON object per line, ``{"step": N,
 ...}``, flushed per line so a crash keeps everything logged before it. Field names the tools understand:
@@ -17,15 +17,11 @@ import json
 import math
 import os
 import sys
-import time
-from dataclasses import dataclass
 from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
 
 import torch
-
-from megatron_ki.training.flops import mfu as _mfu
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -136,78 +132,6 @@ def peak_memory_gib(device: torch.device | str) -> dict[str, float]:
     import resource
 
     return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
-
-
-@dataclass
-class StepStats:
-    """Throughput of the last step and the cumulative counters after it."""
-
-    step_time_s: float
-    tokens_per_s: float
-    flops_per_s: float | None
-    mfu: float | None
-    consumed_tokens: int
-    flops: float | None
-
-    def as_dict(self) -> dict[str, float | int | None]:
-        return {
-            "step_time_s": self.step_time_s,
-            "tokens_per_s": self.tokens_per_s,
-            "mfu": self.mfu,
-            "consumed_tokens": self.consumed_tokens,
-            "flops": self.flops,
-        }
-
-
-class StepTimer:
-    """Times optimizer steps and accumulates tokens and model FLOPs.
-
-    ``start()`` before a step, ``stop(tokens, flops_per_token)`` after it with the step's global token count
-    (all data-parallel replicas). ``flops_per_token`` may change between steps (the teacher is released when
-    a_t reaches 0), which is why FLOPs are summed step by step rather than derived from the token count.
-    ``consumed_tokens``/``flops`` start from the given values when resuming.
-    """
-
-    def __init__(
-        self,
-        peak_flops: float | None = None,
-        num_devices: int = 1,
-        consumed_tokens: int = 0,
-        flops: float = 0.0,
-        clock: Any = time.perf_counter,
-    ):
-        self.peak_flops = peak_flops
-        self.num_devices = num_devices
-        self.consumed_tokens = int(consumed_tokens)
-        self.flops = float(flops)
-        self._counts_flops = flops > 0
-        self._clock = clock
-        self._t0: float | None = None
-
-    def start(self) -> None:
-        self._t0 = self._clock()
-
-    def stop(self, tokens: int, flops_per_token: float | None = None) -> StepStats:
-        if self._t0 is None:
-            raise RuntimeError("StepTimer.stop() called without start()")
-        elapsed = max(self._clock() - self._t0, 1e-12)
-        self._t0 = None
-        self.consumed_tokens += int(tokens)
-        tokens_per_s = tokens / elapsed
-        flops_per_s = achieved = None
-        if flops_per_token is not None:
-            self.flops += tokens * flops_per_token
-            self._counts_flops = True
-            flops_per_s = tokens_per_s * flops_per_token
-            achieved = _mfu(tokens_per_s, flops_per_token, self.peak_flops, self.num_devices)
-        return StepStats(
-            step_time_s=elapsed,
-            tokens_per_s=tokens_per_s,
-            flops_per_s=flops_per_s,
-            mfu=achieved,
-            consumed_tokens=self.consumed_tokens,
-            flops=self.flops if self._counts_flops else None,
-        )
 
 
 class ProgressBar:
