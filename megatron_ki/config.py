@@ -484,7 +484,11 @@ class CheckpointConfig:
     save: str | None = None
     """Directory to save checkpoints in; None disables saving."""
     load: str | None = None
-    """Directory to resume from (its ``latest`` tag)."""
+    """Directory to resume from: its newest complete tag (normally the one ``latest`` names; an incomplete tag is
+    skipped for the next older one). A missing or empty directory is an error unless ``load_if_exists`` is set."""
+    load_if_exists: bool = False
+    """For requeue scripts that pass the same directory to save and load: a missing or empty ``load``
+    directory starts from scratch with one log line instead of failing."""
     save_interval: int = 0
     """Save every this many steps (0: only at the end)."""
     keep_last: int = 2

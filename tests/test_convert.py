@@ -508,9 +508,7 @@ def test_hf_teacher_equals_framework_teacher(tmp_path):
         t_cfg, state = load_teacher_weights(
             _student_config(model_file, f"hf:{tmp_path / 'teacher_hf'}"), groups
         )
-        _, ref = load_teacher_weights(
-            _student_config(model_file, str(tmp_path / "teacher_ckpt")), groups
-        )
+        _, ref = load_teacher_weights(_student_config(model_file, str(tmp_path / "teacher_ckpt")), groups)
         assert t_cfg.num_key_value_heads == 2 and t_cfg.vocab_size == 400
         assert set(state) == set(ref)
         for k in ref:
@@ -518,9 +516,7 @@ def test_hf_teacher_equals_framework_teacher(tmp_path):
     # the tp=2 shards hold the HF model: rank 0's query rows are the first half of q_proj's
     q = hf.state_dict()["model.layers.0.self_attn.q_proj.weight"]
     groups = SimpleNamespace(topology=SimpleNamespace(tp=2), tp_rank=0)
-    _, state = load_teacher_weights(
-        _student_config(model_file, f"hf:{tmp_path / 'teacher_hf'}"), groups
-    )
+    _, state = load_teacher_weights(_student_config(model_file, f"hf:{tmp_path / 'teacher_hf'}"), groups)
     torch.testing.assert_close(
         state["layers.0.attention.qkv.weight"][: q.shape[0] // 2], q[: q.shape[0] // 2]
     )

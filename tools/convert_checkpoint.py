@@ -45,16 +45,18 @@ import torch
 from megatron_ki.config import Config, DataConfig
 from megatron_ki.convert import hf as hfc
 from megatron_ki.convert.reshard import (
-    CheckpointError,
     LazyFullState,
     atomic_dir,
+    is_serialization_error,
     meta_config,
     write_checkpoint,
+    write_failure,
 )
 from megatron_ki.convert.tokenizer import export_tokenizer, has_hf_tokenizer
-from megatron_ki.errors import MegatronKIError
+from megatron_ki.errors import MegatronKIError, add_debug_argument, run_main
 
 logger = logging.getLogger("convert_checkpoint")
+PROG = "convert_checkpoint.py"
 
 
 class ConversionError(MegatronKIError, ValueError):
@@ -252,10 +254,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--make-vocab-size-divisible-by", type=int, default=128, help="vocabulary padding of imported models"
     )
     p.add_argument("--no-progress", action="store_true", help="no per-tensor progress bar")
+    add_debug_argument(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: an expected failure (a missing, truncated or unfitting input, a full disk) is one line
+    on stderr and exit code 1; ``--debug`` shows its traceback."""
+    return run_main(PROG, _main, argv)
+
+
+def _main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     progress = not args.no_progress
@@ -300,10 +309,16 @@ def main(argv: list[str] | None = None) -> int:
                 args.out_tag,
                 progress,
             )
-    except (ConversionError, CheckpointError, ValueError, KeyError, FileNotFoundError, OSError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"convert_checkpoint.py: error: {msg}", file=sys.stderr)
-        return 1
+    except MegatronKIError:
+        raise
+    except (ValueError, KeyError) as e:  # the Hugging Face mappings' refusals name the tensor or field
+        raise ConversionError(e.args[0] if isinstance(e, KeyError) and e.args else str(e)) from e
+    except RuntimeError as e:
+        if not is_serialization_error(e):
+            raise
+        raise ConversionError(
+            f"--save {args.save}: could not write it: {write_failure(e, Path(args.save), 0)}"
+        ) from e
     print(json.dumps({"saved": str(out)}))
     return 0
 

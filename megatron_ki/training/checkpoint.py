@@ -3,19 +3,28 @@
 A save writes everything under ``<save>/<tag>.tmp`` (DeepSpeed's files, ``rng/rank{r}.pt`` per rank,
 ``meta.json``), waits for every rank, then rank 0 renames the folder to ``<tag>`` and only then rewrites
 ``latest``. A run killed in the middle (even ``kill -9``) leaves the previous tag published and loadable;
-the ``.tmp`` leftovers are removed by the next save. The last ``keep_last`` tags are kept.
+the ``.tmp`` leftovers are removed by the next save. A save that fails (a full disk) removes its ``.tmp``
+folder and raises a :class:`CheckpointError` naming ``checkpoint.save``. The last ``keep_last`` tags are kept.
+
+A resume loads the newest *complete* tag: every rank checks its share of the tag's files cheaply (``meta.json``
+parses, every expected DeepSpeed and RNG file exists, every ``.pt`` file is a readable zip archive), the ranks
+combine their verdicts, and a tag that fails is skipped for the next older one, with a log line naming the file.
 The KI teacher is never part of the engine's module, so it is never written here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
 import signal
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +38,18 @@ from megatron_ki.convert.reshard import (
     LATEST_FILE,
     META_FILE,
     CheckpointError,
+    bytes_written,
+    first_line,
+    is_serialization_error,
+    load_torch_file,
+    meta_config,
     read_latest,
-    read_meta,
+    read_meta_file,
+    torch_file_problem,
+    write_failure,
     write_text_atomic,
 )
+from megatron_ki.errors import MegatronKIError, describe_os_error
 from megatron_ki.parallel import ParallelGroups
 from megatron_ki.training.zero_repartition import load_zero_state_at_other_dp
 
@@ -85,9 +102,36 @@ def save_checkpoint(
     consumed_samples: int,
     extra_meta: dict[str, Any] | None = None,
     tp_tracker=None,
+    on_written: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Save the engine and the framework's state for ``step``; collective over all ranks."""
+    """Save the engine and the framework's state for ``step``; collective over all ranks. ``on_written(tmp_dir)``
+    runs on each rank once its files are written under ``tmp_dir``, before the tag is published.
+
+    A write that fails (OSError, or torch's serialization error of a full disk) raises a CheckpointError
+    naming ``checkpoint.save`` and the directory; rank 0 removes the half-written ``<tag>.tmp`` folder, and the
+    previous published tag and ``latest`` are left as they were."""
     root = Path(cfg.checkpoint.save)  # type: ignore[arg-type]
+    tag = tag_for(step)
+    tmp_tag = f"{tag}.tmp"
+    try:
+        _save(engine, cfg, groups, root, step, consumed_samples, extra_meta, tp_tracker, on_written)
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not is_serialization_error(e):
+            raise
+        reason = write_failure(e, root, bytes_written(root / tmp_tag))
+        if groups.rank == 0:  # best effort: another rank may still be writing, the next save retries
+            shutil.rmtree(root / tmp_tag, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                (root / f".{LATEST_FILE}.tmp").unlink(missing_ok=True)
+        kept = None
+        with contextlib.suppress(OSError):
+            kept = read_latest(root)
+        after = f"; the published {kept} is kept" if kept else ""
+        raise CheckpointError(f"checkpoint.save {root}: could not write {tag}: {reason}{after}") from e
+    return root / tag
+
+
+def _save(engine, cfg, groups, root, step, consumed_samples, extra_meta, tp_tracker, on_written) -> None:
     tag = tag_for(step)
     tmp_tag = f"{tag}.tmp"
     if groups.rank == 0:
@@ -99,6 +143,8 @@ def save_checkpoint(
     rng_dir = root / tmp_tag / "rng"
     rng_dir.mkdir(parents=True, exist_ok=True)
     torch.save(rng_state(tp_tracker), rng_dir / f"rank{groups.rank:05d}.pt")
+    if on_written is not None:
+        on_written(root / tmp_tag)
     if os.environ.get("MEGATRON_KI_KILL_IN_SAVE") == str(step):
         # Test hook (tests/test_training.py): die like `kill -9` with this tag's files written but unpublished.
         os.kill(os.getpid(), signal.SIGKILL)
@@ -122,25 +168,163 @@ def save_checkpoint(
         (root / tmp_tag).rename(final)
         write_text_atomic(root / LATEST_FILE, tag)
         for old in published_tags(root)[: -cfg.checkpoint.keep_last]:
-            shutil.rmtree(root / old, ignore_errors=True)
+            if old != tag:
+                shutil.rmtree(root / old, ignore_errors=True)
         logger.info("saved checkpoint %s (step %d, %d samples)", final, step, consumed_samples)
     _barrier()
-    return root / tag
+
+
+# ------------------------------------------------------------------------------------------- resume
+def expected_files(meta: dict[str, Any]) -> list[str]:
+    """The files (relative to the tag; ``*`` a DeepSpeed prefix) a tag with this metadata must hold: DeepSpeed's
+    model states (per model-parallel rank, and per pipeline layer when pp > 1), ZeRO's optimizer states (per
+    data- and model-parallel rank), and one RNG file per rank. Weights-only tags (tools/convert_checkpoint.py)
+    hold only the model states."""
+    layout = meta["layout"]
+    tp, pp, dp = int(layout["tp"]), int(layout["pp"]), int(layout.get("dp", 1))
+    names: list[str] = []
+    if pp > 1:
+        num_layers = meta_config(meta).model.num_layers
+        names += [
+            f"layer_{i:02d}-model_{t:02d}-model_states.pt" for i in range(num_layers + 2) for t in range(tp)
+        ]
+    if pp == 1 or not meta.get("weights_only", False):
+        names += [f"mp_rank_{m:02d}_model_states.pt" for m in range(tp * pp)]
+    if not meta.get("weights_only", False):
+        if int(layout.get("zero_stage", 0)) > 0:
+            names += [
+                f"*zero_pp_rank_{d}_mp_rank_{m:02d}_optim_states.pt"
+                for d in range(dp)
+                for m in range(tp * pp)
+            ]
+        names += [f"rng/rank{r:05d}.pt" for r in range(tp * pp * dp)]
+    return names
+
+
+def tag_problems(root: Path, tag: str, rank: int = 0, world: int = 1) -> list[str]:
+    """What keeps ``tag`` from loading, as far as this rank's share (every ``world``-th file) shows; [] if
+    nothing. Cheap: ``meta.json`` is parsed, files are looked up, ``.pt`` files have their zip directory read."""
+    folder = root / tag
+    if not folder.is_dir():
+        named = f" (named by '{LATEST_FILE}')" if read_latest(root) == tag else ""
+        return [f"{folder}{named} does not exist"]
+    try:  # every rank must reach the collective that follows: no exception leaves here
+        meta = read_meta_file(folder / META_FILE)
+        expected = expected_files(meta)
+        present = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.pt"))
+    except OSError as e:
+        return [describe_os_error(e)]
+    except (MegatronKIError, KeyError, TypeError, ValueError) as e:
+        return [str(e) if isinstance(e, CheckpointError) else f"{folder / META_FILE}: {first_line(e)}"]
+    problems = []
+    for i, name in enumerate(dict.fromkeys([*expected, *present])):
+        if i % world != rank:
+            continue
+        if name.startswith("*"):  # a ZeRO file, whose prefix depends on the precision
+            if not any(folder.glob(name)):
+                problems.append(f"{folder / name[1:]} is missing")
+            continue
+        problem = torch_file_problem(folder / name)
+        if problem is not None:
+            problems.append(f"{folder / name} {problem}")
+    return problems
+
+
+def _gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (a list of one outside a process group)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def resume_candidates(root: Path) -> list[str]:
+    """Tags to try, newest first: a non-step tag named by ``latest`` (a converted checkpoint), then every
+    ``stepNNNNNNNN`` tag and the one ``latest`` names, by step. A tag newer than ``latest`` is one whose save
+    was published but died before rewriting ``latest``."""
+    latest = read_latest(root)
+    steps = set(published_tags(root))
+    if latest and TAG_RE.match(latest):
+        steps.add(latest)
+    ordered = sorted(steps, reverse=True)
+    return [latest, *ordered] if latest and not TAG_RE.match(latest) else ordered
+
+
+def find_resume_tag(root: Path) -> tuple[str, dict[str, Any], list[tuple[str, list[str]]]] | None:
+    """``(tag, meta, skipped)``: the newest tag under ``root`` that every rank found complete, and the newer
+    tags skipped with their problems; None if ``root`` holds no checkpoint. Collective when a process group
+    exists (every rank checks a share of the files and all agree on the tag)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    candidates = resume_candidates(root)
+    if not candidates:
+        return None
+    skipped: list[tuple[str, list[str]]] = []
+    for tag in candidates:
+        problems = list(
+            dict.fromkeys(p for share in _gather(tag_problems(root, tag, rank, world)) for p in share)
+        )
+        if not problems:
+            return tag, read_meta_file(root / tag / META_FILE), skipped
+        skipped.append((tag, problems))
+    problems = skipped[0][1]
+    more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+    older = f"; {len(skipped) - 1} older tag(s) are incomplete too" if len(skipped) > 1 else ""
+    raise CheckpointError(
+        f"checkpoint.load {root}: no complete checkpoint to resume from: {problems[0]}{more}{older}"
+    )
+
+
+def _problems_text(problems: list[str]) -> str:
+    more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+    return "; ".join(problems[:3]) + more
 
 
 def load_checkpoint(engine, cfg: Config, groups: ParallelGroups, tp_tracker=None) -> dict[str, Any] | None:
-    """Resume from ``checkpoint.load``'s latest tag: engine (model, optimizer, LR schedule) and RNG states.
+    """Resume from ``checkpoint.load``'s newest complete tag: engine (model, optimizer, LR schedule) and RNG
+    states. A newer tag that is incomplete (a truncated or missing file) is skipped for the next older one.
 
-    Returns the metadata (``step``, ``consumed_samples``), or None when the directory holds no checkpoint yet.
-    A different data-parallel size is accepted (ZeRO 1/2 optimizer state is re-partitioned, see
-    ``zero_repartition``); a different tp/pp is refused (use tools/convert_checkpoint.py).
+    Returns the metadata (``step``, ``consumed_samples``), or None when the directory is missing or holds no
+    checkpoint and ``checkpoint.load_if_exists`` is set (without it, that is an error). A different
+    data-parallel size is accepted (ZeRO 1/2 optimizer state is re-partitioned, see ``zero_repartition``); a
+    different tp/pp is refused (use tools/convert_checkpoint.py).
     """
     root = Path(cfg.checkpoint.load)  # type: ignore[arg-type]
-    if read_latest(root) is None:
-        if root.is_dir() and any(root.iterdir()):
-            logger.warning("%s has no '%s' file: starting from scratch", root, LATEST_FILE)
-        return None
-    tag, meta = read_meta(root)
+    if root.exists() and not root.is_dir():
+        raise CheckpointError(f"checkpoint.load {root}: is a file, expected a checkpoint directory")
+    found = find_resume_tag(root) if root.is_dir() else None
+    if found is None:
+        what = (
+            "does not exist"
+            if not root.exists()
+            else f"holds no checkpoint (no '{LATEST_FILE}' file, no tag)"
+        )
+        if cfg.checkpoint.load_if_exists:
+            if groups.rank == 0:
+                logger.info("checkpoint.load %s %s: starting from scratch (load_if_exists)", root, what)
+            return None
+        raise CheckpointError(
+            f"checkpoint.load {root}: {what}; expected a directory written by checkpoint.save (to start from "
+            "scratch when it is missing or empty, as a requeued job does, set checkpoint.load_if_exists true)"
+        )
+    tag, meta, skipped = found
+    if groups.rank == 0:
+        for old, problems in skipped:
+            logger.warning("checkpoint.load: skipping %s: %s", root / old, _problems_text(problems))
+        latest = read_latest(root)
+        if skipped:
+            logger.warning(
+                "checkpoint.load: resuming from %s, the newest complete checkpoint (%d newer tag(s) skipped)",
+                root / tag,
+                len(skipped),
+            )
+        if latest and latest != tag and TAG_RE.match(latest) and tag > latest:
+            logger.info(
+                "checkpoint.load: %s is newer than %s named by '%s' (its save stopped before rewriting it)",
+                tag,
+                latest,
+                LATEST_FILE,
+            )
     layout, topo = meta["layout"], groups.topology
     if (layout["tp"], layout["pp"]) != (topo.tp, topo.pp):
         raise CheckpointError(
@@ -157,21 +341,42 @@ def load_checkpoint(engine, cfg: Config, groups: ParallelGroups, tp_tracker=None
             "it to a weights-only checkpoint with tools/convert_checkpoint.py (the optimizer state restarts)"
         )
     repartition = not weights_only and saved_zero > 0 and layout["dp"] != topo.dp
-    load_path, _ = engine.load_checkpoint(
-        str(root),
-        tag=tag,
-        load_module_only=weights_only,
-        # DeepSpeed refuses ZeRO state saved at another dp size; it is re-partitioned below instead.
-        load_optimizer_states=not weights_only and not repartition,
-        load_lr_scheduler_states=not weights_only,
-    )
+    try:
+        load_path, _ = engine.load_checkpoint(
+            str(root),
+            tag=tag,
+            load_module_only=weights_only,
+            # DeepSpeed refuses ZeRO state saved at another dp size; it is re-partitioned below instead.
+            load_optimizer_states=not weights_only and not repartition,
+            load_lr_scheduler_states=not weights_only,
+        )
+    except MegatronKIError:
+        raise
+    except (
+        RuntimeError,
+        OSError,
+        EOFError,
+        KeyError,
+        ValueError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+    ) as e:
+        from megatron_ki.training.resilience import is_peer_failure
+
+        if is_peer_failure(e):
+            raise
+        raise CheckpointError(
+            f"checkpoint.load: DeepSpeed could not load {root / tag}: {first_line(e)}"
+        ) from e
     if load_path is None:
-        raise CheckpointError(f"DeepSpeed could not load {root / tag}")
+        raise CheckpointError(
+            f"checkpoint.load: DeepSpeed could not load {root / tag}: it found no model states file for this rank"
+        )
     if repartition:
         load_zero_state_at_other_dp(engine, root / tag, layout["dp"])
     rng_file = root / tag / "rng" / f"rank{groups.rank:05d}.pt"
     if layout["dp"] == topo.dp and rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False), tp_tracker)
+        set_rng_state(load_torch_file(rng_file), tp_tracker)
     elif not weights_only:
         logger.warning("RNG states not restored (data-parallel size %d -> %d)", layout["dp"], topo.dp)
     logger.info("resumed from %s at step %d", root / tag, meta["step"])
