@@ -30,6 +30,8 @@ class MegatronKIError(Exception):
     """An expected failure caused by the input or the environment; ``str(e)`` is the one-line message."""
 
     exit_code = EXIT_FAILURE
+    all_ranks = False
+    """True when every rank raises it after agreeing through a collective: only rank 0 prints it."""
 
 
 class UsageError(MegatronKIError):

@@ -341,9 +341,13 @@ def first_half(ws: Workspace) -> tuple[RunResult, Path]:
         ws.submit(
             "kill_in_save",
             1,
-            resume_args(ws, "kill_in_save", 2 * N, *kill_test_args(killed_ckpt)),
+            [
+                *resume_args(ws, "kill_in_save", 2 * N, *kill_test_args(killed_ckpt)),
+                "--kill-in-save",
+                str(2 * N),
+            ],
             urgent=True,
-            env={"MEGATRON_KI_KILL_IN_SAVE": str(2 * N)},
+            entry=FAULT_ENTRY,
         )
     return result, ckpt
 

@@ -199,11 +199,13 @@ def launch(
     env: dict[str, str] | None = None,
     timeout: float = 240.0,
     script: list[str] | None = None,
+    entry: Path = ENTRY,
 ) -> RunResult:
     """Run ``deepspeed --num_gpus world_size pretrain_ki.py ARGS`` on the CPU accelerator (gloo).
 
     ``script`` replaces the launcher command (e.g. ``["bash", "launch/pretrain_ki.sh"]``, which then gets
-    the rank count through ``CPU_RANKS``). Output is captured; a run past ``timeout`` is killed and reported.
+    the rank count through ``CPU_RANKS``); ``entry`` replaces pretrain_ki.py (e.g. ``tests/fault_entry.py``).
+    Output is captured; a run past ``timeout`` is killed and reported.
     """
     full_env = {
         **os.environ,
@@ -215,7 +217,7 @@ def launch(
     }
     if script is None:
         cmd = [deepspeed_bin(), "--num_gpus", str(world_size), "--master_port", full_env["MASTER_PORT"]]
-        cmd += [str(ENTRY), *args]
+        cmd += [str(entry), *args]
     else:
         full_env["CPU_RANKS"] = str(world_size)
         full_env.setdefault("DEEPSPEED", deepspeed_bin())

@@ -17,12 +17,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import pickle
 import random
 import re
 import shutil
-import signal
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -145,9 +143,6 @@ def _save(engine, cfg, groups, root, step, consumed_samples, extra_meta, tp_trac
     torch.save(rng_state(tp_tracker), rng_dir / f"rank{groups.rank:05d}.pt")
     if on_written is not None:
         on_written(root / tmp_tag)
-    if os.environ.get("MEGATRON_KI_KILL_IN_SAVE") == str(step):
-        # Test hook (tests/test_training.py): die like `kill -9` with this tag's files written but unpublished.
-        os.kill(os.getpid(), signal.SIGKILL)
     _barrier()
     if groups.rank == 0:
         topo = groups.topology
@@ -270,9 +265,11 @@ def find_resume_tag(root: Path) -> tuple[str, dict[str, Any], list[tuple[str, li
     problems = skipped[0][1]
     more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
     older = f"; {len(skipped) - 1} older tag(s) are incomplete too" if len(skipped) > 1 else ""
-    raise CheckpointError(
+    error = CheckpointError(
         f"checkpoint.load {root}: no complete checkpoint to resume from: {problems[0]}{more}{older}"
     )
+    error.all_ranks = True  # every rank saw the same gathered problems
+    raise error
 
 
 def _problems_text(problems: list[str]) -> str:

@@ -358,8 +358,13 @@ class Trainer:
             state.consumed_samples,
             extra_meta={"flops": state.flops, "train_time_s": state.train_time_s},
             tp_tracker=self.run.tracker,
+            on_written=self._checkpoint_written,
         )
         self._saved_at = state.step
+
+    def _checkpoint_written(self, tmp_dir: Path) -> None:
+        for callback in self.callbacks:
+            callback.on_checkpoint_written(self, tmp_dir)
 
     def _finish(self) -> None:
         """The last save and evaluations, then every rank leaves together."""

@@ -37,7 +37,7 @@ from megatron_ki.errors import EXIT_FAILURE, error_line
 logger = logging.getLogger("megatron_ki")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-PEER_GRACE_S = 3.0
+PEER_GRACE_S = 5.0
 """How long a failing rank other than 0 waits before printing: rank 0 failing too ends it silently first."""
 
 
@@ -297,7 +297,7 @@ def report_failure(prog: str, e: BaseException, rank: int, code: int, distribute
     if rank == 0:
         print(error_line(prog, e), file=sys.stderr, flush=True)
         return code
-    if not distributed:
+    if not distributed or getattr(e, "all_ranks", False):
         return code
     signal.signal(signal.SIGTERM, lambda *_: os._exit(code))
     signal.signal(signal.SIGINT, lambda *_: os._exit(code))
