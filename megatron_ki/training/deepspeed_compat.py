@@ -167,20 +167,14 @@ def ki_pipeline_module(
                 partition_method=partition_method,
                 dynamic_shape=dynamic_shape,
             )
-            tied = []  # a plain list: assigning a Parameter attribute would register it a second time
+            self.tied_embedding = []  # a plain list: a Parameter attribute would be registered a second time
             if tie_word_embeddings and topology.pp > 1:
-                for layer in self.forward_funcs:
-                    weight = getattr(layer, "word_embeddings_weight", None)
-                    if isinstance(layer, tied_types) and weight is not None:
-                        tied.append(weight)
-                        if isinstance(layer, head_type):
-                            weight.ds_pipe_replicated = True  # counted once in the gradient norm
+                self.tied_embedding = _tied_embedding_copies(self.forward_funcs, tied_types, head_type)
             if groups.tp_rank == 0:
                 # DeepSpeed's ZeRO / fp32 norms count TP-replicated parameters only where its "model parallel
                 # rank" (over pipe x tensor) is 0, i.e. on the first stage alone; mark this stage's as owned.
                 for p in self.parameters():
                     p.model_parallel = True
-            self.tied_embedding = tied
 
         def _partition_layers(self, method="uniform"):
             if method != "compute":
@@ -204,6 +198,19 @@ def ki_pipeline_module(
                     dist.all_reduce(weight.grad, group=groups.embedding)
 
     return KIPipelineModule()
+
+
+def _tied_embedding_copies(layers, tied_types: tuple[type, ...], head_type: type) -> list[torch.Tensor]:
+    """This stage's copies of the tied input/output embedding; the head's copy is flagged
+    ``ds_pipe_replicated`` so DeepSpeed's gradient norm counts the weight once."""
+    tied = []
+    for layer in layers:
+        weight = getattr(layer, "word_embeddings_weight", None)
+        if isinstance(layer, tied_types) and weight is not None:
+            tied.append(weight)
+            if isinstance(layer, head_type):
+                weight.ds_pipe_replicated = True
+    return tied
 
 
 # ------------------------------------------------------------------------------------------------ ZeRO
