@@ -13,8 +13,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-import megatron_ki.ki.loss as loss_mod
-from megatron_ki.ki import DIVERGENCES, ki_loss, kl_forward_stats, merge_stats, per_token_divergence
+from megatron_ki.kernels import reference as kl_reference
+from megatron_ki.kernels.reference import kl_forward_stats_reference
+from megatron_ki.ki import DIVERGENCES, all_reduce_kl_stats, ki_loss, per_token_divergence
 from megatron_ki.tensor_parallel import group_rank
 from tests.distributed import run_distributed
 
@@ -165,14 +166,14 @@ def test_bf16_student() -> None:
 def _counting_stats(counter: list[int]):
     def wrapped(*args, **kwargs):
         counter.append(1)
-        return kl_forward_stats(*args, **kwargs)
+        return kl_forward_stats_reference(*args, **kwargs)
 
     return wrapped
 
 
 def test_alpha_zero_is_pure_lm_and_skips_kd(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
-    monkeypatch.setattr(loss_mod, "kl_forward_stats", _counting_stats(calls))
+    monkeypatch.setattr(kl_reference, "kl_forward_stats_reference", _counting_stats(calls))
     s, t, labels = make_batch(5)
     student = s.clone().requires_grad_(True)
     out = ki_loss(student, t, labels, 0.0, backend="torch")
@@ -245,10 +246,10 @@ def test_bad_inputs_name_the_problem() -> None:
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_kernels_backend_matches_torch(divergence: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """megatron_ki.kernels' kl_forward_stats / kl_backward honour the same contract as the PyTorch ones here.
+    """backend="kernels" (megatron_ki.kernels' dispatch) equals backend="torch" (its PyTorch reference).
 
     Uses the compiled CPU op when this process already loaded it (building takes minutes on 2 cores; the
-    kernels' own tests build it), else the kernels module's reference path."""
+    kernels' own tests build it), else the dispatch's reference fallback."""
     kernels = pytest.importorskip("megatron_ki.kernels")
     if kernels.load_cpu_extension.cache_info().currsize == 0:
         monkeypatch.setattr(kernels.kl, "select_backend", lambda op, x: ("PyTorch reference", None))
@@ -270,8 +271,11 @@ def test_merge_of_vocab_slices_is_exact_in_process() -> None:
     """The merge formulas (without collectives): three uneven slices merged equal the full-row stats."""
     s, t, _ = make_batch(10, extreme=True)
     s, t = s.reshape(-1, V), t.reshape(-1, V)
-    full = kl_forward_stats(s, t, 2.0)
-    parts = [kl_forward_stats(a, b, 2.0) for a, b in zip(s.split([5, 19, 24], -1), t.split([5, 19, 24], -1))]
+    full = kl_forward_stats_reference(s, t, 2.0)
+    parts = [
+        kl_forward_stats_reference(a, b, 2.0)
+        for a, b in zip(s.split([5, 19, 24], -1), t.split([5, 19, 24], -1))
+    ]
     m = torch.stack(parts).amax(0)[:, [0, 2]]
     merged = torch.zeros_like(full)
     merged[:, 0], merged[:, 2] = m[:, 0], m[:, 1]
@@ -285,7 +289,7 @@ def test_merge_of_vocab_slices_is_exact_in_process() -> None:
         merged[:, 5] += p[:, 5] * r_s
         merged[:, 6] += p[:, 6] * r_t + d_t * p[:, 3] * r_t
     torch.testing.assert_close(merged, full, atol=1e-4, rtol=1e-5)
-    assert merge_stats(full, None) is full
+    assert all_reduce_kl_stats(full, None) is full
 
 
 # -------------------------------------------------------------------------------- tp = 2 and 4

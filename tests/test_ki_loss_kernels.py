@@ -1,11 +1,11 @@
 """The KI loss on the compiled CPU kernels equals the PyTorch path under tensor parallelism (tp=2, gloo).
 
 ``megatron_ki.ki.ki_loss`` with ``backend="kernels"`` (``megatron_ki.kernels.kl_forward_stats`` /
-``kl_backward``, the compiled C++ ops) against ``backend="torch"`` (the loss module's own PyTorch statistics),
-for forward KL, reverse KL and cross-entropy, fp32 and bf16 logits, ordinary logits and extreme ones (1e4,
--inf entries, a whole TP slice of -inf). ``backend="auto"`` must pick the kernels: the compiled-path log
-line appears, the kernels' functions are called, and the result is bit-identical to ``"kernels"``. The
-kernels' PyTorch reference is disabled in the workers, so a silent fallback fails the test.
+``kl_backward``, the compiled C++ ops) against ``backend="torch"`` (the kernels' PyTorch reference), for
+forward KL, reverse KL and cross-entropy, fp32 and bf16 logits, ordinary logits and extreme ones (1e4, -inf
+entries, a whole TP slice of -inf). ``backend="auto"`` must pick the kernels: the compiled-path log line
+appears, the kernels' functions are called, and the result is bit-identical to ``"kernels"``. Calls of the
+reference are counted in the workers: only ``"torch"`` may run it, so a silent fallback fails the test.
 
 Tolerances, kernels vs torch on each rank: loss and KD values 1e-5 relative (both accumulate fp32 statistics
 and combine them in fp64); student gradients fp32 atol 1e-6 / rtol 1e-4, bf16 (rounded once from fp32 math)
@@ -33,6 +33,10 @@ DTYPES = (torch.float32, torch.bfloat16)
 BACKENDS = ("torch", "kernels", "auto")
 GRAD_TOL = {torch.float32: dict(atol=1e-6, rtol=1e-4), torch.bfloat16: dict(atol=1e-7, rtol=1.6e-2)}
 COMPILED_LINE = "runs on the CPU C++ extension"
+COMPILED_OPS = ("kl_forward_stats", "kl_backward")  # megatron_ki.kernels' dispatch
+REFERENCE_OPS = ("kl_forward_stats_reference", "kl_backward_reference")  # megatron_ki.kernels.reference
+TORCH_CALLS = dict.fromkeys(COMPILED_OPS, 0) | dict.fromkeys(REFERENCE_OPS, 1)  # per ki_loss call
+COMPILED_CALLS = dict.fromkeys(COMPILED_OPS, 1) | dict.fromkeys(REFERENCE_OPS, 0)
 
 
 def make_batch(extreme: bool, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -58,18 +62,15 @@ def _shard(x: torch.Tensor, rank: int, tp: int) -> torch.Tensor:
 
 
 class _Counted:
-    """Counts calls of one ``megatron_ki.kernels`` function (the attribute ``ki.loss`` looks up)."""
+    """Counts calls of one function of a module (the attribute ``ki.loss`` and ``kernels.kl`` look up)."""
 
-    def __init__(self, name: str) -> None:
-        self.name, self.calls, self.fn = name, 0, getattr(kernels, name)
+    def __init__(self, module, name: str) -> None:
+        self.name, self.calls, self.fn = name, 0, getattr(module, name)
+        setattr(module, name, self)
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
         return self.fn(*args, **kwargs)
-
-
-def _no_reference(*args, **kwargs):
-    raise AssertionError("the kernels' PyTorch reference ran: the compiled CPU op was expected")
 
 
 def _worker(rank: int, world_size: int) -> dict:
@@ -81,11 +82,8 @@ def _worker(rank: int, world_size: int) -> dict:
     log.setLevel(logging.INFO)
 
     assert kernels.load_cpu_extension() is not None, f"rank {rank}: the CPU extension did not load"
-    kernels.reference.kl_forward_stats_reference = _no_reference
-    kernels.reference.kl_backward_reference = _no_reference
-    counters = {n: _Counted(n) for n in ("kl_forward_stats", "kl_backward")}
-    for name, counter in counters.items():
-        setattr(kernels, name, counter)
+    counters = {n: _Counted(kernels, n) for n in COMPILED_OPS}
+    counters |= {n: _Counted(kernels.reference, n) for n in REFERENCE_OPS}
 
     group = dist.new_group(list(range(world_size)))
     tp, r = world_size, group_rank(group)
@@ -140,8 +138,8 @@ def test_kernels_equal_torch_at_tp2() -> None:
             t_loss, t_kd, t_grad, t_calls = res["cases"][(*key, "torch")]
             k_loss, k_kd, k_grad, k_calls = res["cases"][(*key, "kernels")]
             a_loss, a_kd, a_grad, a_calls = res["cases"][(*key, "auto")]
-            assert t_calls == {"kl_forward_stats": 0, "kl_backward": 0}, what
-            assert k_calls == a_calls == {"kl_forward_stats": 1, "kl_backward": 1}, what
+            assert t_calls == TORCH_CALLS, what
+            assert k_calls == a_calls == COMPILED_CALLS, what
             assert math.isfinite(t_loss.item()) and torch.isfinite(t_grad.float()).all(), what
             assert k_grad.dtype == t_grad.dtype == dtype, what
             assert k_loss.item() == pytest.approx(t_loss.item(), rel=1e-5), what
@@ -162,13 +160,13 @@ def test_kernels_equal_torch_at_tp2() -> None:
 
 
 def test_auto_falls_back_without_the_extension(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Where no compiled op exists, "auto" uses the loss module's PyTorch path (kernels are not called)."""
+    """Where no compiled op exists, "auto" calls the kernels' PyTorch reference directly (no dispatch)."""
     import megatron_ki.ki.loss as loss_mod
 
+    reference_ops = (kernels.reference.kl_forward_stats_reference, kernels.reference.kl_backward_reference)
     monkeypatch.setattr(kernels, "select_backend", lambda op, x: ("PyTorch reference", None))
-    fwd, bwd = loss_mod._kernel_ops("auto", torch.zeros(1))
-    assert (fwd, bwd) == (loss_mod.kl_forward_stats, loss_mod.kl_backward)
+    assert loss_mod._kl_ops("auto", torch.zeros(1)) == reference_ops
+    assert loss_mod._kl_ops("torch", torch.zeros(1)) == reference_ops
     assert kernels.load_cpu_extension() is not None
     monkeypatch.undo()
-    fwd, bwd = loss_mod._kernel_ops("auto", torch.zeros(1))
-    assert (fwd, bwd) == (kernels.kl_forward_stats, kernels.kl_backward)
+    assert loss_mod._kl_ops("auto", torch.zeros(1)) == (kernels.kl_forward_stats, kernels.kl_backward)

@@ -2,43 +2,54 @@
 
 Written for clarity, not speed: they materialise ``[N, V]`` fp32 temporaries the fused kernels avoid. They follow
 the same conventions as the kernels (fp32 math for 16-bit inputs, fp64 for fp64, ``-inf`` entries contribute
-exactly 0, fully masked / all ``-inf`` rows give zeros rather than NaN).
+exactly 0, fully masked / all ``-inf`` rows give zeros rather than NaN). The KL pair below is the only Python
+implementation of the statistics contract documented on ``kernels.kl.KLStat``.
 """
 
 from __future__ import annotations
 
 import torch
 
-KL_MODES = ("forward_kl", "reverse_kl", "cross_entropy")
+KL_MODES: tuple[str, ...] = ("forward_kl", "reverse_kl", "cross_entropy")
+"""Per-row divergences derivable from the KL statistics (forward_kl and cross_entropy share one gradient)."""
 
 
 def _acc(x: torch.Tensor) -> torch.Tensor:
     return x.double() if x.dtype == torch.float64 else x.float()
 
 
-def _safe_max(x: torch.Tensor) -> torch.Tensor:
-    """Row max (keepdim) with ``-inf`` rows mapped to 0, so ``exp(x - m)`` is 0 there instead of NaN."""
-    m = x.amax(dim=-1, keepdim=True)
-    return torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
+def _row_max(x: torch.Tensor) -> torch.Tensor:
+    """Max over the last dim; ``-inf`` for an empty slice (a rank that holds no vocabulary entries)."""
+    if x.shape[-1] == 0:
+        return torch.full(x.shape[:-1], float("-inf"), dtype=x.dtype, device=x.device)
+    return x.amax(-1)
+
+
+def _exp_shifted(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``exp(x - m)`` per row that is 0, not NaN, where ``m`` is not finite (an all ``-inf`` slice or row)."""
+    safe_m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return (x - safe_m.unsqueeze(-1)).exp()
+
+
+def _weighted_sum(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``sum(w * x)`` over the last dim with ``0 * anything = 0``: entries of probability 0, whose log-ratio is
+    infinite or NaN (``-inf`` logits), contribute nothing."""
+    return torch.where(w > 0, w * x, torch.zeros((), dtype=w.dtype, device=w.device)).sum(-1)
 
 
 def kl_forward_stats_reference(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
 ) -> torch.Tensor:
-    """``[..., 7]`` statistics ``[m_s, Z_s, m_t, Z_t, A, B, C]`` of the KL contract (see ``kernels.kl``)."""
+    """``[..., 7]`` statistics, in ``KLStat`` column order, over the given (local) vocabulary slice."""
     xs = _acc(student_logits) / temperature
     xt = _acc(teacher_logits) / temperature
-    m_s = xs.amax(dim=-1)
-    m_t = xt.amax(dim=-1)
-    e_s = torch.exp(xs - _safe_max(xs))
-    e_t = torch.exp(xt - _safe_max(xt))
-    zero = torch.zeros((), dtype=xs.dtype)
-    d = xt - xs
-    a = torch.where(e_t > 0, e_t * torch.where(e_t > 0, d, zero), zero).sum(-1)
-    b = torch.where(e_s > 0, e_s * torch.where(e_s > 0, -d, zero), zero).sum(-1)
-    shifted_t = torch.where(e_t > 0, xt - _safe_max(xt), zero)
-    c = (e_t * shifted_t).sum(-1)
-    return torch.stack([m_s, e_s.sum(-1), m_t, e_t.sum(-1), a, b, c], dim=-1)
+    m_s, m_t = _row_max(xs), _row_max(xt)
+    e_s, e_t = _exp_shifted(xs, m_s), _exp_shifted(xt, m_t)
+    gap = xt - xs
+    forward_sum = _weighted_sum(e_t, gap)
+    reverse_sum = _weighted_sum(e_s, -gap)
+    entropy_sum = _weighted_sum(e_t, xt - m_t.unsqueeze(-1))
+    return torch.stack([m_s, e_s.sum(-1), m_t, e_t.sum(-1), forward_sum, reverse_sum, entropy_sum], dim=-1)
 
 
 def kl_backward_reference(
@@ -51,62 +62,35 @@ def kl_backward_reference(
     grad_rows: torch.Tensor,
     mode: str,
 ) -> torch.Tensor:
-    """Gradient w.r.t. the student logits of ``grad_rows * per_row_loss`` (contract in ``kernels.kl``)."""
+    """Gradient w.r.t. the student logits of ``sum(grad_rows * per_row_loss)`` (see ``kernels.kl.kl_backward``).
+
+    Shape and dtype of the student logits; rows with ``grad_rows == 0`` are exactly 0 even where a log-ratio
+    is infinite.
+    """
     if mode not in KL_MODES:
         raise ValueError(f"kl_backward: mode must be one of {KL_MODES}, got {mode!r}")
     xs = _acc(student_logits) / temperature
     xt = _acc(teacher_logits) / temperature
     acc = xs.dtype
-
-    def _safe(lse: torch.Tensor) -> torch.Tensor:
-        lse = lse.to(acc).unsqueeze(-1)
-        return torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-
-    p_s = torch.exp(xs - _safe(lse_s))
+    zero = torch.zeros((), dtype=acc, device=xs.device)
+    p_s = _exp_shifted(xs, lse_s.to(acc))
     g = grad_rows.to(acc).unsqueeze(-1)
     if mode == "reverse_kl":
         if row_value is None:
             raise ValueError("kl_backward: mode 'reverse_kl' needs row_value (the full-row reverse KL)")
+        # (s - t)/tau plus one per-row offset keeps the large lse terms out of the [rows, V] arithmetic
         offset = (lse_t.to(acc) - lse_s.to(acc) - row_value.to(acc)).unsqueeze(-1)
-        inner = torch.where(p_s > 0, p_s * (xs - xt + offset), torch.zeros((), dtype=acc))
+        inner = torch.where(p_s > 0, p_s * ((xs - xt) + offset), zero)
     else:
-        inner = p_s - torch.exp(xt - _safe(lse_t))
-    grad = torch.where(g == 0, torch.zeros((), dtype=acc), g * inner / temperature)
+        inner = p_s - _exp_shifted(xt, lse_t.to(acc))
+    grad = torch.where(g != 0, inner * (g / temperature), zero)
     return grad.to(student_logits.dtype)
 
 
-def kl_div_reference(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    temperature: float = 1.0,
-    ignore_mask: torch.Tensor | None = None,
-    mode: str = "forward_kl",
-) -> torch.Tensor:
-    """Per-row KL(p_t || p_s) (or reverse KL / cross-entropy) at temperature ``tau``, fp32 ``[...]``.
-
-    Differentiable w.r.t. the student only; ignored rows give 0 and exactly 0 gradient.
-    """
-    if mode not in KL_MODES:
-        raise ValueError(f"fused_kl_div: mode must be one of {KL_MODES}, got {mode!r}")
-    s = _acc(student_logits)
-    t = _acc(teacher_logits).detach()
-    if ignore_mask is not None:
-        keep = ~ignore_mask.to(torch.bool).unsqueeze(-1)
-        s = torch.where(keep, s, torch.zeros((), dtype=s.dtype))  # ignored rows: finite values, zero grad
-        t = torch.where(keep, t, torch.zeros((), dtype=t.dtype))
-    lp_s = torch.log_softmax(s / temperature, dim=-1)
-    lp_t = torch.log_softmax(t / temperature, dim=-1)
-    p_s, p_t = lp_s.exp(), lp_t.exp()
-    zero = torch.zeros((), dtype=s.dtype)
-    if mode == "forward_kl":
-        val = torch.where(p_t > 0, p_t * torch.where(p_t > 0, lp_t - lp_s, zero), zero).sum(-1)
-    elif mode == "reverse_kl":
-        val = torch.where(p_s > 0, p_s * torch.where(p_s > 0, lp_s - lp_t, zero), zero).sum(-1)
-    else:
-        val = -torch.where(p_t > 0, p_t * torch.where(p_t > 0, lp_s, zero), zero).sum(-1)
-    if ignore_mask is not None:
-        val = val.masked_fill(ignore_mask.to(torch.bool), 0.0)
-    return val if student_logits.dtype == torch.float64 else val.float()
+def _safe_max(x: torch.Tensor) -> torch.Tensor:
+    """Row max (keepdim) with ``-inf`` rows mapped to 0, so ``exp(x - m)`` is 0 there instead of NaN."""
+    m = x.amax(dim=-1, keepdim=True)
+    return torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
 
 
 def scaled_masked_softmax_reference(

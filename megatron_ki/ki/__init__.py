@@ -3,11 +3,9 @@
 from .loss import (
     DIVERGENCES,
     KILossOutput,
+    all_reduce_kl_stats,
     ki_loss,
-    kl_backward,
-    kl_forward_stats,
     loss_positions,
-    merge_stats,
     per_token_divergence,
 )
 from .schedule import SCHEDULES, KISchedule, build_schedule
@@ -17,11 +15,9 @@ __all__ = [
     "SCHEDULES",
     "KILossOutput",
     "KISchedule",
+    "all_reduce_kl_stats",
     "build_schedule",
     "ki_loss",
-    "kl_backward",
-    "kl_forward_stats",
     "loss_positions",
-    "merge_stats",
     "per_token_divergence",
 ]

@@ -4,10 +4,11 @@
 both terms averaged over the same positions so ``a_t`` trades like for like.
 
 Exactness under tensor parallelism: the softmax of each distribution is over the FULL vocabulary, which is
-split over the TP ranks. Each rank reduces its slice to seven fp32 numbers per token
-(:func:`kl_forward_stats`); the ranks then merge them with one MAX all-reduce (the row maxima) and one SUM
-all-reduce (the rescaled sums). Nothing ``[tokens, vocab]``-sized crosses ranks. Normalising each shard on
-its own (as Megatron-DeepSpeed's distillation code does) gives a different, wrong value for tp > 1.
+split over the TP ranks. Each rank reduces its slice to the seven fp32 per-row statistics of
+``megatron_ki.kernels.KLStat`` (compiled op or its PyTorch reference); the ranks then merge them with one MAX
+all-reduce (the row maxima) and one SUM all-reduce (the rescaled sums). Nothing ``[tokens, vocab]``-sized
+crosses ranks. Normalising each shard on its own (as Megatron-DeepSpeed's distillation code does) gives a
+different, wrong value for tp > 1.
 
 The backward recomputes the probabilities from the logits and the per-row statistics instead of saving
 ``[tokens, vocab]`` softmaxes, so the KD term costs no activation memory beyond the logits themselves.
@@ -15,7 +16,7 @@ The backward recomputes the probabilities from the logits and the per-row statis
 
 from __future__ import annotations
 
-import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -23,160 +24,53 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from megatron_ki import kernels
+from megatron_ki.kernels import KL_MODES, kl_from_stats, reference, rescale_kl_stats
+from megatron_ki.kernels.kl import MAX_COLUMNS, SUM_COLUMNS
 from megatron_ki.tensor_parallel import (
     group_size,
     vocab_parallel_cross_entropy,
     vocab_parallel_target_logit,
 )
 
-logger = logging.getLogger("megatron_ki")
-
 Divergence = Literal["forward_kl", "reverse_kl", "cross_entropy"]
-DIVERGENCES: tuple[str, ...] = ("forward_kl", "reverse_kl", "cross_entropy")
+DIVERGENCES: tuple[str, ...] = KL_MODES
 Backend = Literal["auto", "torch", "kernels"]
 
-# Columns of the per-row statistics tensor returned by kl_forward_stats.
-M_S, Z_S, M_T, Z_T, A, B, C = range(7)
 
+def _kl_ops(backend: str, x: torch.Tensor) -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:
+    """``(forward_stats, backward)`` for the loss's ``backend`` option and the device of ``x``.
 
-# ------------------------------------------------------------------------ pure-PyTorch statistics
-def _weighted_sum(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``sum(w * x)`` over the last dim with ``0 * anything = 0`` (entries of probability 0 whose log-ratio
-    is infinite or NaN, e.g. -inf logits, contribute nothing)."""
-    return torch.where(w > 0, w * x, torch.zeros((), dtype=w.dtype, device=w.device)).sum(-1)
-
-
-def _row_max(x: torch.Tensor) -> torch.Tensor:
-    if x.shape[-1] == 0:
-        return torch.full(x.shape[:-1], float("-inf"), dtype=x.dtype, device=x.device)
-    return x.amax(-1)
-
-
-def _exp_shifted(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """``exp(x - m)`` that is 0 (not NaN) on a slice whose entries are all -inf (m = -inf)."""
-    safe_m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    return (x - safe_m.unsqueeze(-1)).exp()
-
-
-def kl_forward_stats(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Per-row statistics ``[N, 7]`` fp32 of the local vocabulary slice (see the module and brief contract):
-    ``m_s, Z_s, m_t, Z_t, A, B, C`` with ``A = sum e^(t/tau - m_t) (t - s)/tau``,
-    ``B = sum e^(s/tau - m_s) (s - t)/tau``, ``C = sum e^(t/tau - m_t) (t/tau - m_t)``."""
-    xs = s.float() / temperature
-    xt = t.float() / temperature
-    m_s, m_t = _row_max(xs), _row_max(xt)
-    e_s, e_t = _exp_shifted(xs, m_s), _exp_shifted(xt, m_t)
-    diff = xt - xs
-    a = _weighted_sum(e_t, diff)
-    b = _weighted_sum(e_s, -diff)
-    c = _weighted_sum(e_t, xt - m_t.unsqueeze(-1))
-    return torch.stack([m_s, e_s.sum(-1), m_t, e_t.sum(-1), a, b, c], dim=-1)
-
-
-def kl_backward(
-    s: torch.Tensor,
-    t: torch.Tensor,
-    temperature: float,
-    lse_s: torch.Tensor,
-    lse_t: torch.Tensor,
-    row_value: torch.Tensor,
-    grad_rows: torch.Tensor,
-    mode: str,
-) -> torch.Tensor:
-    """Gradient of ``grad_rows * D_row`` w.r.t. the local slice of ``s`` (shape and dtype of ``s``), with
-    the GLOBAL log-sum-exps ``lse_s, lse_t`` (of ``logits / tau``) of the full rows."""
-    xs = s.float() / temperature
-    xt = t.float() / temperature
-    log_ps = xs - lse_s.unsqueeze(-1)
-    p_s = log_ps.exp()
-    g = grad_rows.float().unsqueeze(-1)
-    if mode in ("forward_kl", "cross_entropy"):
-        grad = (p_s - (xt - lse_t.unsqueeze(-1)).exp()) * (g / temperature)
-    elif mode == "reverse_kl":
-        # (s - t)/tau plus one per-row offset: keeps the large lse terms out of the [rows, V] arithmetic
-        offset = (lse_t.float() - lse_s.float() - row_value.float()).unsqueeze(-1)
-        log_ratio = (xs - xt) + offset
-        grad = torch.where(p_s > 0, p_s * log_ratio, torch.zeros((), device=s.device)) * (g / temperature)
-    else:
-        raise ValueError(f"kl_backward mode: expected one of {DIVERGENCES}, got {mode!r}")
-    # Ignored rows (grad_rows == 0) give exactly zero even where a log-ratio is infinite.
-    grad = torch.where(g != 0, grad, torch.zeros((), device=s.device))
-    return grad.to(s.dtype)
-
-
-def _kernel_ops(backend: str, x: torch.Tensor):
-    """(forward_stats, backward) implementations for ``backend`` and the device of ``x``.
-
-    "auto" takes ``megatron_ki.kernels`` when it imports and its backend selection reports a compiled
-    extension for this device (CUDA or CPU C++); otherwise the PyTorch functions of this module.
-    "kernels" always goes through ``megatron_ki.kernels`` (which itself falls back to its reference).
+    "torch" is the PyTorch reference of ``megatron_ki.kernels``. "kernels" is the kernels' dispatch (the compiled
+    op, else that reference). "auto" takes the dispatch only where a compiled op exists for this device, and the
+    reference otherwise -- also when probing fails (e.g. a bad ``MEGATRON_KI_KERNELS``), since it is exact.
+    Looked up at call time so tests can count or replace them.
     """
-    if backend == "torch":
-        return kl_forward_stats, kl_backward
-    if backend not in ("auto", "kernels"):
+    if backend not in ("auto", "torch", "kernels"):
         raise ValueError(f"ki loss backend: expected 'auto', 'torch' or 'kernels', got {backend!r}")
-    try:
-        from megatron_ki import kernels
-
-        use_kernels = backend == "kernels" or kernels.select_backend("kl_forward_stats", x)[1] is not None
-    except Exception as e:  # the kernels package is optional at this layer
-        if backend == "kernels":
-            raise RuntimeError(f"ki loss backend='kernels' but megatron_ki.kernels is unusable: {e}") from e
-        return kl_forward_stats, kl_backward
-    if use_kernels:
-        return kernels.kl_forward_stats, kernels.kl_backward
-    return kl_forward_stats, kl_backward
+    if backend == "auto":
+        try:
+            compiled = kernels.select_backend("kl_forward_stats", x)[1] is not None
+        except Exception:  # a broken extension or setting must not stop training: the reference is exact
+            compiled = False
+        backend = "kernels" if compiled else "torch"
+    if backend == "torch":
+        return reference.kl_forward_stats_reference, reference.kl_backward_reference
+    return kernels.kl_forward_stats, kernels.kl_backward
 
 
-# ------------------------------------------------------------------------------- merge over ranks
-def merge_stats(stats: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
-    """Combine per-slice statistics ``[N, 7]`` into full-row ones, exactly, with two all-reduces of
-    ``[N, 2]`` (MAX) and ``[N, 5]`` (SUM) fp32 tensors. Identity for a single rank."""
+def all_reduce_kl_stats(stats: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    """Full-row statistics from this rank's vocabulary-slice statistics ``[N, 7]``, exactly, with two
+    all-reduces: ``[N, 2]`` maxima (MAX), then ``[N, 5]`` rescaled sums (SUM), fp32. Identity for one rank."""
     if group_size(group) == 1:
         return stats
-    m_local = stats[:, [M_S, M_T]].contiguous()
-    m_global = m_local.clone()
-    dist.all_reduce(m_global, op=dist.ReduceOp.MAX, group=group)
-    # Rescale factors exp(m_local - m_global); 0 for a slice that is all -inf (m_local = -inf).
-    finite = torch.isfinite(m_local)
-    delta = torch.where(finite, m_local - m_global, torch.zeros_like(m_local))
-    r = torch.where(finite, delta.exp(), torch.zeros_like(m_local))
-    r_s, r_t = r[:, 0], r[:, 1]
-    z_t = stats[:, Z_T] * r_t
-    sums = torch.stack(
-        [
-            stats[:, Z_S] * r_s,
-            z_t,
-            stats[:, A] * r_t,
-            stats[:, B] * r_s,
-            # sum e^(x - m_g)(x - m_g) = r (C_local + (m_l - m_g) Z_local)
-            stats[:, C] * r_t + delta[:, 1] * z_t,
-        ],
-        dim=-1,
-    )
+    maxima = stats[:, list(MAX_COLUMNS)].contiguous()
+    dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
+    merged = rescale_kl_stats(stats, *maxima.unbind(-1))
+    sums = merged[:, list(SUM_COLUMNS)].contiguous()
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-    return torch.stack(
-        [m_global[:, 0], sums[:, 0], m_global[:, 1], sums[:, 1], sums[:, 2], sums[:, 3], sums[:, 4]], dim=-1
-    )
-
-
-def divergence_from_stats(stats: torch.Tensor, divergence: str) -> tuple[torch.Tensor, ...]:
-    """``(value, lse_s, lse_t)`` per row (fp32) from merged full-row statistics (lse of ``logits / tau``).
-
-    Combined in fp64 ([rows]-sized, cheap): with logits of 1e4 the lse terms are large and nearly cancel.
-    """
-    m_s, z_s, m_t, z_t, a, b, c = stats.double().unbind(-1)
-    log_zs, log_zt = z_s.log(), z_t.log()
-    lse_diff = (m_s - m_t) + (log_zs - log_zt)  # lse_s - lse_t without the large common part
-    if divergence == "forward_kl":
-        value = a / z_t + lse_diff
-    elif divergence == "reverse_kl":
-        value = b / z_s - lse_diff
-    elif divergence == "cross_entropy":
-        value = a / z_t + lse_diff + (log_zt - c / z_t)
-    else:
-        raise ValueError(f"ki.divergence: expected one of {DIVERGENCES}, got {divergence!r}")
-    return value.float(), (m_s + log_zs).float(), (m_t + log_zt).float()
+    merged[:, list(SUM_COLUMNS)] = sums
+    return merged
 
 
 # ------------------------------------------------------------------------------ autograd function
@@ -188,22 +82,21 @@ class _VocabParallelDivergence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, s, t, idx, temperature, divergence, group, backend):
-        fwd, bwd = _kernel_ops(backend, s)
-        rows_s = s if idx is None else s.index_select(0, idx)
-        rows_t = t if idx is None else t.index_select(0, idx)
-        stats = merge_stats(fwd(rows_s, rows_t, temperature).float(), group)
-        value, lse_s, lse_t = divergence_from_stats(stats, divergence)
-        ctx.save_for_backward(s, t, idx, lse_s, lse_t, value)
-        ctx.temperature, ctx.divergence, ctx.bwd = temperature, divergence, bwd
-        ctx.mark_non_differentiable(lse_t)
-        return value, lse_t
+        forward_stats, backward = _kl_ops(backend, s)
+        rows_s, rows_t = _select_rows(s, t, idx)
+        stats = all_reduce_kl_stats(forward_stats(rows_s, rows_t, temperature).float(), group)
+        terms = kl_from_stats(stats)
+        value = getattr(terms, divergence)
+        ctx.save_for_backward(s, t, idx, terms.lse_s, terms.lse_t, value)
+        ctx.temperature, ctx.divergence, ctx.backward_op = temperature, divergence, backward
+        ctx.mark_non_differentiable(terms.lse_t)
+        return value, terms.lse_t
 
     @staticmethod
     def backward(ctx, grad_value, _grad_lse_t):
         s, t, idx, lse_s, lse_t, value = ctx.saved_tensors
-        rows_s = s if idx is None else s.index_select(0, idx)
-        rows_t = t if idx is None else t.index_select(0, idx)
-        grad_rows = ctx.bwd(
+        rows_s, rows_t = _select_rows(s, t, idx)
+        grad_rows = ctx.backward_op(
             rows_s,
             rows_t,
             ctx.temperature,
@@ -219,6 +112,14 @@ class _VocabParallelDivergence(torch.autograd.Function):
             grad = torch.zeros_like(s)
             grad.index_copy_(0, idx, grad_rows.to(s.dtype))
         return grad, None, None, None, None, None, None
+
+
+def _select_rows(
+    s: torch.Tensor, t: torch.Tensor, idx: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if idx is None:
+        return s, t
+    return s.index_select(0, idx), t.index_select(0, idx)
 
 
 def _check_inputs(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None, divergence: str):
