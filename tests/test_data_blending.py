@@ -46,7 +46,7 @@ def test_split_ranges():
     ]  # Megatron: rounding excess taken from the front
     r = split_ranges("33,33,34", 101)
     assert r[0][0] == 0 and r[-1][1] == 101 and all(a[1] == b[0] for a, b in itertools.pairwise(r))
-    with pytest.raises(ValueError, match="--split"):
+    with pytest.raises(ValueError, match="data.split"):
         split_ranges("1,2,3,4", 10)
 
 

@@ -282,9 +282,9 @@ def test_teacher_position_table_is_checked():
 def test_checkpoint_teacher_must_share_padding_and_fit():
     student = roberta(pad=4)
     check_teacher_fits(student, roberta(pad=4), tp=1, seq_length=SEQ)
-    with pytest.raises(TeacherError, match="teacher pad_token_id 1 differs from the student's 4"):
+    with pytest.raises(TeacherError, match="teacher pad_token_id 1 differs from model.pad_token_id=4"):
         check_teacher_fits(student, roberta(pad=1), tp=1)
-    with pytest.raises(TeacherError, match=f"data.seq_length {SEQ + 1} is longer than the teacher's"):
+    with pytest.raises(TeacherError, match=rf"'data.seq_length': {SEQ + 1} tokens take RoBERTa position ids"):
         check_teacher_fits(student, roberta(pad=4), tp=1, seq_length=SEQ + 1)
 
 

@@ -1,7 +1,8 @@
 """Blending several datasets by weight, train/valid/test splits, and the data-parallel batch sampler.
 
-``--data-path 0.3 prefixA 0.7 prefixB`` (Megatron's form; weights normalised) and ``--split 969,30,1``
-(proportions of each dataset's documents) give three blended datasets. The sampler hands each data-parallel
+``data.data_path: [0.3, prefixA, 0.7, prefixB]`` (Megatron's form; weights normalised) and ``data.split:
+969,30,1`` (proportions of each dataset's documents), both read by :func:`megatron_ki.config.parse_data_path`
+and :func:`~megatron_ki.config.parse_split`, give three blended datasets. The sampler hands each data-parallel
 rank its own slice of every global micro-batch and resumes from a consumed-sample count.
 """
 
@@ -14,6 +15,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from megatron_ki.config import parse_data_path, parse_split
 from megatron_ki.data.gpt_dataset import GPTDataset
 from megatron_ki.data.helpers import build_blending_indices
 from megatron_ki.data.indexed import IndexedDataset
@@ -22,41 +24,11 @@ from megatron_ki.data.mlm_dataset import MLMDataset
 SPLIT_NAMES = ("train", "valid", "test")
 
 
-def parse_data_path(data_path: list[str] | str) -> tuple[list[float], list[str]]:
-    """``[prefix]`` or ``[w1, p1, w2, p2, ...]`` -> (normalised weights, prefixes)."""
-    items = data_path.split() if isinstance(data_path, str) else [str(x) for x in data_path]
-    if not items:
-        raise ValueError("--data-path: no dataset given")
-    if len(items) == 1:
-        return [1.0], items
-    if len(items) % 2:
-        raise ValueError(f"--data-path: expected pairs of 'weight prefix', got {len(items)} entries: {items}")
-    weights, prefixes = [], []
-    for i in range(0, len(items), 2):
-        try:
-            w = float(items[i])
-        except ValueError:
-            raise ValueError(f"--data-path: entry {i} should be a weight, got {items[i]!r}") from None
-        if w < 0 or not math.isfinite(w):
-            raise ValueError(f"--data-path: weight {items[i]} of {items[i + 1]} must be a finite number >= 0")
-        weights.append(w)
-        prefixes.append(items[i + 1])
-    total = sum(weights)
-    if total <= 0:
-        raise ValueError("--data-path: weights sum to 0")
-    return [w / total for w in weights], prefixes
-
-
 def split_ranges(split: str, num_documents: int) -> list[tuple[int, int]]:
     """Megatron's split of ``num_documents`` into train/valid/test ``[start, end)`` ranges."""
-    parts = [float(s) for s in split.replace("/", ",").split(",") if s.strip()]
-    if not parts or len(parts) > 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
-        raise ValueError(f"--split {split!r}: expected up to three non-negative numbers with a positive sum")
-    parts += [0.0] * (3 - len(parts))
-    total = sum(parts)
     bounds = [0]
-    for p in parts:
-        bounds.append(bounds[-1] + round(p / total * num_documents))
+    for fraction in parse_split(split):
+        bounds.append(bounds[-1] + round(fraction * num_documents))
     diff = bounds[-1] - num_documents
     bounds = [bounds[0]] + [b - diff for b in bounds[1:]]
     return [(bounds[i], bounds[i + 1]) for i in range(3)]

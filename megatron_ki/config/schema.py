@@ -1,50 +1,24 @@
-"""Typed configuration: one dataclass per concern, validated where it is defined.
+"""The configuration's schema: one dataclass per concern, validated where it is defined.
 
 A run's configuration is a :class:`Config` made of groups (``model``, ``parallel``, ``ki``, ``data``,
-``optim``, ``train``, ``checkpoint``, ``logging``). It is loaded from YAML and dotted command-line overrides
-(``--model.num_layers 12``). Unknown keys, wrong types and inconsistent combinations raise
-:class:`ConfigError` naming the key, before any process group exists. Each field's docstring (the string
-literal under it) is its documentation; :func:`field_docs` reads them for ``--help``.
+``optim``, ``train``, ``checkpoint``, ``logging``). Each group checks its own fields in ``__post_init__``;
+:meth:`Config.validate` checks them against each other and the world size. A bad value raises
+:class:`ConfigError` naming the key. Each field's docstring (the string literal under it) is its documentation
+(``--help`` reads them). Reading YAML and command lines is :mod:`megatron_ki.config.loader`'s.
 """
 
 from __future__ import annotations
 
-import ast
-import contextlib
-import copy
 import dataclasses
-import inspect
-import itertools
 import math
-import textwrap
-import types
-import typing
 from dataclasses import dataclass, field
-from functools import cache
-from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 
-from megatron_ki.errors import EXIT_USAGE, MegatronKIError
+from .coerce import build
+from .errors import ConfigError, check
 
-
-class ConfigError(MegatronKIError, ValueError):
-    """A configuration value is unknown, of the wrong type, or inconsistent; the message names the key."""
-
-    exit_code = EXIT_USAGE
-
-    def __init__(self, key: str, message: str):
-        self.key = key
-        super().__init__(f"config error at '{key}': {message}")
-
-
-def _check(cond: bool, key: str, message: str) -> None:
-    if not cond:
-        raise ConfigError(key, message)
-
-
-DTYPES = ("float32", "bfloat16", "float16")
 TEACHER_DTYPE_FOR_PRECISION = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -121,25 +95,23 @@ class ModelConfig:
             "vocab_size",
             "max_position_embeddings",
         ):
-            _check(getattr(self, name) > 0, f"model.{name}", f"must be positive, got {getattr(self, name)}")
-        _check(
+            check(getattr(self, name) > 0, f"model.{name}", f"must be positive, got {getattr(self, name)}")
+        check(
             self.hidden_size % self.num_attention_heads == 0,
             "model.hidden_size",
             f"must be divisible by model.num_attention_heads={self.num_attention_heads}, got {self.hidden_size}",
         )
         kv = self.kv_heads
-        _check(
+        check(
             kv > 0 and self.num_attention_heads % kv == 0,
             "model.num_key_value_heads",
             f"must divide model.num_attention_heads={self.num_attention_heads}, got {kv}",
         )
-        _check(
-            self.make_vocab_size_divisible_by > 0, "model.make_vocab_size_divisible_by", "must be positive"
-        )
-        _check(0.0 <= self.hidden_dropout < 1.0, "model.hidden_dropout", "must be in [0, 1)")
-        _check(0.0 <= self.attention_dropout < 1.0, "model.attention_dropout", "must be in [0, 1)")
+        check(self.make_vocab_size_divisible_by > 0, "model.make_vocab_size_divisible_by", "must be positive")
+        check(0.0 <= self.hidden_dropout < 1.0, "model.hidden_dropout", "must be in [0, 1)")
+        check(0.0 <= self.attention_dropout < 1.0, "model.attention_dropout", "must be in [0, 1)")
         if self.padding_positions:
-            _check(
+            check(
                 self.pad_token_id is not None and self.pad_token_id >= 0,
                 "model.pad_token_id",
                 f"is required for family roberta (learned positions start at pad_token_id + 1, as in "
@@ -259,15 +231,15 @@ class ParallelConfig:
     """Reserved for sequence parallelism (shard norms/dropout over the sequence); not implemented yet."""
 
     def __post_init__(self) -> None:
-        _check(
+        check(
             self.tensor_parallel >= 1, "parallel.tensor_parallel", f"must be >= 1, got {self.tensor_parallel}"
         )
-        _check(
+        check(
             self.pipeline_parallel >= 1,
             "parallel.pipeline_parallel",
             f"must be >= 1, got {self.pipeline_parallel}",
         )
-        _check(
+        check(
             not self.sequence_parallel,
             "parallel.sequence_parallel",
             "is not implemented yet; set it to false",
@@ -301,12 +273,12 @@ class KIConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.teacher, dict):
-            self.teacher = _build(ModelConfig, self.teacher, "ki.teacher")
-        _check(self.temperature > 0, "ki.temperature", f"must be positive, got {self.temperature}")
-        _check(0.0 <= self.alpha0 <= 1.0, "ki.alpha0", f"must be in [0, 1], got {self.alpha0}")
-        _check(self.decay_steps >= 0, "ki.decay_steps", f"must be >= 0, got {self.decay_steps}")
+            self.teacher = build(ModelConfig, self.teacher, "ki.teacher")
+        check(self.temperature > 0, "ki.temperature", f"must be positive, got {self.temperature}")
+        check(0.0 <= self.alpha0 <= 1.0, "ki.alpha0", f"must be in [0, 1], got {self.alpha0}")
+        check(self.decay_steps >= 0, "ki.decay_steps", f"must be >= 0, got {self.decay_steps}")
         if self.enabled:
-            _check(
+            check(
                 self.teacher_path is not None or self.teacher is not None,
                 "ki.teacher_path",
                 "is required when ki.enabled is true (or give ki.teacher for a randomly initialised teacher)",
@@ -343,35 +315,63 @@ class DataConfig:
     """Where sample/shuffle indices are cached; None puts them beside the data."""
 
     def __post_init__(self) -> None:
-        _check(self.seq_length > 0, "data.seq_length", f"must be positive, got {self.seq_length}")
-        _check(0.0 < self.mask_prob < 1.0, "data.mask_prob", f"must be in (0, 1), got {self.mask_prob}")
-        parts = self.split.replace("/", ",").split(",")
-        try:
-            values = [float(p) for p in parts]
-        except ValueError:
-            raise ConfigError(
-                "data.split", f"expected comma-separated numbers like '969,30,1', got {self.split!r}"
-            ) from None
-        _check(
-            len(values) <= 3 and all(v >= 0 for v in values) and sum(values) > 0,
-            "data.split",
-            f"expected up to three non-negative numbers with a positive sum, got {self.split!r}",
-        )
+        check(self.seq_length > 0, "data.seq_length", f"must be positive, got {self.seq_length}")
+        check(0.0 < self.mask_prob < 1.0, "data.mask_prob", f"must be in (0, 1), got {self.mask_prob}")
+        parse_split(self.split)
         self.data_path = [str(p) for p in self.data_path]
-        if len(self.data_path) > 1:
-            _check(
-                len(self.data_path) % 2 == 0,
-                "data.data_path",
-                "expected one prefix or pairs of 'weight prefix', got an odd number of entries",
-            )
-            for i in range(0, len(self.data_path), 2):
-                try:
-                    weight = float(self.data_path[i])
-                except ValueError:
-                    raise ConfigError(
-                        "data.data_path", f"entry {i} should be a weight, got {self.data_path[i]!r}"
-                    ) from None
-                _check(weight >= 0, "data.data_path", f"weight {weight} at entry {i} must be >= 0")
+        if self.data_path:  # empty: no data yet (the entry point requires it, a model-only config does not)
+            parse_data_path(self.data_path)
+
+
+def parse_data_path(data_path: list[str] | str) -> tuple[list[float], list[str]]:
+    """``data.data_path`` (Megatron's ``[prefix]`` or ``[w1, p1, w2, p2, ...]``, or the same words in one
+    string) -> (weights normalised to sum 1, prefixes). The one reading of it, by :class:`DataConfig` and by
+    the data pipeline (:mod:`megatron_ki.data.blending`)."""
+    items = data_path.split() if isinstance(data_path, str) else [str(x) for x in data_path]
+    check(bool(items), "data.data_path", "no dataset given: expected a prefix or pairs of 'weight prefix'")
+    if len(items) == 1:
+        return [1.0], items
+    check(
+        len(items) % 2 == 0,
+        "data.data_path",
+        f"expected one prefix or pairs of 'weight prefix', got an odd number of entries ({len(items)}): {items}",
+    )
+    weights, prefixes = [], []
+    for i in range(0, len(items), 2):
+        try:
+            weight = float(items[i])
+        except ValueError:
+            raise ConfigError("data.data_path", f"entry {i} should be a weight, got {items[i]!r}") from None
+        check(
+            weight >= 0 and math.isfinite(weight),
+            "data.data_path",
+            f"weight {items[i]} of {items[i + 1]} (entry {i}) must be a finite number >= 0",
+        )
+        weights.append(weight)
+        prefixes.append(items[i + 1])
+    total = sum(weights)
+    check(total > 0, "data.data_path", f"the weights sum to 0; at least one must be positive, got {items}")
+    return [w / total for w in weights], prefixes
+
+
+def parse_split(split: str) -> list[float]:
+    """``data.split`` (``'969,30,1'`` or ``'80/10/10'``, up to three proportions) -> the train, valid and test
+    fractions (summing to 1; missing ones 0). The one reading of it, by :class:`DataConfig` and by the data
+    pipeline (:func:`megatron_ki.data.blending.split_ranges`)."""
+    try:
+        values = [float(p) for p in split.replace("/", ",").split(",")]
+    except ValueError:
+        raise ConfigError(
+            "data.split", f"expected comma-separated numbers like '969,30,1', got {split!r}"
+        ) from None
+    check(
+        len(values) <= 3 and all(v >= 0 and math.isfinite(v) for v in values) and sum(values) > 0,
+        "data.split",
+        f"expected up to three finite non-negative numbers with a positive sum, got {split!r}",
+    )
+    values += [0.0] * (3 - len(values))
+    total = sum(values)
+    return [v / total for v in values]
 
 
 # --------------------------------------------------------------------------------------------- optim
@@ -399,13 +399,13 @@ class OptimConfig:
     """Decay after warmup."""
 
     def __post_init__(self) -> None:
-        _check(self.lr > 0, "optim.lr", f"must be positive, got {self.lr}")
-        _check(0 <= self.min_lr <= self.lr, "optim.min_lr", f"must be in [0, optim.lr], got {self.min_lr}")
-        _check(0 <= self.lr_warmup_fraction <= 1, "optim.lr_warmup_fraction", "must be in [0, 1]")
+        check(self.lr > 0, "optim.lr", f"must be positive, got {self.lr}")
+        check(0 <= self.min_lr <= self.lr, "optim.min_lr", f"must be in [0, optim.lr], got {self.min_lr}")
+        check(0 <= self.lr_warmup_fraction <= 1, "optim.lr_warmup_fraction", "must be in [0, 1]")
         for name in ("adam_beta1", "adam_beta2"):
-            _check(0 <= getattr(self, name) < 1, f"optim.{name}", "must be in [0, 1)")
-        _check(self.adam_eps > 0, "optim.adam_eps", "must be positive")
-        _check(self.clip_grad >= 0, "optim.clip_grad", "must be >= 0")
+            check(0 <= getattr(self, name) < 1, f"optim.{name}", "must be in [0, 1)")
+        check(self.adam_eps > 0, "optim.adam_eps", "must be positive")
+        check(self.clip_grad >= 0, "optim.clip_grad", "must be >= 0")
 
 
 # --------------------------------------------------------------------------------------------- train
@@ -454,26 +454,26 @@ class TrainConfig:
     scheduler-sized pieces (Megatron-LM's --exit-interval)."""
 
     def __post_init__(self) -> None:
-        _check(
+        check(
             self.micro_batch_size > 0,
             "train.micro_batch_size",
             f"must be positive, got {self.micro_batch_size}",
         )
-        _check(
+        check(
             self.global_batch_size > 0,
             "train.global_batch_size",
             f"must be positive, got {self.global_batch_size}",
         )
-        _check(self.train_steps >= 0, "train.train_steps", "must be >= 0")
-        _check(self.zero_stage in (0, 1, 2), "train.zero_stage", f"must be 0, 1 or 2, got {self.zero_stage}")
-        _check(self.eval_interval >= 0, "train.eval_interval", "must be >= 0")
-        _check(self.collective_timeout_s > 0, "train.collective_timeout_s", "must be positive")
-        _check(
+        check(self.train_steps >= 0, "train.train_steps", "must be >= 0")
+        check(self.zero_stage in (0, 1, 2), "train.zero_stage", f"must be 0, 1 or 2, got {self.zero_stage}")
+        check(self.eval_interval >= 0, "train.eval_interval", "must be >= 0")
+        check(self.collective_timeout_s > 0, "train.collective_timeout_s", "must be positive")
+        check(
             self.exit_duration_mins is None or self.exit_duration_mins > 0,
             "train.exit_duration_mins",
             f"must be positive, got {self.exit_duration_mins}",
         )
-        _check(self.exit_interval >= 0, "train.exit_interval", f"must be >= 0, got {self.exit_interval}")
+        check(self.exit_interval >= 0, "train.exit_interval", f"must be >= 0, got {self.exit_interval}")
 
 
 # ---------------------------------------------------------------------------------------- checkpoint
@@ -495,8 +495,8 @@ class CheckpointConfig:
     """How many checkpoints to keep; older ones are deleted after a successful save."""
 
     def __post_init__(self) -> None:
-        _check(self.save_interval >= 0, "checkpoint.save_interval", "must be >= 0")
-        _check(self.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {self.keep_last}")
+        check(self.save_interval >= 0, "checkpoint.save_interval", "must be >= 0")
+        check(self.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {self.keep_last}")
 
 
 # ------------------------------------------------------------------------------------------- logging
@@ -514,7 +514,7 @@ class LoggingConfig:
     """Show a progress bar on rank 0."""
 
     def __post_init__(self) -> None:
-        _check(self.log_interval >= 1, "logging.log_interval", f"must be >= 1, got {self.log_interval}")
+        check(self.log_interval >= 1, "logging.log_interval", f"must be >= 1, got {self.log_interval}")
 
 
 # ------------------------------------------------------------------------------------------ the whole
@@ -543,7 +543,7 @@ class Config:
         if self.ki.teacher_dtype == "auto":
             self.ki.teacher_dtype = TEACHER_DTYPE_FOR_PRECISION[self.train.precision]
         if self.train.train_tokens is not None:
-            _check(
+            check(
                 self.train.train_tokens > 0,
                 "train.train_tokens",
                 f"must be positive, got {self.train.train_tokens}",
@@ -554,54 +554,23 @@ class Config:
     def validate(self, world_size: int) -> None:
         """Cross-group checks for a run over ``world_size`` ranks; call before creating process groups."""
         tp, pp = self.parallel.tensor_parallel, self.parallel.pipeline_parallel
-        _check(
+        check(
             world_size % (tp * pp) == 0,
             "parallel.tensor_parallel",
             f"tensor_parallel x pipeline_parallel = {tp} x {pp} must divide the world size {world_size}",
         )
         dp = world_size // (tp * pp)
-        models = [("model", self.model)]
-        if self.ki.enabled and self.ki.teacher is not None:
-            models.append(("ki.teacher", self.ki.teacher))
-        for prefix, m in models:
-            _check(
-                m.num_attention_heads % tp == 0,
-                f"{prefix}.num_attention_heads",
-                f"{m.num_attention_heads} heads are not divisible by parallel.tensor_parallel={tp}",
-            )
-            _check(
-                m.kv_heads % tp == 0,
-                f"{prefix}.num_key_value_heads",
-                f"{m.kv_heads} key/value heads are not divisible by parallel.tensor_parallel={tp}",
-            )
-            _check(
-                m.ffn_size % tp == 0,
-                f"{prefix}.ffn_hidden_size",
-                f"{m.ffn_size} is not divisible by parallel.tensor_parallel={tp}",
-            )
-            _check(
-                pp <= m.num_layers,
-                "parallel.pipeline_parallel",
-                f"{pp} pipeline stages are more than the {m.num_layers} layers of {prefix}",
-            )
+        check_split(self.model, tp, pp)
         per_step = self.train.micro_batch_size * dp
-        _check(
+        check(
             self.train.global_batch_size % per_step == 0,
             "train.global_batch_size",
             f"{self.train.global_batch_size} is not divisible by train.micro_batch_size x data-parallel size = "
             f"{self.train.micro_batch_size} x {dp} = {per_step}",
         )
+        check_positions(self.model, self.data.seq_length)
         if self.ki.enabled and self.ki.teacher is not None:
-            _check(
-                self.ki.teacher.vocab_size == self.model.vocab_size,
-                "ki.teacher.vocab_size",
-                f"teacher vocabulary {self.ki.teacher.vocab_size} differs from the student's "
-                f"{self.model.vocab_size}; teacher and student must share the tokenizer",
-            )
-        for prefix, m in models:
-            check_positions(m, self.data.seq_length, prefix)
-        if self.ki.enabled and self.ki.teacher is not None:
-            check_same_padding(self.model, self.ki.teacher)
+            check_teacher(self.model, self.ki.teacher, tp, self.data.seq_length, pp)
 
     def gradient_accumulation_steps(self, world_size: int) -> int:
         dp = world_size // (self.parallel.tensor_parallel * self.parallel.pipeline_parallel)
@@ -638,311 +607,70 @@ def check_positions(model: ModelConfig, seq_length: int, prefix: str = "model") 
     )
 
 
-def check_same_padding(student: ModelConfig, teacher: ModelConfig, prefix: str = "ki.teacher") -> None:
-    """A RoBERTa teacher numbers the student's padded batches from its own pad_token_id: it must be the same."""
-    _check(
-        teacher.pads_like(student),
-        f"{prefix}.pad_token_id",
-        f"{teacher.pad_token_id} differs from model.pad_token_id={student.pad_token_id}: teacher and student "
-        "share the tokenizer, and the teacher's RoBERTa positions must skip the same padding tokens",
+def check_split(model: ModelConfig, tp: int, pp: int = 1, prefix: str = "model") -> None:
+    """``model``'s heads, key/value heads and MLP divide over ``tp`` ranks, and its layers over ``pp`` stages."""
+    check(
+        model.num_attention_heads % tp == 0,
+        f"{prefix}.num_attention_heads",
+        f"{model.num_attention_heads} heads are not divisible by parallel.tensor_parallel={tp}",
+    )
+    check(
+        model.kv_heads % tp == 0,
+        f"{prefix}.num_key_value_heads",
+        f"{model.kv_heads} key/value heads are not divisible by parallel.tensor_parallel={tp}",
+    )
+    check(
+        model.ffn_size % tp == 0,
+        f"{prefix}.ffn_hidden_size",
+        f"{model.ffn_size} is not divisible by parallel.tensor_parallel={tp}",
+    )
+    check(
+        pp <= model.num_layers,
+        "parallel.pipeline_parallel",
+        f"{pp} pipeline stages are more than the {model.num_layers} layers of {prefix}",
     )
 
 
-def upgrade_stored_config(data: dict[str, Any]) -> dict[str, Any]:
-    """A config stored by an older version (checkpoint metadata), rewritten to today's fields (a copy).
-
-    Before RoBERTa's position offset was derived, a config stored ``position_offset`` (2) beside the padding id;
-    with a padding id other than 1 the model had a table of max_position_embeddings + position_offset rows and
-    positions from pad_token_id + 1, which is the same model, table and positions, as
-    max_position_embeddings + position_offset - pad_token_id - 1 under the derived rule.
-    """
-    data = copy.deepcopy(data)
-    ki = data.get("ki")
-    for m in (data.get("model"), ki.get("teacher") if isinstance(ki, dict) else None):
-        if not isinstance(m, dict) or not isinstance(m.get("position_offset"), int):
-            continue
-        offset, pad = m["position_offset"], m.get("pad_token_id")
-        roberta = m.get("family") == "roberta" and m.get("position_embedding", "learned") == "learned"
-        if not (roberta and isinstance(pad, int) and pad >= 0 and offset > 0 and offset != pad + 1):
-            continue  # agrees (or cannot be expressed today): ModelConfig accepts it or says why not
-        default = ModelConfig.__dataclass_fields__["max_position_embeddings"].default
-        positions = m.get("max_position_embeddings", default) + offset - (pad + 1)
-        if positions > 0:
-            m["max_position_embeddings"] = positions
-            del m["position_offset"]
-    return data
-
-
-# ------------------------------------------------------------------------------- building and typing
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "|".join(str(c) for c in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"list of {_type_name(typing.get_args(tp)[0])}"
-    return "null" if tp is type(None) else getattr(tp, "__name__", None) or str(tp)
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; the only conversions are to float (from int or '3e-4')."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        if len(options) == 1:  # Optional[X]: X's own, more precise, error
-            return _coerce(value, options[0], key)
-        for arg in options:
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                continue
-        raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise ConfigError(key, f"expected one of {list(choices)}, got {value!r}")
-        return value
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if not isinstance(value, list | tuple):
-            raise ConfigError(key, f"expected a list, got {value!r}")
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(key, f"expected a mapping of {tp.__name__} fields, got {value!r}")
-        return _build(tp, value, key)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(key, f"expected a boolean (true/false), got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(key, f"expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads '3e-4' (no dot) as a string
-            with contextlib.suppress(ValueError):
-                value = float(value)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(key, f"expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(key, f"expected a string, got {value!r}")
-        return value
-    if tp is Any:
-        return value
-    raise ConfigError(key, f"unsupported field type {tp!r}")
-
-
-@cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    """Build dataclass ``cls`` from a mapping, refusing unknown keys and checking every type."""
-    hints = _hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        full = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
-            raise ConfigError(full, f"unknown key; expected one of {sorted(names)}")
-        kwargs[key] = _coerce(value, hints[key], full)
-    return cls(**kwargs)
-
-
-def config_from_dict(data: dict[str, Any]) -> Config:
-    """Build and validate (per group) a :class:`Config` from a nested mapping."""
-    if not isinstance(data, dict):
-        raise ConfigError("<root>", f"expected a mapping of config groups, got {type(data).__name__}")
-    return _build(Config, data, "")
-
-
-def _parse_scalar(text: str) -> Any:
-    """A command-line value as YAML would read it (``12`` -> int, ``true`` -> bool, ``[a, b]`` -> list)."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``--group.key value`` (or ``--group.key=value``) pairs to a nested mapping."""
-    items = list(overrides)
-    i = 0
-    while i < len(items):
-        arg = items[i]
-        if not arg.startswith("--"):
-            raise ConfigError(arg, "expected an option of the form --group.key VALUE")
-        if "=" in arg:
-            key, text = arg[2:].split("=", 1)
-            texts = [text]
-            i += 1
-        else:
-            key = arg[2:]
-            j = i + 1
-            while j < len(items) and not items[j].startswith("--"):
-                j += 1
-            texts = items[i + 1 : j]
-            if not texts:
-                raise ConfigError(key, "is missing its value")
-            i = j
-        parts = key.split(".")
-        if len(parts) < 2:
-            raise ConfigError(key, "expected a dotted key such as --model.num_layers")
-        node = data
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(key, f"'{p}' is not a group")
-        hint = _leaf_hint(parts)
-        is_list = typing.get_origin(hint) is list
-        if len(texts) > 1 and not is_list:
-            raise ConfigError(key, f"takes one value, got {len(texts)}: {texts}")
-        if is_list:
-            value: Any = [_parse_scalar(t) for t in texts]
-            if len(value) == 1 and isinstance(value[0], list):  # --key '[a, b]'
-                value = value[0]
-        elif hint is str or (
-            typing.get_origin(hint) in (Union, types.UnionType) and str in typing.get_args(hint)
-        ):
-            value = texts[0] if texts[0] not in ("null", "None", "~") else None
-        else:
-            value = _parse_scalar(texts[0])
-        node[parts[-1]] = value
-    return data
-
-
-def _leaf_hint(parts: list[str]) -> Any:
-    cls: Any = Config
-    for p in parts:
-        if not dataclasses.is_dataclass(cls):
-            return None
-        hint = _hints(cls).get(p)
-        if hint is None:
-            return None
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        cls = args[0] if len(args) == 1 and dataclasses.is_dataclass(args[0]) else hint
-    return cls
-
-
-def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    """``top`` over ``base``, recursing into nested mappings (YAML bases, user DeepSpeed JSON)."""
-    out = dict(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Read a config file; its optional ``base:`` (a path or list, relative to the file) is merged first."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError("--config", f"file not found: {path}")
-    if path.resolve() in _seen:
-        raise ConfigError("base", f"{path} includes itself through 'base'")
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ConfigError("--config", f"{path} is not valid YAML: {e}") from None
-    if loaded is None:
-        return {}
-    if not isinstance(loaded, dict):
-        raise ConfigError(
-            "--config", f"{path} must hold a mapping of config groups, got {type(loaded).__name__}"
-        )
-    bases = loaded.pop("base", None) or []
-    merged: dict[str, Any] = {}
-    for b in [bases] if isinstance(bases, str) else bases:
-        merged = deep_merge(merged, read_yaml(path.parent / b, (*_seen, path.resolve())))
-    return deep_merge(merged, loaded)
-
-
-def load_config(
-    paths: str | Path | list[str | Path] | None = None, overrides: list[str] | None = None
-) -> Config:
-    """Load YAML file(s) (later ones win), apply dotted overrides, and build a per-group validated Config."""
-    if paths is None:
-        paths = []
-    elif isinstance(paths, str | Path):
-        paths = [paths]
-    data: dict[str, Any] = {}
-    for path in paths:
-        data = deep_merge(data, read_yaml(path))
-    data = apply_overrides(data, overrides or [])
-    return config_from_dict(data)
-
-
-def parse_args(argv: list[str]) -> Config:
-    """Command line of the entry points: ``[--config FILE ...] [--group.key VALUE ...]``; ``--help`` lists keys."""
-    if any(a in ("-h", "--help") for a in argv):
-        print("usage: [--config FILE ...] [--group.key VALUE ...]\n\noptions:")
-        print("\n".join("  " + line for line in describe()))
-        raise SystemExit(0)
-    paths, rest, i = [], [], 0
-    while i < len(argv):
-        if argv[i] == "--config":
-            if i + 1 >= len(argv):
-                raise ConfigError("--config", "is missing its file")
-            paths.append(argv[i + 1])
-            i += 2
-        elif argv[i].startswith("--config="):
-            paths.append(argv[i].split("=", 1)[1])
-            i += 1
-        else:
-            rest.append(argv[i])
-            i += 1
-    return load_config(paths, rest)
-
-
-def model_config_from_yaml(path: str | Path) -> ModelConfig:
-    """Read a YAML file holding either a ``model:`` group or the model fields themselves."""
-    data = read_yaml(path)
-    if "model" in data:
-        data = data["model"]
-    return _build(ModelConfig, data, "model")
-
-
-# ---------------------------------------------------------------------------------------------- docs
-@cache
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of dataclass ``cls`` (read from its source)."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs = {}
-    for prev, node in itertools.pairwise(body):
-        if (
-            isinstance(prev, ast.AnnAssign)
-            and isinstance(prev.target, ast.Name)
-            and isinstance(node, ast.Expr)
-            and isinstance(node.value, ast.Constant)
-            and isinstance(node.value.value, str)
-        ):
-            docs[prev.target.id] = node.value.value.strip()
-    return docs
-
-
-def describe(cls: type = Config, prefix: str = "") -> list[str]:
-    """One line per leaf option: ``--group.key (type, default): doc`` for ``--help`` output."""
-    lines = []
-    docs = field_docs(cls)
-    for f in dataclasses.fields(cls):
-        hint = _hints(cls)[f.name]
-        key = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(hint):
-            lines.extend(describe(hint, key + "."))
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else "[]"
-        lines.append(f"--{key} ({_type_name(hint)}, default {default}): {docs.get(f.name, '')}")
-    return lines
+def check_teacher(
+    student: ModelConfig,
+    teacher: ModelConfig,
+    tp: int,
+    seq_length: int | None = None,
+    pp: int = 1,
+    prefix: str = "ki.teacher",
+) -> None:
+    """``teacher`` fits ``student``: the same tokenizer (vocabulary, padded vocabulary, RoBERTa padding id),
+    the same kind of attention, a split over ``tp`` ranks and ``pp`` stages, and (given ``seq_length``)
+    positions for every sample. The one rule, run by :meth:`Config.validate` for a ``ki.teacher`` in the
+    config and by :func:`megatron_ki.ki.teacher.check_teacher_fits` for the teacher a run loads."""
+    check(
+        teacher.vocab_size == student.vocab_size,
+        f"{prefix}.vocab_size",
+        f"teacher vocabulary {teacher.vocab_size} differs from the student's {student.vocab_size}; teacher and "
+        "student must share the tokenizer",
+    )
+    padded, own = teacher.padded_vocab_size(tp), student.padded_vocab_size(tp)
+    check(
+        padded == own,
+        f"{prefix}.make_vocab_size_divisible_by",
+        f"teacher padded vocabulary {padded} differs from the student's {own} at parallel.tensor_parallel={tp}: "
+        f"set the same make_vocab_size_divisible_by ({prefix}.make_vocab_size_divisible_by="
+        f"{teacher.make_vocab_size_divisible_by}, model.make_vocab_size_divisible_by="
+        f"{student.make_vocab_size_divisible_by})",
+    )
+    check_split(teacher, tp, pp, prefix)
+    check(
+        teacher.causal == student.causal,
+        f"{prefix}.family",
+        f"teacher family {teacher.family!r} and student family {student.family!r} differ in attention (causal "
+        "vs bidirectional): their distributions are over different tasks",
+    )
+    check(
+        teacher.pads_like(student),
+        f"{prefix}.pad_token_id",
+        f"teacher pad_token_id {teacher.pad_token_id} differs from model.pad_token_id={student.pad_token_id}: "
+        "teacher and student share the tokenizer, and the teacher's RoBERTa positions (from pad_token_id + 1) "
+        "must skip the same padding tokens",
+    )
+    if seq_length is not None:
+        check_positions(teacher, seq_length, prefix)
