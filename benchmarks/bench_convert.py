@@ -34,6 +34,7 @@ import torch  # noqa: E402
 
 from megatron_ki.config import model_config_from_yaml  # noqa: E402
 from megatron_ki.convert import hf as hfc  # noqa: E402
+from megatron_ki.dtypes import DTYPES  # noqa: E402
 
 
 def write_random_hf(out: Path, config_yaml: Path, dtype: torch.dtype, layers: int | None) -> tuple[int, int]:
@@ -96,7 +97,7 @@ def compare(a: Path, b: Path) -> int:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(ROOT / "launch/configs/models/llama_1b.yaml"))
-    p.add_argument("--dtype", default="float32", choices=sorted(hfc.DTYPE_NAMES))
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--layers", type=int, default=None, help="override num_layers (smoke runs)")
     p.add_argument("--workdir", default="/tmp/bench_convert")
     p.add_argument("--keep", action="store_true")
@@ -108,9 +109,7 @@ def main() -> int:
     tool = str(ROOT / "tools" / "convert_checkpoint.py")
     try:
         t0 = time.perf_counter()
-        params, size = write_random_hf(
-            work / "hf", Path(args.config), hfc.DTYPE_NAMES[args.dtype], args.layers
-        )
+        params, size = write_random_hf(work / "hf", Path(args.config), DTYPES[args.dtype], args.layers)
         gen_s = time.perf_counter() - t0
         steps = [
             (

@@ -213,8 +213,9 @@ def write_random_data(workdir: Path, vocab_size: int, num_tokens: int, seed: int
 
 def write_teacher(workdir: Path, teacher_cfg, seed: int = 7) -> Path:
     """A randomly initialised teacher as a weights-only framework checkpoint; reused if its config matches."""
+    from megatron_ki.checkpoint_format import CheckpointError, read_meta
     from megatron_ki.config import Config
-    from megatron_ki.convert.reshard import CheckpointError, read_meta, write_checkpoint
+    from megatron_ki.convert.reshard import write_checkpoint
     from megatron_ki.models import build_model
 
     root = workdir / "teachers" / f"{teacher_cfg.family}_{teacher_cfg.num_layers}x{teacher_cfg.hidden_size}"

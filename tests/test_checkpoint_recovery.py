@@ -24,8 +24,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_ki.checkpoint_format import CheckpointError, read_meta
 from megatron_ki.config import load_config
-from megatron_ki.convert.reshard import CheckpointError, load_full_state, read_meta
+from megatron_ki.convert.reshard import load_full_state
 from megatron_ki.parallel import Topology
 from megatron_ki.training import checkpoint as ckpt
 from tests.training_utils import (

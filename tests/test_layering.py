@@ -1,6 +1,7 @@
 """The package's layers, lowest first: a module may import its own layer's package and lower layers only.
 
-    errors -> config -> {parallel, data, kernels} -> tensor_parallel -> models -> ki -> convert -> training
+    {errors, fileio, dtypes} -> config -> checkpoint_format -> {parallel, data, kernels} -> tensor_parallel
+    -> models -> ki -> convert -> training
 
 (the entry points ``pretrain_ki.py`` and ``tools/`` sit above all of them). Imports inside functions count too:
 a lazy import of a higher layer is still a dependency in the wrong direction.
@@ -14,8 +15,9 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "megatron_ki"
 LAYERS = [
-    {"errors"},
+    {"errors", "fileio", "dtypes"},
     {"config"},
+    {"checkpoint_format"},
     {"parallel", "data", "kernels"},
     {"tensor_parallel"},
     {"models"},

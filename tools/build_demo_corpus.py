@@ -24,6 +24,7 @@ from collections.abc import Iterator
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_ki.errors import MegatronKIError, add_debug_argument, describe_os_error, run_main
+from megatron_ki.fileio import atomic_write
 
 PROG = "build_demo_corpus.py"
 
@@ -90,24 +91,19 @@ def _main(argv: list[str]) -> int:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
         raise MegatronKIError(f"--output {args.output}: cannot create {out_dir}: {e.strerror}") from None
-    tmp = f"{args.output}.tmp-{os.getpid()}"
     n = chars = 0
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_write(args.output) as f:
             for doc in documents(args.stdlib, args.mode, args.min_chars):
                 f.write(json.dumps(doc, ensure_ascii=False) + "\n")
                 n += 1
                 chars += len(doc["text"])
                 if args.max_docs and n >= args.max_docs:
                     break
-        os.replace(tmp, args.output)
     except OSError as e:
         raise MegatronKIError(
             f"--output {args.output}: cannot write the corpus ({describe_os_error(e)})"
         ) from e
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     print(
         f"wrote {args.output}: {n} documents, {chars} characters (Python {sys.version.split()[0]}, {args.mode})"
     )

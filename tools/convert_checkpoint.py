@@ -42,18 +42,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
+from megatron_ki.checkpoint_format import is_serialization_error, meta_config, write_failure
 from megatron_ki.config import Config, DataConfig
 from megatron_ki.convert import hf as hfc
-from megatron_ki.convert.reshard import (
-    LazyFullState,
-    atomic_dir,
-    is_serialization_error,
-    meta_config,
-    write_checkpoint,
-    write_failure,
-)
+from megatron_ki.convert.reshard import LazyFullState, write_checkpoint
 from megatron_ki.convert.tokenizer import export_tokenizer, has_hf_tokenizer
+from megatron_ki.dtypes import DTYPES
 from megatron_ki.errors import MegatronKIError, add_debug_argument, run_main
+from megatron_ki.fileio import atomic_dir
 
 logger = logging.getLogger("convert_checkpoint")
 PROG = "convert_checkpoint.py"
@@ -91,9 +87,9 @@ def _cleanup_if_created(path: Path) -> Iterator[None]:
 def _dtype(name: str | None) -> torch.dtype | None:
     if name is None:
         return None
-    if name not in hfc.DTYPE_NAMES:
-        raise ConversionError(f"--dtype {name!r}: expected one of {sorted(hfc.DTYPE_NAMES)}")
-    return hfc.DTYPE_NAMES[name]
+    if name not in DTYPES:
+        raise ConversionError(f"--dtype {name!r}: expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
 
 
 def _tokenizer_source(meta: dict[str, Any], override: str | None) -> str | None:
@@ -246,9 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer-model", default=None, help="sentencepiece .model or HF tokenizer dir to export"
     )
     p.add_argument("--no-tokenizer", action="store_true", help="write no tokenizer files")
-    p.add_argument(
-        "--dtype", default=None, choices=sorted(hfc.DTYPE_NAMES), help="cast weights (default: keep)"
-    )
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="cast weights (default: keep)")
     p.add_argument("--max-shard-size", default="5GB", help="split model.safetensors above this size")
     p.add_argument(
         "--make-vocab-size-divisible-by", type=int, default=128, help="vocabulary padding of imported models"

@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_ki.errors import MegatronKIError, add_debug_argument, run_main
+from megatron_ki.fileio import atomic_write
 
 ROOT = Path(__file__).resolve().parent.parent
 PROG = "quickstart.py"
@@ -106,8 +107,7 @@ def corpus_inputs(corpus: Path) -> list[str]:
 
 def to_jsonl(files: list[str], out: Path, chunk_chars: int) -> Path:
     """Plain-text files become JSON lines of about ``chunk_chars`` characters, split at blank lines."""
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(out) as f:
         for path in files:
             if not path.endswith(".txt"):
                 continue
@@ -122,7 +122,6 @@ def to_jsonl(files: list[str], out: Path, chunk_chars: int) -> Path:
                     buf, size = [], 0
             if buf:
                 f.write(json.dumps({"text": "\n\n".join(buf)}) + "\n")
-    os.replace(tmp, out)
     return out
 
 

@@ -5,6 +5,8 @@
 ``tokenizer``: sentencepiece -> Hugging Face fast tokenizer export, teacher/student tokenizer checks.
 """
 
+from megatron_ki.checkpoint_format import CheckpointError
+
 from .hf import (
     MAPPINGS,
     Rule,
@@ -17,7 +19,7 @@ from .hf import (
     to_hf_state_dict,
     write_hf_weights,
 )
-from .reshard import CheckpointError, load_full_state, shard_state_dict, write_checkpoint
+from .reshard import load_full_state, shard_state_dict, write_checkpoint
 
 __all__ = [
     "MAPPINGS",

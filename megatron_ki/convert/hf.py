@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from megatron_ki.config import ModelConfig
+from megatron_ki.dtypes import SAFETENSORS_DTYPES, SAFETENSORS_NAMES
 from megatron_ki.errors import MegatronKIError
 
 logger = logging.getLogger(__name__)
@@ -506,21 +507,7 @@ def load_hf_model(hf_model: Any, make_vocab_size_divisible_by: int = 128, seed: 
 
 
 # ------------------------------------------------------------------------------------- files on disk
-_ST_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 _BASE_PREFIXES = ("transformer.", "model.", "bert.", "roberta.")
-DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class HFWeights:
@@ -569,7 +556,7 @@ class HFWeights:
         for name, info in header.items():
             if name == "__metadata__":
                 continue
-            if info["dtype"] not in _ST_DTYPES:
+            if info["dtype"] not in SAFETENSORS_DTYPES:
                 raise ValueError(f"{f}: tensor {name} has dtype {info['dtype']}, not supported")
             b, e = info["data_offsets"]
             self._where[name] = (f, info["dtype"], list(info["shape"]), start + b, start + e)
@@ -600,7 +587,7 @@ class HFWeights:
         if key in self._bin:
             return self._bin[key]
         f, dtype, shape, begin, end = self._where[key]
-        out = torch.empty(shape, dtype=_ST_DTYPES[dtype])
+        out = torch.empty(shape, dtype=SAFETENSORS_DTYPES[dtype])
         view = out.view(-1).view(torch.uint8).numpy() if out.numel() else None
         if view is not None:
             with open(f, "rb") as fh:
@@ -808,7 +795,7 @@ def write_hf_weights(
         for _, key, shape in entries:
             n = math.prod(shape) * item
             header[key] = {
-                "dtype": _ST_NAMES[dtype],
+                "dtype": SAFETENSORS_NAMES[dtype],
                 "shape": list(shape),
                 "data_offsets": [offset, offset + n],
             }

@@ -15,11 +15,12 @@ import os
 import subprocess
 import sys
 import sysconfig
-import tempfile
 from functools import cache
 from types import ModuleType
 
 import numpy as np
+
+from megatron_ki.fileio import atomic_save
 
 log = logging.getLogger(__name__)
 
@@ -45,30 +46,26 @@ def _compile(source: str) -> str:
         return so
     os.makedirs(out_dir, exist_ok=True)
     cxx = os.environ.get("CXX", "c++")
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
-    os.close(fd)
-    cmd = [
-        cxx,
-        "-O3",
-        "-shared",
-        "-std=c++17",
-        "-fPIC",
-        "-fvisibility=hidden",
-        f"-I{pybind11.get_include()}",
-        f"-I{sysconfig.get_paths()['include']}",
-        source,
-        "-o",
-        tmp,
-    ]
-    try:
+
+    def build(tmp: str) -> None:
+        cmd = [
+            cxx,
+            "-O3",
+            "-shared",
+            "-std=c++17",
+            "-fPIC",
+            "-fvisibility=hidden",
+            f"-I{pybind11.get_include()}",
+            f"-I{sysconfig.get_paths()['include']}",
+            source,
+            "-o",
+            tmp,
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-        os.replace(tmp, so)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return so
+
+    return atomic_save(so, build)
 
 
 @cache

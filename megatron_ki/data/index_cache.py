@@ -15,6 +15,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from megatron_ki.fileio import atomic_write
+
 INDEX_VERSION = 1
 """Bump when the layout of cached indices changes: old caches are then rebuilt, never misread."""
 
@@ -76,14 +78,10 @@ def _save(paths: dict[str, str], arrays: dict[str, np.ndarray], description: dic
     cache_dir = os.path.dirname(next(iter(paths.values())))
     os.makedirs(cache_dir, exist_ok=True)
     for name, path in paths.items():
-        tmp = f"{path}.tmp-{os.getpid()}.npy"
-        np.save(tmp, arrays[name], allow_pickle=False)
-        os.replace(tmp, path)
-    desc_path = os.path.join(cache_dir, f"{digest}-description.json")
-    tmp = f"{desc_path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+        with atomic_write(path, "wb") as f:
+            np.save(f, arrays[name], allow_pickle=False)
+    with atomic_write(os.path.join(cache_dir, f"{digest}-description.json")) as f:
         json.dump(description, f, indent=1, sort_keys=True)
-    os.replace(tmp, desc_path)
 
 
 def load_or_build(

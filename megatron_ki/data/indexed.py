@@ -53,6 +53,7 @@ from pathlib import Path
 import numpy as np
 
 from megatron_ki.errors import MegatronKIError
+from megatron_ki.fileio import atomic_write, fsync_dir
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -125,15 +126,9 @@ def write_stats(prefix: str | os.PathLike, stats: dict, path: str | None = None)
         **_bin_signature(prefix),
         **stats,
     }
-    tmp = path + temp_tag()
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=1, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
+    with atomic_write(path, temp=path + temp_tag()) as f:  # the named scheme: a dead writer's file is removed
+        json.dump(record, f, indent=1, sort_keys=True)
+        f.write("\n")
     return path
 
 
@@ -216,19 +211,6 @@ def remove_stale_temp_files(prefix: str | os.PathLike) -> list[str]:
             continue  # another new writer removed it first
         removed.append(path)
     return removed
-
-
-def _fsync_dir(path: str) -> None:
-    """Make renames in ``path`` durable (best effort: not every platform or file system allows it)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        with contextlib.suppress(OSError):
-            os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class IndexedDataset:
@@ -607,7 +589,7 @@ class IndexedDatasetBuilder:
             os.remove(final_idx)
         os.replace(self._tmp_bin, bin_path(self.prefix))
         os.replace(self._tmp_idx, final_idx)
-        _fsync_dir(os.path.dirname(os.path.abspath(self.prefix)))
+        fsync_dir(os.path.dirname(os.path.abspath(self.prefix)))
 
     def abort(self) -> None:
         """Close and delete every temporary file (nothing that looks like an output remains).

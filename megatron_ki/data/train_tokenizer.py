@@ -7,16 +7,15 @@ a failed run (bad input, Ctrl-C) leaves an existing tokenizer at the prefix as i
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import os
 import re
 from collections.abc import Iterator
 
 from megatron_ki.data.corpus import expand_inputs, is_jsonl, iter_texts
-from megatron_ki.data.indexed import temp_tag
 from megatron_ki.data.preprocess import check_output_dir
 from megatron_ki.errors import MegatronKIError, add_debug_argument, run_main
+from megatron_ki.fileio import atomic_save
 
 PROG = "train_tokenizer.py"
 DEFAULT_SPECIALS = "<mask>,<pad>,<eod>"
@@ -99,9 +98,8 @@ def train_sentencepiece(
             "non-empty line to train on"
         )
     recording = _Recording(itertools.chain([first], texts))
-    tmp_prefix = model_prefix + temp_tag()
-    spm.set_random_generator_seed(seed)  # sampling and shuffling of the input lines
-    try:
+
+    def train(tmp_prefix: str) -> None:
         try:
             spm.SentencePieceTrainer.train(
                 sentence_iterator=iter(recording),
@@ -124,12 +122,9 @@ def train_sentencepiece(
             raise _spm_error(e, inputs, vocab_size) from None
         if recording.error is not None:
             raise recording.error
-        os.replace(tmp_prefix + ".vocab", model_prefix + ".vocab")
-        os.replace(tmp_prefix + ".model", model_prefix + ".model")
-    finally:
-        for ext in (".model", ".vocab"):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp_prefix + ext)
+
+    spm.set_random_generator_seed(seed)  # sampling and shuffling of the input lines
+    atomic_save(model_prefix, train, suffixes=(".vocab", ".model"))  # .model, the file readers open, last
     return model_prefix + ".model"
 
 

@@ -24,12 +24,14 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from megatron_ki.config import ModelConfig
+from megatron_ki.dtypes import DTYPES
 from megatron_ki.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
     TPRngTracker,
     VocabParallelEmbedding,
     copy_to_tp_region,
+    divide,
     gather_from_tp_region,
     group_rank,
     group_size,
@@ -38,8 +40,6 @@ from megatron_ki.tensor_parallel import (
 )
 
 from .norms import build_norm
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # init-seed keys of the pieces: seed * _SEED_STRIDE + key
 INIT_KEY_EMBEDDING = 0
@@ -62,12 +62,6 @@ def seeded_init(seed: int, key: int) -> Iterator[None]:
 
 def params_dtype(cfg: ModelConfig) -> torch.dtype:
     return DTYPES[cfg.params_dtype]
-
-
-def _divide(n: int, tp: int, what: str) -> int:
-    if n % tp != 0:
-        raise ValueError(f"{what}={n} is not divisible by the tensor-parallel size {tp}")
-    return n // tp
 
 
 def _normal_param(shape: tuple[int, ...], std: float, dtype: torch.dtype) -> nn.Parameter:
@@ -196,8 +190,8 @@ class SelfAttention(nn.Module):
         h, d = cfg.hidden_size, cfg.head_dim
         kv = cfg.kv_heads * d
         dtype = params_dtype(cfg)
-        self.num_heads = _divide(cfg.num_attention_heads, tp, "model.num_attention_heads")
-        self.num_kv_heads = _divide(cfg.kv_heads, tp, "model.num_key_value_heads")
+        self.num_heads = divide(cfg.num_attention_heads, tp, "model.num_attention_heads")
+        self.num_kv_heads = divide(cfg.kv_heads, tp, "model.num_key_value_heads")
         self.head_dim = d
         self.causal = cfg.causal
         self.backend = cfg.attention_backend

@@ -40,6 +40,8 @@ def scaled_normal_init(std: float, num_layers: int) -> InitMethod:
 
 
 def divide(numerator: int, denominator: int, what: str = "size") -> int:
+    """``numerator // denominator`` (a size split over ``denominator`` tensor-parallel ranks); a ValueError
+    naming ``what`` when it does not divide evenly."""
     if numerator % denominator != 0:
         raise ValueError(f"{what} {numerator} is not divisible by tensor-parallel size {denominator}")
     return numerator // denominator

@@ -15,7 +15,6 @@ The KI teacher is never part of the engine's module, so it is never written here
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import pickle
 import random
@@ -30,9 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_ki.config import Config
-from megatron_ki.convert.reshard import (
-    FORMAT_VERSION,
+from megatron_ki.checkpoint_format import (
     LATEST_FILE,
     META_FILE,
     CheckpointError,
@@ -45,8 +42,10 @@ from megatron_ki.convert.reshard import (
     read_meta_file,
     torch_file_problem,
     write_failure,
-    write_text_atomic,
+    write_latest,
+    write_meta,
 )
+from megatron_ki.config import Config
 from megatron_ki.errors import MegatronKIError, describe_os_error
 from megatron_ki.parallel import ParallelGroups
 from megatron_ki.training.zero_repartition import load_zero_state_at_other_dp
@@ -119,8 +118,6 @@ def save_checkpoint(
         reason = write_failure(e, root, bytes_written(root / tmp_tag))
         if groups.rank == 0:  # best effort: another rank may still be writing, the next save retries
             shutil.rmtree(root / tmp_tag, ignore_errors=True)
-            with contextlib.suppress(OSError):
-                (root / f".{LATEST_FILE}.tmp").unlink(missing_ok=True)
         kept = None
         with contextlib.suppress(OSError):
             kept = read_latest(root)
@@ -147,7 +144,6 @@ def _save(engine, cfg, groups, root, step, consumed_samples, extra_meta, tp_trac
     if groups.rank == 0:
         topo = groups.topology
         meta = {
-            "format_version": FORMAT_VERSION,
             "step": step,
             "consumed_samples": consumed_samples,
             "layout": {"tp": topo.tp, "pp": topo.pp, "dp": topo.dp, "zero_stage": cfg.train.zero_stage},
@@ -156,12 +152,12 @@ def _save(engine, cfg, groups, root, step, consumed_samples, extra_meta, tp_trac
             "tokenizer": {"type": cfg.data.tokenizer_type, "model": cfg.data.tokenizer_model},
             **(extra_meta or {}),
         }
-        write_text_atomic(root / tmp_tag / META_FILE, json.dumps(meta, indent=2))
+        write_meta(root / tmp_tag, meta)
         final = root / tag
         if final.exists():
             shutil.rmtree(final)
         (root / tmp_tag).rename(final)
-        write_text_atomic(root / LATEST_FILE, tag)
+        write_latest(root, tag)
         for old in published_tags(root)[: -cfg.checkpoint.keep_last]:
             if old != tag:
                 shutil.rmtree(root / old, ignore_errors=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_ki.config import Config, ConfigError, deep_merge
-from megatron_ki.convert.reshard import write_text_atomic
+from megatron_ki.fileio import write_text_atomic
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:

@@ -16,7 +16,6 @@ import itertools
 import math
 import os
 import statistics
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import yaml
 
 from megatron_ki.errors import MegatronKIError
+from megatron_ki.fileio import atomic_save, write_text_atomic
 from megatron_ki.training.metrics import METRICS_FILE, read_metrics
 
 FLOPS_KEYS = ("flops", "train_flops")
@@ -290,19 +290,6 @@ def format_table(runs: list[Run], target: float, ref: int, rows: list[dict[str, 
     return "\n".join(lines)
 
 
-def _write_atomically(out: Path, write: Callable[[Path], None]) -> Path:
-    """``write`` a temp file next to ``out``, then rename it: a reader never sees half a file."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return out
-
-
 def _new_figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -313,9 +300,9 @@ def _new_figure(width: float, height: float):
 
 
 def _save_figure(fig, out: Path) -> Path:
-    return _write_atomically(
-        out, lambda tmp: fig.savefig(tmp, format=out.suffix.lstrip(".") or "png", dpi=120)
-    )
+    """Write ``fig`` to ``out`` atomically (a temporary name, then a rename: a reader never sees half a file)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_save(out, lambda tmp: fig.savefig(tmp, format=out.suffix.lstrip(".") or "png", dpi=120))
 
 
 def plot(runs: list[Run], out: str | os.PathLike, target: float | None = None) -> Path:
@@ -861,5 +848,5 @@ def write_ki_report(report: KIReport, out_dir: str | os.PathLike) -> tuple[Path,
     out_dir = Path(out_dir)
     png = plot_ki_report(report, out_dir / PNG_FILE)
     text = report.markdown()
-    md = _write_atomically(out_dir / MARKDOWN_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    md = write_text_atomic(out_dir / MARKDOWN_FILE, text)
     return md, png

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from megatron_ki.convert.reshard import CheckpointError, load_torch_file
+from megatron_ki.checkpoint_format import CheckpointError, load_torch_file
 
 logger = logging.getLogger("megatron_ki")
 
