@@ -481,7 +481,11 @@ def _student_config(tokenizer: str, teacher_path: str) -> Config:
     return Config(
         model=cfg,
         ki=KIConfig(enabled=True, teacher_path=teacher_path),
-        data=DataConfig(tokenizer_type="SentencePieceTokenizer", tokenizer_model=tokenizer),
+        data=DataConfig(
+            tokenizer_type="SentencePieceTokenizer",
+            tokenizer_model=tokenizer,
+            seq_length=cfg.max_position_embeddings,
+        ),
     )
 
 
@@ -504,7 +508,7 @@ def test_hf_teacher_equals_framework_teacher(tmp_path):
         progress=False,
     )
     for rank in range(2):  # the pretrain-style call of each TP rank of a tp=2 run
-        groups = SimpleNamespace(topology=SimpleNamespace(tp=2), tp_rank=rank)
+        groups = SimpleNamespace(topology=SimpleNamespace(tp=2, pp=1), tp_rank=rank)
         t_cfg, state = load_teacher_weights(
             _student_config(model_file, f"hf:{tmp_path / 'teacher_hf'}"), groups
         )
@@ -515,7 +519,7 @@ def test_hf_teacher_equals_framework_teacher(tmp_path):
             torch.testing.assert_close(state[k], ref[k], rtol=0, atol=0, msg=k)
     # the tp=2 shards hold the HF model: rank 0's query rows are the first half of q_proj's
     q = hf.state_dict()["model.layers.0.self_attn.q_proj.weight"]
-    groups = SimpleNamespace(topology=SimpleNamespace(tp=2), tp_rank=0)
+    groups = SimpleNamespace(topology=SimpleNamespace(tp=2, pp=1), tp_rank=0)
     _, state = load_teacher_weights(_student_config(model_file, f"hf:{tmp_path / 'teacher_hf'}"), groups)
     torch.testing.assert_close(
         state["layers.0.attention.qkv.weight"][: q.shape[0] // 2], q[: q.shape[0] // 2]
@@ -539,7 +543,7 @@ def test_hf_teacher_with_another_tokenizer_is_refused(tmp_path):
         spm.SentencePieceProcessor(model_file=other_tok),
     )
     first = next(i for i in range(400) if a.id_to_piece(i) != b.id_to_piece(i))
-    groups = SimpleNamespace(topology=SimpleNamespace(tp=2), tp_rank=0)
+    groups = SimpleNamespace(topology=SimpleNamespace(tp=2, pp=1), tp_rank=0)
     cfg = _student_config(student_tok, f"hf:{tmp_path / 'teacher_hf'}")
     expected = f"at id {first}: student {a.id_to_piece(first)!r}, teacher {b.id_to_piece(first)!r}"
     with pytest.raises(TokenizerMismatchError, match=expected.replace("(", r"\(").replace(")", r"\)")):

@@ -8,7 +8,7 @@ import torch
 
 from megatron_ki.config import KIConfig, ModelConfig, load_config
 from megatron_ki.models import build_model, partition_info
-from megatron_ki.models.pipe import companion_layers_for
+from megatron_ki.models.pipe import teacher_layers_for
 from megatron_ki.tensor_parallel import unshard_rows
 from tests.distributed import run_distributed
 
@@ -73,7 +73,7 @@ def _full_name(pipe_name: str, num_layers: int) -> str:
 def _pipe_worker(rank, world, tp, pp, family, alphas, partition="parameters"):
     os.environ["DS_ACCELERATOR"] = "cpu"
     from megatron_ki.ki.teacher import KILossFunction
-    from megatron_ki.models.pipe import Companion
+    from megatron_ki.models.pipe import PipelinedTeacher
     from megatron_ki.parallel import ParallelGroups, Topology
     from megatron_ki.training.ds_config import deepspeed_config
     from megatron_ki.training.engine import initialize_engine
@@ -108,13 +108,13 @@ def _pipe_worker(rank, world, tp, pp, family, alphas, partition="parameters"):
     )
     cfg.model = student_cfg
     groups = ParallelGroups.build(Topology.from_world(world, tp=tp, pp=pp))
-    companion = Companion(teacher_cfg, seed=11, dtype="float32")
+    pipe_teacher = PipelinedTeacher(teacher_cfg, seed=11, dtype="float32")
     loss_fn = KILossFunction(KIConfig(enabled=True, teacher=teacher_cfg, temperature=2.0), groups.tp_group)
     costs = pipeline_layer_costs(
         student_cfg,
         SEQ,
         teacher_cfg,
-        companion_layers_for(student_cfg.num_layers, teacher_cfg.num_layers),
+        teacher_layers_for(student_cfg.num_layers, teacher_cfg.num_layers),
         tp,
     )
     module = build_pipeline_module(
@@ -123,7 +123,7 @@ def _pipe_worker(rank, world, tp, pp, family, alphas, partition="parameters"):
         groups,
         seed=7,
         loss_fn=loss_fn,
-        companion=companion,
+        pipe_teacher=pipe_teacher,
         partition_method=partition,
         layer_costs=costs,
     )
@@ -134,14 +134,14 @@ def _pipe_worker(rank, world, tp, pp, family, alphas, partition="parameters"):
         p.register_post_accumulate_grad_hook(
             lambda p, name=name: grads.__setitem__(name, p.grad.detach().clone())
         )
-    teacher_before = [q.detach().clone() for piece in companion.pieces for q in piece.parameters()]
-    teacher_requires_grad = any(q.requires_grad for piece in companion.pieces for q in piece.parameters())
+    teacher_before = [q.detach().clone() for piece in pipe_teacher.pieces for q in piece.parameters()]
+    teacher_requires_grad = any(q.requires_grad for piece in pipe_teacher.pieces for q in piece.parameters())
     ids, mask, types, labels = _batch(family)
     losses, teacher_losses, calls = [], [], []
     for step, alpha in enumerate(alphas):
         loss_fn.alpha = alpha
-        if alpha == 0.0 and companion.active:
-            companion.release()
+        if alpha == 0.0 and pipe_teacher.active:
+            pipe_teacher.release()
         losses.append(engine.train_batch(iter([((ids, mask, types), labels)])).item())
         records = loss_fn.pop_records()
         teacher_losses.append(
@@ -150,7 +150,7 @@ def _pipe_worker(rank, world, tp, pp, family, alphas, partition="parameters"):
         calls.append(loss_fn.teacher_forward_calls)
         if step == 0:
             first_grads = dict(grads)
-            teacher_after = [q.detach().clone() for piece in companion.pieces for q in piece.parameters()]
+            teacher_after = [q.detach().clone() for piece in pipe_teacher.pieces for q in piece.parameters()]
     info = partition_info(module)
     named = {_full_name(name, student_cfg.num_layers): (g, info.get(name)) for name, g in first_grads.items()}
     return {
@@ -207,7 +207,7 @@ def test_teacher_in_pipeline_stages(world, tp, pp, family, partition):
         assert res["losses"][2] != pytest.approx(res["losses"][1])
         assert not res["teacher_requires_grad"]
         assert res["teacher_unchanged"]
-        assert not any("companion" in k for k in res["state_keys"])
+        assert not any("pipe_teacher" in k for k in res["state_keys"])
         # the teacher runs while alpha > 0 and never after it is released
         assert res["teacher_calls"][1] == res["teacher_calls"][2] == res["teacher_calls"][3]
     last = [r for r in results if r["teacher_calls"][0] > 0]
@@ -220,9 +220,9 @@ def test_teacher_in_pipeline_stages(world, tp, pp, family, partition):
         torch.testing.assert_close(grads[name], ref, rtol=1e-4, atol=2e-6, msg=name)
 
 
-def test_companion_layers_are_proportional():
-    assert companion_layers_for(4, 2) == [[0], [], [1], []]
-    assert companion_layers_for(2, 6) == [[0, 1, 2], [3, 4, 5]]
-    assert companion_layers_for(3, 3) == [[0], [1], [2]]
-    flat = [j for part in companion_layers_for(12, 9) for j in part]
+def test_teacher_layers_are_proportional():
+    assert teacher_layers_for(4, 2) == [[0], [], [1], []]
+    assert teacher_layers_for(2, 6) == [[0, 1, 2], [3, 4, 5]]
+    assert teacher_layers_for(3, 3) == [[0], [1], [2]]
+    flat = [j for part in teacher_layers_for(12, 9) for j in part]
     assert flat == list(range(9))

@@ -7,11 +7,10 @@ import os
 import pytest
 import torch
 
+from megatron_ki.checkpoint_format import CheckpointError, read_latest
 from megatron_ki.config import Config, load_config
 from megatron_ki.convert.reshard import (
-    CheckpointError,
     load_full_state,
-    read_latest,
     shard_state_dict,
     tp_layout,
     unshard_state_dicts,
@@ -87,7 +86,7 @@ def test_refusals_leave_nothing(tmp_path):
 def _save_worker(rank, world, tp, pp, root):
     os.environ["DS_ACCELERATOR"] = "cpu"
     from megatron_ki.ki.teacher import KILossFunction
-    from megatron_ki.models.pipe import Companion
+    from megatron_ki.models.pipe import PipelinedTeacher
     from megatron_ki.parallel import ParallelGroups, Topology
     from megatron_ki.training.checkpoint import save_checkpoint
     from megatron_ki.training.ds_config import deepspeed_config
@@ -102,9 +101,9 @@ def _save_worker(rank, world, tp, pp, root):
         ],
     )  # fmt: skip
     groups = ParallelGroups.build(Topology.from_world(world, tp=tp, pp=pp))
-    companion = Companion(cfg.model, seed=99, dtype="float32")
+    pipe_teacher = PipelinedTeacher(cfg.model, seed=99, dtype="float32")
     module = build_pipeline_module(
-        cfg.model, groups.topology, groups, seed=7, loss_fn=KILossFunction(cfg.ki), companion=companion
+        cfg.model, groups.topology, groups, seed=7, loss_fn=KILossFunction(cfg.ki), pipe_teacher=pipe_teacher
     )
     engine = initialize_engine(cfg, module, groups, deepspeed_config(cfg, world))
     save_checkpoint(engine, cfg, groups, step=3, consumed_samples=12)
@@ -125,7 +124,7 @@ def test_deepspeed_pipeline_checkpoint_reads_as_single_model(tmp_path):
     assert set(full) == set(expected)
     for name, value in expected.items():
         torch.testing.assert_close(full[name], value, rtol=0, atol=0, msg=name)
-    # the teacher (companion, seed 99) is not in any file of the checkpoint
+    # the teacher (pipe_teacher, seed 99) is not in any file of the checkpoint
     teacher = build_model(cfg, seed=99).state_dict()["layers.0.mlp.fc1.weight"]
     for path in (tmp_path / "ckpt" / "step00000003").glob("*model_states.pt"):
         blob = torch.load(path, weights_only=False)

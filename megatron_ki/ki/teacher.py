@@ -1,7 +1,7 @@
 """The frozen teacher and the KI loss as the pipeline's (or the loop's) loss function.
 
 With pp = 1 the teacher is a whole frozen model beside the student (:func:`frozen_teacher`); with pp > 1 it
-is a :class:`megatron_ki.models.pipe.Companion` whose layers are split over the student's stages. In both
+is a :class:`megatron_ki.models.pipe.PipelinedTeacher` whose layers are split over the student's stages. In both
 cases it is never registered in the student's module: no optimizer state, no gradient, never saved.
 """
 
@@ -13,10 +13,10 @@ import torch
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from megatron_ki.config import KIConfig, ModelConfig
+from megatron_ki.config import ConfigError, KIConfig, ModelConfig, check_teacher
+from megatron_ki.dtypes import DTYPES
 from megatron_ki.errors import MegatronKIError
 from megatron_ki.models import build_model
-from megatron_ki.models.transformer import DTYPES
 
 from .loss import KILossOutput, ki_loss
 
@@ -26,41 +26,16 @@ class TeacherError(MegatronKIError, ValueError):
 
 
 def check_teacher_fits(
-    student: ModelConfig, teacher: ModelConfig, tp: int, seq_length: int | None = None
+    student: ModelConfig, teacher: ModelConfig, tp: int, seq_length: int | None = None, pp: int = 1
 ) -> None:
-    """Same tokenizer (vocabulary size, RoBERTa padding id), a split that works at the student's tensor-parallel
-    size, and (given ``seq_length``) a position table that covers the samples."""
-    if teacher.vocab_size != student.vocab_size:
-        raise TeacherError(
-            f"teacher vocabulary size {teacher.vocab_size} differs from the student's {student.vocab_size}: "
-            "teacher and student must share the tokenizer"
-        )
-    if teacher.padded_vocab_size(tp) != student.padded_vocab_size(tp):
-        raise TeacherError(
-            f"teacher padded vocabulary {teacher.padded_vocab_size(tp)} differs from the student's "
-            f"{student.padded_vocab_size(tp)} at tensor_parallel={tp}: set the same make_vocab_size_divisible_by"
-        )
-    for name, value in (("num_attention_heads", teacher.num_attention_heads), ("kv heads", teacher.kv_heads)):
-        if value % tp:
-            raise TeacherError(f"teacher {name}={value} is not divisible by tensor_parallel={tp}")
-    if teacher.causal != student.causal:
-        raise TeacherError(
-            f"teacher family {teacher.family!r} and student family {student.family!r} differ in attention "
-            "(causal vs bidirectional): their distributions are over different tasks"
-        )
-    if not teacher.pads_like(student):
-        raise TeacherError(
-            f"teacher pad_token_id {teacher.pad_token_id} differs from the student's {student.pad_token_id}: the "
-            "teacher's RoBERTa positions (from pad_token_id + 1) would not skip the shared tokenizer's padding"
-        )
-    learned = teacher.position_embedding == "learned"  # rotary positions have no table to run past
-    if learned and seq_length is not None and not teacher.positions_fit(seq_length):
-        raise TeacherError(
-            f"data.seq_length {seq_length} is longer than the teacher's max_position_embeddings "
-            f"{teacher.max_position_embeddings} (a {teacher.position_table_size}-row position table"
-            + (f" with pad_token_id {teacher.pad_token_id})" if teacher.padding_positions else ")")
-            + ": shorten data.seq_length"
-        )
+    """Same tokenizer (vocabulary size, padded vocabulary, RoBERTa padding id), the same kind of attention, a
+    split that works at the student's tensor-parallel size, and (given ``seq_length``) positions for every
+    sample: :func:`megatron_ki.config.check_teacher`, the rule ``Config.validate`` applies to a ``ki.teacher``
+    in the config, here for the teacher a run loads; a mismatch is a :class:`TeacherError`."""
+    try:
+        check_teacher(student, teacher, tp, seq_length, pp=pp)
+    except ConfigError as e:
+        raise TeacherError(f"teacher does not fit the student at '{e.key}': {e.detail}") from None
 
 
 def freeze(model: nn.Module, dtype: str) -> nn.Module:

@@ -1,17 +1,17 @@
-"""Pipeline-parallel model for DeepSpeed's ``PipelineModule``, with an optional frozen companion (the KI teacher)
+"""Pipeline-parallel model for DeepSpeed's ``PipelineModule``, with an optional frozen KI teacher
 split over the same stages.
 
 Pipeline layers are ``[EmbeddingPipe, BlockPipe x num_layers, HeadPipe]``; each wraps a slice of the
 student built with :func:`megatron_ki.models.build_model` (so weights equal the single-process model's) and
-the slice of the companion that belongs beside it: companion layer ``j`` runs beside student block
-``floor(j * L_student / L_companion)``, so every stage runs the companion layers in proportion to its share of
+the slice of the teacher that belongs beside it: teacher layer ``j`` runs beside student block
+``floor(j * L_student / L_teacher)``, so every stage runs the teacher layers in proportion to its share of
 student layers, whatever the depths.
 
-Between stages one floating tensor travels: ``cat([student_hidden, companion_hidden], -1)`` with the attention
+Between stages one floating tensor travels: ``cat([student_hidden, teacher_hidden], -1)`` with the attention
 mask (integer) beside it. DeepSpeed's pipeline engine cannot send a tuple member that does not require grad,
-so the frozen companion's hidden rides inside the student's tensor and is split again on arrival.
+so the frozen teacher's hidden rides inside the student's tensor and is split again on arrival.
 
-The companion is never registered as a submodule: it is not in ``parameters()`` (no optimizer state, no
+The teacher is never registered as a submodule: it is not in ``parameters()`` (no optimizer state, no
 gradient), not in ``state_dict()`` (never saved in the student's checkpoint), and ``release()`` drops it.
 The tied input/output embedding lives on the first and last stage; its gradients are all-reduced over the
 framework's embedding group (Megatron's scheme). The ``PipelineModule`` itself, which needs DeepSpeed
@@ -30,31 +30,32 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from megatron_ki.config import ModelConfig
+from megatron_ki.dtypes import DTYPES
 from megatron_ki.tensor_parallel import TPRngTracker
 
 from . import build_model
-from .transformer import DTYPES, TransformerLanguageModel
+from .transformer import TransformerLanguageModel
 
 logger = logging.getLogger("megatron_ki")
 
 
-def companion_layers_for(student_layers: int, companion_layers: int) -> list[list[int]]:
-    """Companion layer indices that run beside each student block (monotone, each exactly once)."""
+def teacher_layers_for(student_layers: int, teacher_layers: int) -> list[list[int]]:
+    """PipelinedTeacher layer indices that run beside each student block (monotone, each exactly once)."""
     out: list[list[int]] = [[] for _ in range(student_layers)]
-    for j in range(companion_layers):
-        out[j * student_layers // companion_layers].append(j)
+    for j in range(teacher_layers):
+        out[j * student_layers // teacher_layers].append(j)
     return out
 
 
 @dataclass
-class Companion:
+class PipelinedTeacher:
     """The frozen model carried beside the student, and whether it still runs (alpha > 0)."""
 
     cfg: ModelConfig
     seed: int = 0
     dtype: str = "bfloat16"
     state_dict: dict[str, torch.Tensor] | None = None
-    """Full (this TP rank's shards) state dict of the companion; None keeps the seeded initialisation."""
+    """Full (this TP rank's shards) state dict of the teacher; None keeps the seeded initialisation."""
     active: bool = True
     pieces: list[Any] = field(default_factory=list)
 
@@ -66,7 +67,7 @@ class Companion:
         post_process: bool,
         device: torch.device | str | None = None,
     ) -> TransformerLanguageModel:
-        """The companion's slice, frozen: eval mode, no grad, in ``dtype``, weights from ``state_dict``."""
+        """The teacher's slice, frozen: eval mode, no grad, in ``dtype``, weights from ``state_dict``."""
         model = build_model(
             self.cfg,
             tp_group=tp_group,
@@ -82,7 +83,7 @@ class Companion:
         return model
 
     def release(self) -> None:
-        """Stop running the companion and free its memory (alpha is 0 from now on)."""
+        """Stop running the teacher and free its memory (alpha is 0 from now on)."""
         self.active = False
         self.state_dict = None
         self.pieces.clear()
@@ -100,20 +101,20 @@ def load_slice(model: TransformerLanguageModel, full: dict[str, torch.Tensor], f
         elif name.startswith("head.word_embeddings.") and source not in full:
             source = name.replace("head.word_embeddings.", "embedding.word_embeddings.")
         if source not in full:
-            raise KeyError(f"companion state dict has no '{source}' (needed for '{name}')")
+            raise KeyError(f"teacher state dict has no '{source}' (needed for '{name}')")
         picked[name] = full[source]
     model.load_state_dict(picked, strict=True)
 
 
-class _Frozen:
+class _Unregistered:
     """Holds a module without registering it (keeps it out of parameters() and state_dict())."""
 
     def __init__(self, module: nn.Module | None):
         self.module = module
 
 
-def _split(hidden: torch.Tensor, student_width: int, companion: Companion | None):
-    if companion is None or not companion.active:
+def _split(hidden: torch.Tensor, student_width: int, pipe_teacher: PipelinedTeacher | None):
+    if pipe_teacher is None or not pipe_teacher.active:
         return hidden, None
     return hidden[..., :student_width], hidden[..., student_width:]
 
@@ -130,14 +131,14 @@ class EmbeddingPipe(nn.Module):
         cfg: ModelConfig,
         tp_group: ProcessGroup | None,
         seed: int,
-        companion: Companion | None = None,
+        pipe_teacher: PipelinedTeacher | None = None,
         device: torch.device | str | None = None,
     ):
         super().__init__()
-        self.cfg, self.companion = cfg, companion
+        self.cfg, self.pipe_teacher = cfg, pipe_teacher
         self.model = build_model(cfg, tp_group, seed=seed, layer_range=(0, 0), post_process=False)
-        self._companion = _Frozen(
-            companion.build(tp_group, (0, 0), True, False, device) if companion else None
+        self._teacher = _Unregistered(
+            pipe_teacher.build(tp_group, (0, 0), True, False, device) if pipe_teacher else None
         )
 
     @property
@@ -149,15 +150,15 @@ class EmbeddingPipe(nn.Module):
         types = token_type_ids if self.cfg.type_vocab_size > 0 else None
         hidden = self.model(input_ids, token_type_ids=types)
         other = None
-        if self.companion is not None and self.companion.active:
+        if self.pipe_teacher is not None and self.pipe_teacher.active:
             with torch.no_grad():
-                c = self._companion.module
+                c = self._teacher.module
                 other = c(input_ids, token_type_ids=token_type_ids if c.cfg.type_vocab_size > 0 else None)
         return _join(hidden, other), attention_mask
 
 
 class BlockPipe(nn.Module):
-    """One student block, and the companion blocks that run beside it."""
+    """One student block, and the teacher blocks that run beside it."""
 
     def __init__(
         self,
@@ -166,12 +167,12 @@ class BlockPipe(nn.Module):
         tp_group: ProcessGroup | None,
         seed: int,
         rng_tracker: TPRngTracker | None = None,
-        companion: Companion | None = None,
-        companion_layers: list[int] | None = None,
+        pipe_teacher: PipelinedTeacher | None = None,
+        teacher_layers: list[int] | None = None,
         device: torch.device | str | None = None,
     ):
         super().__init__()
-        self.cfg, self.companion = cfg, companion
+        self.cfg, self.pipe_teacher = cfg, pipe_teacher
         self.model = build_model(
             cfg,
             tp_group,
@@ -182,42 +183,42 @@ class BlockPipe(nn.Module):
             post_process=False,
         )
         module = None
-        if companion is not None and companion_layers:
-            first, last = companion_layers[0], companion_layers[-1] + 1
-            module = companion.build(tp_group, (first, last), False, False, device)
-        self._companion = _Frozen(module)
+        if pipe_teacher is not None and teacher_layers:
+            first, last = teacher_layers[0], teacher_layers[-1] + 1
+            module = pipe_teacher.build(tp_group, (first, last), False, False, device)
+        self._teacher = _Unregistered(module)
 
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, attention_mask = inputs
-        student, other = _split(hidden, self.cfg.hidden_size, self.companion)
+        student, other = _split(hidden, self.cfg.hidden_size, self.pipe_teacher)
         student = self.model(hidden_states=student, attention_mask=attention_mask)
-        if other is not None and self._companion.module is not None:
-            c = self._companion.module
+        if other is not None and self._teacher.module is not None:
+            c = self._teacher.module
             with torch.no_grad():
                 other = c(hidden_states=other.to(next(c.parameters()).dtype), attention_mask=attention_mask)
         return _join(student, other), attention_mask
 
 
 class HeadPipe(nn.Module):
-    """Student head (vocab-sharded logits) and, while the companion is active, the companion's logits."""
+    """Student head (vocab-sharded logits) and, while the teacher is active, the teacher's logits."""
 
     def __init__(
         self,
         cfg: ModelConfig,
         tp_group: ProcessGroup | None,
         seed: int,
-        companion: Companion | None = None,
+        pipe_teacher: PipelinedTeacher | None = None,
         device: torch.device | str | None = None,
     ):
         super().__init__()
-        self.cfg, self.companion = cfg, companion
+        self.cfg, self.pipe_teacher = cfg, pipe_teacher
         last = cfg.num_layers
         self.model = build_model(cfg, tp_group, seed=seed, layer_range=(last, last), pre_process=False)
         module = None
-        if companion is not None:
-            n = companion.cfg.num_layers
-            module = companion.build(tp_group, (n, n), False, True, device)
-        self._companion = _Frozen(module)
+        if pipe_teacher is not None:
+            n = pipe_teacher.cfg.num_layers
+            module = pipe_teacher.build(tp_group, (n, n), False, True, device)
+        self._teacher = _Unregistered(module)
 
     @property
     def word_embeddings_weight(self) -> torch.Tensor | None:
@@ -226,11 +227,11 @@ class HeadPipe(nn.Module):
 
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]):
         hidden, _ = inputs
-        student, other = _split(hidden, self.cfg.hidden_size, self.companion)
+        student, other = _split(hidden, self.cfg.hidden_size, self.pipe_teacher)
         logits = self.model(hidden_states=student)
         if other is None:
             return logits
-        c = self._companion.module
+        c = self._teacher.module
         with torch.no_grad():
             other_logits = c(hidden_states=other.to(next(c.parameters()).dtype))
         return logits, other_logits
@@ -241,14 +242,14 @@ def pipeline_layers(
     tp_group: ProcessGroup | None,
     seed: int,
     rng_tracker: TPRngTracker | None = None,
-    companion: Companion | None = None,
+    pipe_teacher: PipelinedTeacher | None = None,
     device: torch.device | str | None = None,
 ) -> list:
     """LayerSpecs ``[EmbeddingPipe, BlockPipe x L, HeadPipe]``: DeepSpeed builds only this stage's layers."""
     from deepspeed.pipe import LayerSpec
 
-    beside = companion_layers_for(cfg.num_layers, companion.cfg.num_layers) if companion else None
-    specs = [LayerSpec(EmbeddingPipe, cfg, tp_group, seed, companion, device)]
+    beside = teacher_layers_for(cfg.num_layers, pipe_teacher.cfg.num_layers) if pipe_teacher else None
+    specs = [LayerSpec(EmbeddingPipe, cfg, tp_group, seed, pipe_teacher, device)]
     for i in range(cfg.num_layers):
         specs.append(
             LayerSpec(
@@ -258,10 +259,10 @@ def pipeline_layers(
                 tp_group,
                 seed,
                 rng_tracker,
-                companion,
+                pipe_teacher,
                 beside[i] if beside else None,
                 device,
             )
         )
-    specs.append(LayerSpec(HeadPipe, cfg, tp_group, seed, companion, device))
+    specs.append(LayerSpec(HeadPipe, cfg, tp_group, seed, pipe_teacher, device))
     return specs

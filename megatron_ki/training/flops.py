@@ -184,12 +184,12 @@ def pipeline_layer_costs(
     student: ModelConfig,
     seq_length: int,
     teacher: ModelConfig | None = None,
-    companion_layers: list[list[int]] | None = None,
+    teacher_layers: list[list[int]] | None = None,
     tp: int = 1,
 ) -> list[float]:
     """Per-token cost of each pipeline layer ``[embedding, block 0..L-1, head]`` for a compute-balanced split.
 
-    Student layers count forward + backward (x3), the teacher's layers beside them (``companion_layers[i]``
+    Student layers count forward + backward (x3), the teacher's layers beside them (``teacher_layers[i]``
     runs beside block ``i``) forward only, and the head also carries the loss: the LM cross-entropy and,
     with a teacher, its head and the divergence (elementwise passes over the vocabulary that the matmul count
     leaves out, yet on a small model they weigh like a layer). Embedding lookups count 0.
@@ -201,7 +201,7 @@ def pipeline_layer_costs(
     if not student.causal:
         head += 3.0 * 2 * student.hidden_size**2
     if teacher is not None:
-        beside = companion_layers or [[] for _ in range(student.num_layers)]
+        beside = teacher_layers or [[] for _ in range(student.num_layers)]
         teacher_layer = _layer_forward_flops(teacher, seq_length, False)
         for i, layers in enumerate(beside):
             costs[1 + i] += len(layers) * teacher_layer

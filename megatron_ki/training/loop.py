@@ -89,7 +89,7 @@ class Trainer:
         cfg, groups = run.cfg, run.groups
         self.run, self.cfg, self.engine, self.groups = run, cfg, run.engine, groups
         self.loss_fn, self.schedule = run.loss_fn, run.schedule
-        self.teacher, self.companion = run.teacher, run.companion
+        self.teacher, self.pipe_teacher = run.teacher, run.pipe_teacher
         self.callbacks = list(callbacks)
         self.pipeline = cfg.parallel.pipeline_parallel > 1
         self.causal = cfg.model.causal
@@ -107,14 +107,14 @@ class Trainer:
     # -------------------------------------------------------------------------------- teacher
     @property
     def teacher_active(self) -> bool:
-        if self.companion is not None:
-            return self.companion.active
+        if self.pipe_teacher is not None:
+            return self.pipe_teacher.active
         return self.teacher is not None
 
     def release_teacher(self) -> None:
         """a_t is 0 from now on: stop running the teacher and free it."""
-        if self.companion is not None and self.companion.active:
-            self.companion.release()
+        if self.pipe_teacher is not None and self.pipe_teacher.active:
+            self.pipe_teacher.release()
         self.teacher = None
         logger.info("KI: alpha is 0 from step %d on; teacher released", self.state.step)
 

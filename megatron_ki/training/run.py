@@ -61,7 +61,7 @@ class Run:
     teacher_cfg: ModelConfig | None = None
     teacher: nn.Module | None = None
     """pp = 1: the frozen teacher, run beside the engine."""
-    companion: Any = None
+    pipe_teacher: Any = None
     """pp > 1: the teacher's layers, carried inside the pipeline stages (``models/pipe.py``)."""
     resumed: dict[str, Any] | None = None
     """Metadata of the checkpoint the run resumed from (step, consumed samples, FLOPs, seconds)."""
@@ -127,7 +127,7 @@ def load_teacher_weights(cfg: Config, groups: ParallelGroups) -> tuple[ModelConf
         if teacher_cfg is not None and teacher_cfg != saved_cfg:
             raise ConfigError("ki.teacher", f"differs from {where}")
         teacher_cfg = saved_cfg
-    check_teacher_fits(cfg.model, teacher_cfg, groups.topology.tp, cfg.data.seq_length)
+    check_teacher_fits(cfg.model, teacher_cfg, groups.topology.tp, cfg.data.seq_length, groups.topology.pp)
     if full is None:
         return teacher_cfg, None
     return teacher_cfg, shard_state_dict(full, teacher_cfg, groups.topology.tp, groups.tp_rank)
@@ -136,10 +136,10 @@ def load_teacher_weights(cfg: Config, groups: ParallelGroups) -> tuple[ModelConf
 def build_student_and_teacher(
     cfg: Config, groups: ParallelGroups, device: torch.device, tracker: TPRngTracker | None
 ) -> tuple[nn.Module, KILossFunction, ModelConfig | None, nn.Module | None, Any]:
-    """``(student module, loss function, teacher config, teacher at pp = 1, companion at pp > 1)``."""
+    """``(student module, loss function, teacher config, teacher at pp = 1, pipe_teacher at pp > 1)``."""
     from megatron_ki.ki.teacher import frozen_teacher
     from megatron_ki.models import build_model
-    from megatron_ki.models.pipe import Companion, companion_layers_for
+    from megatron_ki.models.pipe import PipelinedTeacher, teacher_layers_for
     from megatron_ki.training.flops import pipeline_layer_costs
 
     teacher_cfg, teacher_state = load_teacher_weights(cfg, groups)
@@ -151,12 +151,12 @@ def build_student_and_teacher(
         if teacher_cfg is not None:
             teacher = frozen_teacher(teacher_cfg, cfg.ki, groups.tp_group, teacher_state, seed + 1, device)
         return model, loss_fn, teacher_cfg, teacher, None
-    companion = None
+    pipe_teacher = None
     if teacher_cfg is not None:
-        companion = Companion(
+        pipe_teacher = PipelinedTeacher(
             teacher_cfg, seed=seed + 1, dtype=cfg.ki.teacher_dtype, state_dict=teacher_state
         )
-    carried = companion_layers_for(cfg.model.num_layers, teacher_cfg.num_layers) if teacher_cfg else None
+    carried = teacher_layers_for(cfg.model.num_layers, teacher_cfg.num_layers) if teacher_cfg else None
     costs = pipeline_layer_costs(
         cfg.model, cfg.data.seq_length, teacher_cfg, carried, cfg.parallel.tensor_parallel
     )
@@ -168,11 +168,11 @@ def build_student_and_teacher(
         loss_fn=loss_fn,
         partition_method=cfg.parallel.pipeline_partition,
         rng_tracker=tracker,
-        companion=companion,
+        pipe_teacher=pipe_teacher,
         device=device,
         layer_costs=costs,
     )
-    return model, loss_fn, teacher_cfg, None, companion
+    return model, loss_fn, teacher_cfg, None, pipe_teacher
 
 
 def build_pipeline_module(
@@ -183,11 +183,11 @@ def build_pipeline_module(
     loss_fn,
     partition_method: str = "parameters",
     rng_tracker: TPRngTracker | None = None,
-    companion: Any = None,
+    pipe_teacher: Any = None,
     device: torch.device | str | None = None,
     layer_costs: list[float] | None = None,
 ) -> nn.Module:
-    """The student (and the teacher beside it, ``companion``) as a DeepSpeed ``PipelineModule`` over
+    """The student (and the teacher beside it, ``pipe_teacher``) as a DeepSpeed ``PipelineModule`` over
     ``topology``; the tied embedding's gradients are all-reduced over ``groups.embedding``.
 
     ``partition_method`` "compute" splits the layers so each stage gets about the same ``layer_costs`` (one per
@@ -200,7 +200,7 @@ def build_pipeline_module(
             f"pipeline partition 'compute' needs one cost per pipeline layer ({cfg.num_layers + 2}), "
             f"got {None if layer_costs is None else len(layer_costs)}"
         )
-    layers = pipeline_layers(cfg, groups.tp_group, seed, rng_tracker, companion, device)
+    layers = pipeline_layers(cfg, groups.tp_group, seed, rng_tracker, pipe_teacher, device)
     module = ki_pipeline_module(
         layers,
         topology,
@@ -211,9 +211,9 @@ def build_pipeline_module(
         tied_types=(EmbeddingPipe, HeadPipe),
         head_type=HeadPipe,
         tie_word_embeddings=cfg.tie_word_embeddings,
-        dynamic_shape=companion is not None,
+        dynamic_shape=pipe_teacher is not None,
     )
-    module.companion = companion
+    module.pipe_teacher = pipe_teacher
     return module
 
 
@@ -296,7 +296,7 @@ def build_data(cfg: Config, groups: ParallelGroups, consumed_samples: int) -> Ru
 # ------------------------------------------------------------------------------------------------- run
 def build_run(cfg: Config, world: int | None = None, data: bool = True) -> Run:
     """Assemble the run ``cfg`` describes on this process (collective: every rank calls it)."""
-    from megatron_ki.convert.reshard import write_text_atomic
+    from megatron_ki.fileio import write_text_atomic
     from megatron_ki.training import checkpoint as ckpt
     from megatron_ki.training.ds_config import deepspeed_config, write_deepspeed_config
     from megatron_ki.training.engine import initialize_engine
@@ -311,7 +311,9 @@ def build_run(cfg: Config, world: int | None = None, data: bool = True) -> Run:
     device = default_device()
     seed_everything(cfg.train.seed + 100 * groups.pp_rank, device)
     tracker = TPRngTracker(cfg.train.seed, groups.tp_rank, device)
-    model, loss_fn, teacher_cfg, teacher, companion = build_student_and_teacher(cfg, groups, device, tracker)
+    model, loss_fn, teacher_cfg, teacher, pipe_teacher = build_student_and_teacher(
+        cfg, groups, device, tracker
+    )
 
     ds = deepspeed_config(cfg, world)
     if groups.rank == 0:
@@ -319,7 +321,7 @@ def build_run(cfg: Config, world: int | None = None, data: bool = True) -> Run:
         write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())
     engine = initialize_engine(cfg, model, groups, ds)
     schedule = build_schedule(cfg.ki, lr_schedule(cfg.optim, cfg.train.train_steps), cfg.optim.lr)
-    run = Run(cfg, groups, device, engine, loss_fn, schedule, tracker, teacher_cfg, teacher, companion)
+    run = Run(cfg, groups, device, engine, loss_fn, schedule, tracker, teacher_cfg, teacher, pipe_teacher)
     run.watchdog = watchdog
     if cfg.checkpoint.load:
         meta = ckpt.load_checkpoint(engine, cfg, groups, tracker)

@@ -64,6 +64,20 @@ class Outcome:
         return [line for line in self.output.splitlines() if "error:" in line.lower()]
 
 
+def single_rank_env() -> dict[str, str]:
+    """What the launcher gives a one-rank job: ``pretrain_ki.py`` run without it, on a rendezvous of its own."""
+    from tests.training_utils import free_port
+
+    return {
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "DS_ACCELERATOR": "cpu",
+    }
+
+
 def tool(script: str, *args: str) -> list[str]:
     return [PYTHON, str(ROOT / script), *args]
 

@@ -15,25 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.bad_inputs.harness import ROOT, BadInput, check, run_all, tool
-from tests.training_utils import CONFIGS, build_corpus, free_port, quiet_args, write_teacher
+from tests.bad_inputs.harness import ROOT, BadInput, check, run_all, single_rank_env, tool
+from tests.training_utils import CONFIGS, build_corpus, quiet_args, write_teacher
+
+pytestmark = pytest.mark.distributed  # each case starts pretrain_ki.py (DeepSpeed, a process group)
 
 ENTRY = "pretrain_ki.py: error:"
 CONVERT = "convert_checkpoint.py: error:"
 TAG = "step00000001"
 RES: dict[str, Path] = {}
 """Shared inputs, made by the module fixture before the rows run: corpus, ckpt (a real checkpoint), teacher."""
-
-
-def entry_env() -> dict[str, str]:
-    return {
-        "RANK": "0",
-        "WORLD_SIZE": "1",
-        "LOCAL_RANK": "0",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-        "DS_ACCELERATOR": "cpu",
-    }
 
 
 def train_argv(folder: Path, *extra: str) -> list[str]:
@@ -212,11 +203,11 @@ def outcomes(tmp_path_factory):
     RES["ckpt"] = root / "ckpt"
     run_dir = root / "source_run"
     argv = train_argv(run_dir, "--checkpoint.save", str(RES["ckpt"]))
-    env = {**os.environ, **entry_env(), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **single_rank_env(), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180, check=False)
     assert proc.returncode == 0 and (RES["ckpt"] / TAG).is_dir(), proc.stdout[-2000:] + proc.stderr[-3000:]
     # a free port of its own for each entry-point row, so that rows run side by side
-    rows = [BadInput(**{**r.__dict__, "env": entry_env()}) if r.name in ENTRY_ROWS else r for r in ROWS]
+    rows = [BadInput(**{**r.__dict__, "env": single_rank_env()}) if r.name in ENTRY_ROWS else r for r in ROWS]
     return run_all(rows, root / "cases")
 
 

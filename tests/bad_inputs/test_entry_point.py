@@ -14,24 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.bad_inputs.harness import PYTHON, ROOT, BadInput, check, run_all
-from tests.training_utils import CONFIGS, build_corpus, deepspeed_bin, free_port
+from tests.bad_inputs.harness import PYTHON, ROOT, BadInput, check, run_all, single_rank_env
+from tests.training_utils import CONFIGS, build_corpus, deepspeed_bin
+
+pytestmark = pytest.mark.distributed  # each case starts pretrain_ki.py (DeepSpeed, a process group)
 
 ENTRY = str(ROOT / "pretrain_ki.py")
 SCRIPT = str(ROOT / "launch" / "pretrain_ki.sh")
 PREFIX = "pretrain_ki.py: error:"
 CORPUS: dict[str, Path] = {}
-
-
-def single_rank_env() -> dict[str, str]:
-    return {
-        "RANK": "0",
-        "WORLD_SIZE": "1",
-        "LOCAL_RANK": "0",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-        "DS_ACCELERATOR": "cpu",
-    }
 
 
 def base(folder: Path, *extra: str, data: str | None = None, tokenizer: str | None = None) -> list[str]:
