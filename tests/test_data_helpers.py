@@ -70,10 +70,16 @@ def test_blending_cpp_equals_numpy(cpp, weights, size):
 
 
 def test_log_line_says_which_path(monkeypatch, caplog):
-    monkeypatch.setenv("MEGATRON_KI_NO_CPP", "1")
+    monkeypatch.setenv("MEGATRON_KI_KERNELS", "reference")
     with caplog.at_level(logging.INFO, logger="megatron_ki.data.helpers"):
         assert helpers.load_cpp.__wrapped__() is None
-    assert "dataset helpers: NumPy (MEGATRON_KI_NO_CPP is set)" in caplog.text
+    assert "dataset helpers: NumPy (MEGATRON_KI_KERNELS=reference)" in caplog.text
+    monkeypatch.setenv("MEGATRON_KI_KERNELS", "auto")
+    monkeypatch.setenv("MEGATRON_KI_NO_CPP", "1")  # the old spelling still works, with a deprecation line
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert helpers.load_cpp.__wrapped__() is None
+    assert "MEGATRON_KI_NO_CPP=1 is deprecated: use MEGATRON_KI_KERNELS=reference" in caplog.text
     monkeypatch.setenv("MEGATRON_KI_NO_CPP", "0")
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="megatron_ki.data.helpers"):

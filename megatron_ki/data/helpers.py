@@ -1,8 +1,8 @@
 """Dataset index builders: the compiled ``csrc/helpers.cpp`` when it can be built, else NumPy.
 
 The C++ extension is plain pybind11 (no torch headers), compiled once per source hash with the system C++
-compiler into ``$MEGATRON_KI_CACHE`` (default ``~/.cache/megatron_ki``), and renamed into place atomically so
-ranks that race to build it are safe. ``MEGATRON_KI_NO_CPP=1`` forces NumPy. One log line says which runs.
+compiler into ``$MEGATRON_KI_CACHE`` (``megatron_ki/jit.py``), and renamed into place atomically so ranks that
+race to build it are safe. ``MEGATRON_KI_KERNELS=reference`` forces NumPy. One log line says which runs.
 Both paths return identical arrays (tests/test_data_helpers.py).
 """
 
@@ -21,6 +21,7 @@ from types import ModuleType
 import numpy as np
 
 from megatron_ki.fileio import atomic_save
+from megatron_ki.jit import cache_root, compiled_code_enabled
 
 log = logging.getLogger(__name__)
 
@@ -30,17 +31,13 @@ SOURCE = os.path.join(
 MODULE_NAME = "megatron_ki_data_helpers"
 
 
-def _cache_dir() -> str:
-    return os.environ.get("MEGATRON_KI_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "megatron_ki"))
-
-
 def _compile(source: str) -> str:
     """Compile ``source`` if no build of this exact source exists; returns the shared-object path."""
     import pybind11
 
     with open(source, "rb") as f:
         digest = hashlib.sha256(f.read() + sys.version.encode()).hexdigest()[:16]
-    out_dir = os.path.join(_cache_dir(), f"helpers-{digest}")
+    out_dir = os.path.join(cache_root(), f"helpers-{digest}")
     so = os.path.join(out_dir, MODULE_NAME + (sysconfig.get_config_var("EXT_SUFFIX") or ".so"))
     if os.path.isfile(so):
         return so
@@ -71,8 +68,8 @@ def _compile(source: str) -> str:
 @cache
 def load_cpp() -> ModuleType | None:
     """The compiled helpers, or None (with the reason logged) when they cannot be built or loaded."""
-    if os.environ.get("MEGATRON_KI_NO_CPP", "0") not in ("", "0"):
-        log.info("dataset helpers: NumPy (MEGATRON_KI_NO_CPP is set)")
+    if not compiled_code_enabled():
+        log.info("dataset helpers: NumPy (MEGATRON_KI_KERNELS=reference)")
         return None
     try:
         so = _compile(SOURCE)

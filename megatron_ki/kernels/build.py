@@ -1,21 +1,22 @@
 """Just-in-time build and loading of the C++ (CPU) and CUDA extensions, and the one-line path log.
 
 One extension module holds every CPU op (``csrc/*.cpp`` compiled together, -O3 -fopenmp), built once per
-machine type into ``$MEGATRON_KI_BUILD_DIR`` (default ``~/.cache/megatron_ki/torch_extensions``) and reused by
-every later process (torch's file lock keeps concurrent builders safe). The CUDA module is only built where a
-CUDA torch and toolkit exist. ``MEGATRON_KI_KERNELS=reference`` forces the PyTorch reference everywhere.
+machine type into ``$MEGATRON_KI_CACHE/torch_extensions`` (``megatron_ki/jit.py``) and reused by every later
+process (torch's file lock keeps concurrent builders safe). The CUDA module is only built where a CUDA torch
+and toolkit exist. ``MEGATRON_KI_KERNELS=reference`` forces the PyTorch reference everywhere.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import os
 import platform
 from pathlib import Path
 from types import ModuleType
 
 import torch
+
+from megatron_ki.jit import compiled_code_enabled, torch_extensions_root
 
 logger = logging.getLogger("megatron_ki")
 
@@ -28,10 +29,7 @@ _logged: set[str] = set()
 
 def build_dir(name: str) -> Path:
     """Directory of one extension's build, keyed by torch version so a torch upgrade rebuilds."""
-    root = os.environ.get("MEGATRON_KI_BUILD_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "megatron_ki", "torch_extensions"
-    )
-    path = Path(root) / f"torch{torch.__version__.replace('+', '_')}" / name
+    path = torch_extensions_root() / f"torch{torch.__version__.replace('+', '_')}" / name
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -50,10 +48,7 @@ def _x86_simd_flags() -> list[str]:
 
 def kernels_disabled() -> bool:
     """True when ``MEGATRON_KI_KERNELS=reference`` asks for the PyTorch reference only."""
-    value = os.environ.get("MEGATRON_KI_KERNELS", "auto").strip().lower()
-    if value not in ("auto", "reference"):
-        raise ValueError(f"MEGATRON_KI_KERNELS must be 'auto' or 'reference', got {value!r}")
-    return value == "reference"
+    return not compiled_code_enabled()
 
 
 @functools.cache
