@@ -283,6 +283,30 @@ def load_checkpoint(engine, cfg: Config, groups: ParallelGroups, tp_tracker=None
     different tp/pp is refused (use tools/convert_checkpoint.py).
     """
     root = Path(cfg.checkpoint.load)  # type: ignore[arg-type]
+    found = _resume_tag(root, cfg, groups.rank)
+    if found is None:
+        return None
+    tag, meta = found
+    layout, topo = meta["layout"], groups.topology
+    weights_only = meta.get("weights_only", False)
+    saved_zero = layout.get("zero_stage", 0)
+    _check_layout(root / tag, layout, topo, weights_only, cfg.train.zero_stage)
+    repartition = not weights_only and saved_zero > 0 and layout["dp"] != topo.dp
+    _load_engine(engine, root, tag, weights_only, repartition)
+    if repartition:
+        load_zero_state_at_other_dp(engine, root / tag, layout["dp"])
+    rng_file = root / tag / "rng" / f"rank{groups.rank:05d}.pt"
+    if layout["dp"] == topo.dp and rng_file.is_file():
+        set_rng_state(load_torch_file(rng_file), tp_tracker)
+    elif not weights_only:
+        logger.warning("RNG states not restored (data-parallel size %d -> %d)", layout["dp"], topo.dp)
+    logger.info("resumed from %s at step %d", root / tag, meta["step"])
+    return meta
+
+
+def _resume_tag(root: Path, cfg: Config, rank: int) -> tuple[str, dict[str, Any]] | None:
+    """The tag to resume from and its metadata (rank 0 says which newer tags it skipped and why); None when
+    there is nothing to resume and ``checkpoint.load_if_exists`` allows that."""
     if root.exists() and not root.is_dir():
         raise CheckpointError(f"checkpoint.load {root}: is a file, expected a checkpoint directory")
     found = find_resume_tag(root) if root.is_dir() else None
@@ -293,7 +317,7 @@ def load_checkpoint(engine, cfg: Config, groups: ParallelGroups, tp_tracker=None
             else f"holds no checkpoint (no '{LATEST_FILE}' file, no tag)"
         )
         if cfg.checkpoint.load_if_exists:
-            if groups.rank == 0:
+            if rank == 0:
                 logger.info("checkpoint.load %s %s: starting from scratch (load_if_exists)", root, what)
             return None
         raise CheckpointError(
@@ -301,16 +325,16 @@ def load_checkpoint(engine, cfg: Config, groups: ParallelGroups, tp_tracker=None
             "scratch when it is missing or empty, as a requeued job does, set checkpoint.load_if_exists true)"
         )
     tag, meta, skipped = found
-    if groups.rank == 0:
+    if rank == 0:
         for old, problems in skipped:
             logger.warning("checkpoint.load: skipping %s: %s", root / old, _problems_text(problems))
-        latest = read_latest(root)
         if skipped:
             logger.warning(
                 "checkpoint.load: resuming from %s, the newest complete checkpoint (%d newer tag(s) skipped)",
                 root / tag,
                 len(skipped),
             )
+        latest = read_latest(root)
         if latest and latest != tag and TAG_RE.match(latest) and tag > latest:
             logger.info(
                 "checkpoint.load: %s is newer than %s named by '%s' (its save stopped before rewriting it)",
@@ -318,28 +342,34 @@ def load_checkpoint(engine, cfg: Config, groups: ParallelGroups, tp_tracker=None
                 latest,
                 LATEST_FILE,
             )
-    layout, topo = meta["layout"], groups.topology
+    return tag, meta
+
+
+def _check_layout(folder: Path, layout: dict[str, Any], topo, weights_only: bool, zero_stage: int) -> None:
+    """The same tp/pp, and (with optimizer state) the same kind of optimizer state: ZeRO or not."""
     if (layout["tp"], layout["pp"]) != (topo.tp, topo.pp):
         raise CheckpointError(
-            f"{root / tag} was saved with tensor_parallel={layout['tp']}, pipeline_parallel={layout['pp']} but this "
+            f"{folder} was saved with tensor_parallel={layout['tp']}, pipeline_parallel={layout['pp']} but this "
             f"run uses {topo.tp}, {topo.pp}: reshard it first with tools/convert_checkpoint.py --target-tp/--target-pp"
         )
-    weights_only = meta.get("weights_only", False)
     saved_zero = layout.get("zero_stage", 0)
-    if not weights_only and (saved_zero > 0) != (cfg.train.zero_stage > 0):
+    if not weights_only and (saved_zero > 0) != (zero_stage > 0):
         # ZeRO (1 and 2 share one format) and plain DeepSpeed store the optimizer state differently.
         raise CheckpointError(
-            f"{root / tag} was saved with ZeRO stage {saved_zero} but this run has train.zero_stage "
-            f"{cfg.train.zero_stage}: resume with train.zero_stage {'1 or 2' if saved_zero else 0}, or convert "
+            f"{folder} was saved with ZeRO stage {saved_zero} but this run has train.zero_stage "
+            f"{zero_stage}: resume with train.zero_stage {'1 or 2' if saved_zero else 0}, or convert "
             "it to a weights-only checkpoint with tools/convert_checkpoint.py (the optimizer state restarts)"
         )
-    repartition = not weights_only and saved_zero > 0 and layout["dp"] != topo.dp
+
+
+def _load_engine(engine, root: Path, tag: str, weights_only: bool, repartition: bool) -> None:
+    """DeepSpeed's load of ``tag``; its failures become one line naming the tag."""
     try:
         load_path, _ = engine.load_checkpoint(
             str(root),
             tag=tag,
             load_module_only=weights_only,
-            # DeepSpeed refuses ZeRO state saved at another dp size; it is re-partitioned below instead.
+            # DeepSpeed refuses ZeRO state saved at another dp size; it is re-partitioned instead.
             load_optimizer_states=not weights_only and not repartition,
             load_lr_scheduler_states=not weights_only,
         )
@@ -365,12 +395,3 @@ def load_checkpoint(engine, cfg: Config, groups: ParallelGroups, tp_tracker=None
         raise CheckpointError(
             f"checkpoint.load: DeepSpeed could not load {root / tag}: it found no model states file for this rank"
         )
-    if repartition:
-        load_zero_state_at_other_dp(engine, root / tag, layout["dp"])
-    rng_file = root / tag / "rng" / f"rank{groups.rank:05d}.pt"
-    if layout["dp"] == topo.dp and rng_file.is_file():
-        set_rng_state(load_torch_file(rng_file), tp_tracker)
-    elif not weights_only:
-        logger.warning("RNG states not restored (data-parallel size %d -> %d)", layout["dp"], topo.dp)
-    logger.info("resumed from %s at step %d", root / tag, meta["step"])
-    return meta
