@@ -35,9 +35,17 @@ def test_other_minor_warns_once(caplog, monkeypatch):
     ) == 1
 
 
-def test_missing_zero_restore_method_is_named():
+def test_missing_zero_restore_method_is_named(tmp_path):
+    """Another DeepSpeed whose ZeRO optimizer lacks a private restore routine: a one-line error naming it."""
+    from types import SimpleNamespace
+
+    from megatron_ki.checkpoint_format import CheckpointError
+
     class Optimizer:
         _load_global_state = _restore_elastic_base_optimizer_state = _link_all_hp_params = None
 
-    with pytest.raises(compat.DeepSpeedVersionError, match="_restore_from_elastic_fp32_weights"):
-        compat.zero_restore_methods(Optimizer())
+    engine = SimpleNamespace(optimizer=Optimizer(), checkpoint_mp_rank=0)
+    with pytest.raises(
+        CheckpointError, match="_restore_from_elastic_fp32_weights.*resume with 2 data-parallel"
+    ):
+        compat.load_zero_state_at_other_dp(engine, tmp_path, 2)

@@ -48,7 +48,7 @@ from megatron_ki.checkpoint_format import (
 from megatron_ki.config import Config
 from megatron_ki.errors import MegatronKIError, describe_os_error
 from megatron_ki.parallel import ParallelGroups
-from megatron_ki.training.zero_repartition import load_zero_state_at_other_dp
+from megatron_ki.training.deepspeed_compat import load_zero_state_at_other_dp
 
 logger = logging.getLogger("megatron_ki")
 TAG_RE = re.compile(r"^step(\d{8})$")
@@ -279,7 +279,7 @@ def load_checkpoint(engine, cfg: Config, groups: ParallelGroups, tp_tracker=None
 
     Returns the metadata (``step``, ``consumed_samples``), or None when the directory is missing or holds no
     checkpoint and ``checkpoint.load_if_exists`` is set (without it, that is an error). A different
-    data-parallel size is accepted (ZeRO 1/2 optimizer state is re-partitioned, see ``zero_repartition``); a
+    data-parallel size is accepted (ZeRO 1/2 optimizer state is re-partitioned, see ``deepspeed_compat.load_zero_state_at_other_dp``); a
     different tp/pp is refused (use tools/convert_checkpoint.py).
     """
     root = Path(cfg.checkpoint.load)  # type: ignore[arg-type]
