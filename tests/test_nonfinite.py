@@ -23,37 +23,32 @@ def test_guarded_adamw_skips_nonfinite_gradients():
 
 def _worker(rank, world, poison_steps, max_skips):
     os.environ["DS_ACCELERATOR"] = "cpu"
+    import tempfile
+
     from megatron_ki.config import load_config
-    from megatron_ki.ki.schedule import build_schedule
     from megatron_ki.ki.teacher import KILossFunction
-    from megatron_ki.models import build_model
-    from megatron_ki.parallel import ParallelGroups, Topology
-    from megatron_ki.training.ds_config import deepspeed_config
-    from megatron_ki.training.engine import initialize_engine
     from megatron_ki.training.loop import Trainer, TrainingAborted
-    from megatron_ki.training.run import Run, default_device
+    from megatron_ki.training.run import build_run
 
     cfg = load_config(
         "launch/configs/models/tiny_gpt2.yaml",
         [
-            "--train.global_batch_size",
-            "2",
-            "--train.max_consecutive_skips",
-            str(max_skips),
-            "--data.seq_length",
-            "8",
+            "--train.global_batch_size", "2",
+            "--train.max_consecutive_skips", str(max_skips),
+            "--data.seq_length", "8",
+            "--logging.run_dir", tempfile.mkdtemp(prefix="nonfinite-"),
         ],
-    )
-    groups = ParallelGroups.build(Topology.from_world(world))
-    model = build_model(cfg.model, seed=1)
-    engine = initialize_engine(cfg, model, groups, deepspeed_config(cfg, world))
+    )  # fmt: skip
+    run = build_run(cfg, world, data=False)  # the same assembly as pretrain_ki.py, without data
+    model = run.engine.module
 
     class Poisoned(KILossFunction):
         def __call__(self, outputs, labels):
             loss = super().__call__(outputs, labels)
             return loss * float("nan") if trainer.state.step in poison_steps else loss
 
-    trainer = Trainer(Run(cfg, groups, default_device(), engine, Poisoned(cfg.ki), build_schedule(cfg.ki)))
+    run.loss_fn = Poisoned(cfg.ki)
+    trainer = Trainer(run)
     ids = torch.randint(0, 500, (2, 9))
     batch = (
         (ids[:, :-1], torch.ones(2, 8, dtype=torch.long), torch.zeros(2, 8, dtype=torch.long)),

@@ -213,6 +213,29 @@ def _masked_mean(per_token: torch.Tensor, mask: torch.Tensor, count: torch.Tenso
     return total / count.clamp(min=1).to(total.dtype)
 
 
+def _student_lm_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    given: torch.Tensor | None,
+    mask: torch.Tensor,
+    count: torch.Tensor,
+    tp_group: ProcessGroup | None,
+    ignore_index: int,
+) -> torch.Tensor:
+    """The student's LM loss over the loss positions: ``given`` (a scalar, or per position) or computed."""
+    if given is None:
+        return _masked_mean(
+            vocab_parallel_cross_entropy(logits, targets, tp_group, ignore_index), mask, count
+        )
+    if given.dim() == 0:
+        return given.float()
+    if given.shape == targets.shape:
+        return _masked_mean(given, mask, count)
+    raise ValueError(
+        f"ki_loss: lm_loss must be a scalar or per-position {tuple(targets.shape)}, got {tuple(given.shape)}"
+    )
+
+
 def ki_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor | None,
@@ -240,22 +263,10 @@ def ki_loss(
         raise ValueError(f"ki_loss: alpha must be in [0, 1], got {alpha}")
     mask = loss_positions(labels, ignore_index, loss_mask)
     count = mask.sum()
-
-    if lm_loss is None:
-        lm_targets = labels if loss_mask is None else labels.masked_fill(~mask, ignore_index)
-        per_tok = vocab_parallel_cross_entropy(student_logits, lm_targets, tp_group, ignore_index)
-        lm = _masked_mean(per_tok, mask, count)
-    elif lm_loss.dim() == 0:
-        lm = lm_loss.float()
-    elif lm_loss.shape == labels.shape:
-        lm = _masked_mean(lm_loss, mask, count)
-    else:
-        raise ValueError(
-            f"ki_loss: lm_loss must be a scalar or per-position {tuple(labels.shape)}, got {tuple(lm_loss.shape)}"
-        )
+    t_targets = labels if loss_mask is None else labels.masked_fill(~mask, ignore_index)
+    lm = _student_lm_loss(student_logits, t_targets, lm_loss, mask, count, tp_group, ignore_index)
 
     teacher_lm = None
-    t_targets = labels if loss_mask is None else labels.masked_fill(~mask, ignore_index)
     # At temperature 1 the divergence's statistics hold the teacher's log-sum-exp: its cross-entropy then
     # needs only the target logits, not a pass of its own over the vocabulary.
     from_stats = alpha > 0.0 and temperature == 1.0

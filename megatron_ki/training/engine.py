@@ -159,9 +159,17 @@ def clip_grad_norm(parameters, max_norm: float, groups: ParallelGroups) -> torch
     return norm
 
 
-def initialize_engine(cfg: Config, model: nn.Module, groups: ParallelGroups, ds_config: dict[str, Any]):
-    """``deepspeed.initialize`` with the framework's optimizer, LR schedule and groups; returns the engine."""
+def initialize_engine(
+    cfg: Config, model: nn.Module, groups: ParallelGroups, ds_config: dict[str, Any] | None = None
+):
+    """``deepspeed.initialize`` with the framework's optimizer, LR schedule and groups; returns the engine.
+    ``ds_config`` defaults to :func:`~megatron_ki.training.ds_config.deepspeed_config` of ``cfg``."""
     import deepspeed
+
+    from megatron_ki.training.ds_config import deepspeed_config
+
+    if ds_config is None:
+        ds_config = deepspeed_config(cfg, groups.topology.world_size)
 
     check_deepspeed_version()
     optimizer = build_optimizer(model, cfg)

@@ -29,6 +29,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger("megatron_ki")
 
 
+_TOTALS = ("lm", "lm_weight", "kd", "kd_weight", "teacher_lm", "teacher_lm_weight", "loss")
+"""The columns of :meth:`Trainer._aggregate`'s one row per loss record, in order."""
+
+
 class TrainingAborted(MegatronKIError, RuntimeError):
     """Training cannot continue (too many consecutive non-finite steps)."""
 
@@ -140,7 +144,7 @@ class Trainer:
         """
         # (weighted sum, weight) of lm, kd and teacher lm, then the weighted loss (its weight is lm's): one
         # device-to-host copy and one all-reduce for all of them.
-        totals = torch.zeros(7, dtype=torch.float64)
+        totals = torch.zeros(len(_TOTALS), dtype=torch.float64)
         if records:
             zero = torch.zeros((), dtype=torch.float64, device=records[0].lm_loss.device)
             rows = []
@@ -155,16 +159,16 @@ class Trainer:
             totals = torch.stack(rows).cpu().sum(dim=0)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(totals)
-        t = totals.tolist()
+        t = dict(zip(_TOTALS, totals.tolist(), strict=True))
 
-        def mean(total: int, weight: int) -> float | None:
+        def mean(total: str, weight: str) -> float | None:
             return t[total] / t[weight] if t[weight] else None
 
         return {
-            "lm_loss": mean(0, 1),
-            "kd_loss": mean(2, 3),
-            "teacher_lm_loss": mean(4, 5),
-            "loss": mean(6, 1),
+            "lm_loss": mean("lm", "lm_weight"),
+            "kd_loss": mean("kd", "kd_weight"),
+            "teacher_lm_loss": mean("teacher_lm", "teacher_lm_weight"),
+            "loss": mean("loss", "lm_weight"),
         }
 
     def train_step(self, data_iter: Iterator) -> dict[str, Any]:
