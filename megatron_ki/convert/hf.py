@@ -316,115 +316,137 @@ def _require(cond: bool, what: str) -> None:
         raise ValueError(f"Hugging Face config: {what}")
 
 
-def config_from_hf(hf_config: Any, make_vocab_size_divisible_by: int = 128, **overrides: Any) -> ModelConfig:
-    """ModelConfig equivalent to a transformers GPT2/Llama/Bert/Roberta config (``overrides`` win)."""
-    mt = getattr(hf_config, "model_type", None)
-    c = hf_config
+def _check_hf_flags(c: Any, mt: str | None) -> None:
+    """Reject architectures and decoder switches the framework's models cannot reproduce."""
     archs = getattr(c, "architectures", None) or []
     if mt in ARCHITECTURES:
         bad = [a for a in archs if a not in ARCHITECTURES[mt]]
         _require(not bad, f"architectures {bad} unsupported for {mt}; expected one of {ARCHITECTURES[mt]}")
     for flag in ["add_cross_attention"] + (["is_decoder"] if mt in ("bert", "roberta") else []):
         _require(not getattr(c, flag, False), f"{flag}=True unsupported")
+
+
+def _gpt2_kwargs(c: Any) -> dict[str, Any]:
+    """ModelConfig fields of a GPT2Config, after rejecting attention variants we do not implement."""
+    _require(
+        c.activation_function in _ACT_FROM_HF,
+        f"activation_function {c.activation_function!r} unsupported",
+    )
+    _require(
+        not getattr(c, "scale_attn_by_inverse_layer_idx", False),
+        "scale_attn_by_inverse_layer_idx unsupported",
+    )
+    _require(getattr(c, "scale_attn_weights", True), "scale_attn_weights=False unsupported")
+    return dict(
+        family="gpt2",
+        num_layers=c.n_layer,
+        hidden_size=c.n_embd,
+        num_attention_heads=c.n_head,
+        ffn_hidden_size=c.n_inner or 4 * c.n_embd,
+        vocab_size=c.vocab_size,
+        max_position_embeddings=c.n_positions,
+        position_embedding="learned",
+        normalization="layernorm",
+        norm_eps=c.layer_norm_epsilon,
+        pre_norm=True,
+        activation=_ACT_FROM_HF[c.activation_function],
+        add_bias_linear=True,
+        tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", True)),
+        hidden_dropout=c.resid_pdrop,
+        attention_dropout=c.attn_pdrop,
+        init_method_std=c.initializer_range,
+    )
+
+
+def _llama_rope_theta(c: Any) -> Any:
+    """RoPE base of a LlamaConfig (old ``rope_theta`` or 5.x ``rope_parameters``); only plain RoPE maps."""
+    _require(
+        getattr(c, "rope_scaling", None) in (None, {}) or c.rope_scaling.get("rope_type") == "default",
+        f"rope_scaling {getattr(c, 'rope_scaling', None)!r} unsupported (only the default RoPE)",
+    )
+    _require(getattr(c, "pretraining_tp", 1) == 1, f"pretraining_tp={c.pretraining_tp} unsupported")
+    rope = getattr(c, "rope_parameters", None) or {}
+    rope_type = rope.get("rope_type", "default")
+    _require(rope_type == "default", f"rope_type {rope_type!r} unsupported (only 'default')")
+    return rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))
+
+
+def _llama_kwargs(c: Any) -> dict[str, Any]:
+    """ModelConfig fields of a LlamaConfig: SwiGLU, RMSNorm, one bias switch for attention and MLP."""
+    theta = _llama_rope_theta(c)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    _require(head_dim * c.num_attention_heads == c.hidden_size, f"head_dim {head_dim} x heads != hidden_size")
+    _require(c.hidden_act == "silu", f"hidden_act {c.hidden_act!r} unsupported (SwiGLU needs 'silu')")
+    _require(
+        c.attention_bias == c.mlp_bias,
+        f"attention_bias={c.attention_bias} with mlp_bias={c.mlp_bias} unsupported (one bias switch: "
+        "both must agree)",
+    )
+    return dict(
+        family="llama",
+        num_layers=c.num_hidden_layers,
+        hidden_size=c.hidden_size,
+        num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads,
+        ffn_hidden_size=c.intermediate_size,
+        vocab_size=c.vocab_size,
+        max_position_embeddings=c.max_position_embeddings,
+        position_embedding="rope",
+        rope_theta=float(theta),
+        normalization="rmsnorm",
+        norm_eps=c.rms_norm_eps,
+        pre_norm=True,
+        activation="swiglu",
+        add_bias_linear=bool(c.attention_bias),
+        tie_word_embeddings=bool(c.tie_word_embeddings),
+        attention_dropout=float(c.attention_dropout),
+        init_method_std=c.initializer_range,
+    )
+
+
+def _encoder_kwargs(c: Any, mt: str) -> dict[str, Any]:
+    """ModelConfig fields of a BertConfig or RobertaConfig (post-norm, absolute learned positions)."""
+    _require(c.hidden_act in _ACT_FROM_HF, f"hidden_act {c.hidden_act!r} unsupported")
+    pet = getattr(c, "position_embedding_type", "absolute") or "absolute"
+    _require(pet == "absolute", f"position_embedding_type {pet!r} unsupported")
+    offset = 0
+    if mt == "roberta":  # HF's table (max_position_embeddings) includes positions 0..padding_idx
+        _require(c.pad_token_id is not None and c.pad_token_id >= 0, "roberta needs a pad_token_id")
+        offset = c.pad_token_id + 1
+    return dict(
+        family=mt,
+        num_layers=c.num_hidden_layers,
+        hidden_size=c.hidden_size,
+        num_attention_heads=c.num_attention_heads,
+        ffn_hidden_size=c.intermediate_size,
+        vocab_size=c.vocab_size,
+        max_position_embeddings=c.max_position_embeddings - offset,
+        position_embedding="learned",
+        normalization="layernorm",
+        norm_eps=c.layer_norm_eps,
+        pre_norm=False,
+        activation=_ACT_FROM_HF[c.hidden_act],
+        add_bias_linear=True,
+        tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", True)),
+        type_vocab_size=c.type_vocab_size,
+        pad_token_id=c.pad_token_id,
+        embedding_norm=True,
+        hidden_dropout=c.hidden_dropout_prob,
+        attention_dropout=c.attention_probs_dropout_prob,
+        init_method_std=c.initializer_range,
+    )
+
+
+def config_from_hf(hf_config: Any, make_vocab_size_divisible_by: int = 128, **overrides: Any) -> ModelConfig:
+    """ModelConfig equivalent to a transformers GPT2/Llama/Bert/Roberta config (``overrides`` win)."""
+    mt = getattr(hf_config, "model_type", None)
+    _check_hf_flags(hf_config, mt)
     if mt == "gpt2":
-        _require(
-            c.activation_function in _ACT_FROM_HF,
-            f"activation_function {c.activation_function!r} unsupported",
-        )
-        _require(
-            not getattr(c, "scale_attn_by_inverse_layer_idx", False),
-            "scale_attn_by_inverse_layer_idx unsupported",
-        )
-        _require(getattr(c, "scale_attn_weights", True), "scale_attn_weights=False unsupported")
-        kw = dict(
-            family="gpt2",
-            num_layers=c.n_layer,
-            hidden_size=c.n_embd,
-            num_attention_heads=c.n_head,
-            ffn_hidden_size=c.n_inner or 4 * c.n_embd,
-            vocab_size=c.vocab_size,
-            max_position_embeddings=c.n_positions,
-            position_embedding="learned",
-            normalization="layernorm",
-            norm_eps=c.layer_norm_epsilon,
-            pre_norm=True,
-            activation=_ACT_FROM_HF[c.activation_function],
-            add_bias_linear=True,
-            tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", True)),
-            hidden_dropout=c.resid_pdrop,
-            attention_dropout=c.attn_pdrop,
-            init_method_std=c.initializer_range,
-        )
+        kw = _gpt2_kwargs(hf_config)
     elif mt == "llama":
-        _require(
-            getattr(c, "rope_scaling", None) in (None, {}) or c.rope_scaling.get("rope_type") == "default",
-            f"rope_scaling {getattr(c, 'rope_scaling', None)!r} unsupported (only the default RoPE)",
-        )
-        _require(getattr(c, "pretraining_tp", 1) == 1, f"pretraining_tp={c.pretraining_tp} unsupported")
-        rope = getattr(c, "rope_parameters", None) or {}
-        rope_type = rope.get("rope_type", "default")
-        _require(rope_type == "default", f"rope_type {rope_type!r} unsupported (only 'default')")
-        theta = rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        _require(
-            head_dim * c.num_attention_heads == c.hidden_size, f"head_dim {head_dim} x heads != hidden_size"
-        )
-        _require(c.hidden_act == "silu", f"hidden_act {c.hidden_act!r} unsupported (SwiGLU needs 'silu')")
-        _require(
-            c.attention_bias == c.mlp_bias,
-            f"attention_bias={c.attention_bias} with mlp_bias={c.mlp_bias} unsupported (one bias switch: "
-            "both must agree)",
-        )
-        kw = dict(
-            family="llama",
-            num_layers=c.num_hidden_layers,
-            hidden_size=c.hidden_size,
-            num_attention_heads=c.num_attention_heads,
-            num_key_value_heads=c.num_key_value_heads,
-            ffn_hidden_size=c.intermediate_size,
-            vocab_size=c.vocab_size,
-            max_position_embeddings=c.max_position_embeddings,
-            position_embedding="rope",
-            rope_theta=float(theta),
-            normalization="rmsnorm",
-            norm_eps=c.rms_norm_eps,
-            pre_norm=True,
-            activation="swiglu",
-            add_bias_linear=bool(c.attention_bias),
-            tie_word_embeddings=bool(c.tie_word_embeddings),
-            attention_dropout=float(c.attention_dropout),
-            init_method_std=c.initializer_range,
-        )
+        kw = _llama_kwargs(hf_config)
     elif mt in ("bert", "roberta"):
-        _require(c.hidden_act in _ACT_FROM_HF, f"hidden_act {c.hidden_act!r} unsupported")
-        pet = getattr(c, "position_embedding_type", "absolute") or "absolute"
-        _require(pet == "absolute", f"position_embedding_type {pet!r} unsupported")
-        offset = 0
-        if mt == "roberta":  # HF's table (max_position_embeddings) includes positions 0..padding_idx
-            _require(c.pad_token_id is not None and c.pad_token_id >= 0, "roberta needs a pad_token_id")
-            offset = c.pad_token_id + 1
-        kw = dict(
-            family=mt,
-            num_layers=c.num_hidden_layers,
-            hidden_size=c.hidden_size,
-            num_attention_heads=c.num_attention_heads,
-            ffn_hidden_size=c.intermediate_size,
-            vocab_size=c.vocab_size,
-            max_position_embeddings=c.max_position_embeddings - offset,
-            position_embedding="learned",
-            normalization="layernorm",
-            norm_eps=c.layer_norm_eps,
-            pre_norm=False,
-            activation=_ACT_FROM_HF[c.hidden_act],
-            add_bias_linear=True,
-            tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", True)),
-            type_vocab_size=c.type_vocab_size,
-            pad_token_id=c.pad_token_id,
-            embedding_norm=True,
-            hidden_dropout=c.hidden_dropout_prob,
-            attention_dropout=c.attention_probs_dropout_prob,
-            init_method_std=c.initializer_range,
-        )
+        kw = _encoder_kwargs(hf_config, mt)
     else:
         raise ValueError(
             f"Hugging Face config: model_type {mt!r} unsupported; expected gpt2, llama, bert or roberta"
@@ -755,6 +777,72 @@ def parse_size(text: str | int) -> int:
     return int(float(num) * units[unit])
 
 
+_PlanEntry = tuple[str, str, tuple[int, ...]]  # (framework name, HF name, HF shape)
+
+
+def _plan_shards(
+    plan: list[_PlanEntry], item: int, max_shard_size: int
+) -> tuple[list[str], list[list[_PlanEntry]]]:
+    """Group the plan, in order, into shards of at most ``max_shard_size`` bytes, named like transformers."""
+    shards: list[list[_PlanEntry]] = [[]]
+    size = 0
+    for entry in plan:
+        n = math.prod(entry[2]) * item
+        if shards[-1] and size + n > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += n
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    return names, shards
+
+
+def _safetensors_header(entries: list[_PlanEntry], dtype: torch.dtype, item: int) -> bytes:
+    """A shard's safetensors header, padded to 8 bytes: computable from shapes alone, before any data."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for _, key, shape in entries:
+        n = math.prod(shape) * item
+        header[key] = {
+            "dtype": SAFETENSORS_NAMES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + n],
+        }
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    return raw + b" " * (-len(raw) % 8)
+
+
+def _write_shard(
+    path: Path,
+    entries: list[_PlanEntry],
+    header: bytes,
+    export: Callable[[str], list[tuple[str, torch.Tensor]]],
+    pending: dict[str, torch.Tensor],
+) -> None:
+    """Stream one shard to disk, converting each framework tensor only when its first HF part is due.
+
+    ``pending`` holds HF parts converted but not yet written (e.g. the rest of a split QKV), across shards.
+    """
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(header)))
+        fh.write(header)
+        for ours, key, shape in entries:
+            if key not in pending:
+                pending.update(export(ours))
+            t = pending.pop(key)
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{ours}: exported {key} has shape {tuple(t.shape)}, expected {shape}")
+            if t.numel():  # the tensor's own buffer, no bytes copy
+                fh.write(memoryview(t.contiguous().view(-1).view(torch.uint8).numpy()))
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def write_hf_weights(
     out_dir: str | Path,
     cfg: ModelConfig,
@@ -773,50 +861,18 @@ def write_hf_weights(
     out = Path(out_dir)
     plan = hf_weight_plan(cfg, dtype)
     item = torch.empty((), dtype=dtype).element_size()
-    shards: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
-    size = 0
-    for entry in plan:
-        n = math.prod(entry[2]) * item
-        if shards[-1] and size + n > max_shard_size:
-            shards.append([])
-            size = 0
-        shards[-1].append(entry)
-        size += n
-    names = (
-        ["model.safetensors"]
-        if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    )
-    pending: dict[str, torch.Tensor] = {}
+    names, shards = _plan_shards(plan, item, max_shard_size)
     rules = {r.ours: r for r in rules_for(cfg)}
+
+    def export(ours: str) -> list[tuple[str, torch.Tensor]]:
+        parts = rule_to_hf(rules[ours], state[ours].to(dtype), cfg)
+        if on_tensor is not None:
+            on_tensor(ours)
+        return parts
+
+    pending: dict[str, torch.Tensor] = {}
     for fname, entries in zip(names, shards):
-        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for _, key, shape in entries:
-            n = math.prod(shape) * item
-            header[key] = {
-                "dtype": SAFETENSORS_NAMES[dtype],
-                "shape": list(shape),
-                "data_offsets": [offset, offset + n],
-            }
-            offset += n
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        with open(out / fname, "wb") as fh:
-            fh.write(struct.pack("<Q", len(raw)))
-            fh.write(raw)
-            for ours, key, shape in entries:
-                if key not in pending:
-                    pending.update(rule_to_hf(rules[ours], state[ours].to(dtype), cfg))
-                    if on_tensor is not None:
-                        on_tensor(ours)
-                t = pending.pop(key)
-                if tuple(t.shape) != shape:
-                    raise ValueError(f"{ours}: exported {key} has shape {tuple(t.shape)}, expected {shape}")
-                if t.numel():  # the tensor's own buffer, no bytes copy
-                    fh.write(memoryview(t.contiguous().view(-1).view(torch.uint8).numpy()))
-            fh.flush()
-            os.fsync(fh.fileno())
+        _write_shard(out / fname, entries, _safetensors_header(entries, dtype, item), export, pending)
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(math.prod(s) * item for _, _, s in plan)},

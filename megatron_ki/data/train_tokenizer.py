@@ -11,6 +11,7 @@ import itertools
 import os
 import re
 from collections.abc import Iterator
+from typing import Any
 
 from megatron_ki.data.corpus import expand_inputs, is_jsonl, iter_texts
 from megatron_ki.data.preprocess import check_output_dir
@@ -54,6 +55,47 @@ def _spm_error(e: RuntimeError, inputs: list[str], vocab_size: int) -> TrainToke
     )
 
 
+def _check_options(model_type: str, vocab_size: int, sample_size: int) -> None:
+    """Reject options sentencepiece would only fail on deep inside training, with an unhelpful message."""
+    if model_type not in ("bpe", "unigram"):
+        raise TrainTokenizerError(f"--model-type {model_type!r}: expected 'bpe' or 'unigram'")
+    if vocab_size < 1:
+        raise TrainTokenizerError(f"--vocab-size {vocab_size}: expected a positive number of pieces")
+    if 0 < sample_size <= 100:
+        raise TrainTokenizerError(
+            f"--sample-size {sample_size}: sentencepiece needs more than 100 lines (or 0 for all)"
+        )
+
+
+def _nonempty_texts(inputs: list[str], files: list[str], json_key: str, skip_bad_lines: bool) -> _Recording:
+    """The input lines, known to hold at least one: sentencepiece fails on none with an INTERNAL error."""
+    texts = iter_texts(files, json_key=json_key, skip_bad_lines=skip_bad_lines, split_lines=True)
+    first = next(texts, None)
+    if first is None:
+        where = f" under key {json_key!r}" if any(is_jsonl(f) for f in files) else ""
+        raise TrainTokenizerError(
+            f"--input {' '.join(inputs)}: no text found{where} in {len(files)} file(s); expected at least one "
+            "non-empty line to train on"
+        )
+    return _Recording(itertools.chain([first], texts))
+
+
+def _run_trainer(
+    spm: Any, recording: _Recording, tmp_prefix: str, inputs: list[str], vocab_size: int, **options: Any
+) -> None:
+    """Train to ``tmp_prefix``, re-raising the input's own error, else sentencepiece's as one readable line."""
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(recording), model_prefix=tmp_prefix, vocab_size=vocab_size, **options
+        )
+    except RuntimeError as e:
+        if recording.error is not None:
+            raise recording.error from None
+        raise _spm_error(e, inputs, vocab_size) from None
+    if recording.error is not None:
+        raise recording.error
+
+
 def train_sentencepiece(
     inputs: list[str] | str,
     model_prefix: str,
@@ -78,50 +120,26 @@ def train_sentencepiece(
     import sentencepiece as spm
 
     inputs = [inputs] if isinstance(inputs, str) else list(inputs)
-    if model_type not in ("bpe", "unigram"):
-        raise TrainTokenizerError(f"--model-type {model_type!r}: expected 'bpe' or 'unigram'")
-    if vocab_size < 1:
-        raise TrainTokenizerError(f"--vocab-size {vocab_size}: expected a positive number of pieces")
-    if 0 < sample_size <= 100:
-        raise TrainTokenizerError(
-            f"--sample-size {sample_size}: sentencepiece needs more than 100 lines (or 0 for all)"
-        )
+    _check_options(model_type, vocab_size, sample_size)
     files = expand_inputs(inputs)
     check_output_dir(model_prefix, "--model-prefix", TrainTokenizerError)
     specials = [t for t in (special_tokens or []) if t]
-    texts = iter_texts(files, json_key=json_key, skip_bad_lines=skip_bad_lines, split_lines=True)
-    first = next(texts, None)  # sentencepiece fails on an empty input with an INTERNAL error
-    if first is None:
-        where = f" under key {json_key!r}" if any(is_jsonl(f) for f in files) else ""
-        raise TrainTokenizerError(
-            f"--input {' '.join(inputs)}: no text found{where} in {len(files)} file(s); expected at least one "
-            "non-empty line to train on"
-        )
-    recording = _Recording(itertools.chain([first], texts))
+    recording = _nonempty_texts(inputs, files, json_key, skip_bad_lines)
+    options = dict(
+        model_type=model_type,
+        character_coverage=character_coverage,
+        user_defined_symbols=specials,
+        input_sentence_size=sample_size,
+        shuffle_input_sentence=True,
+        byte_fallback=byte_fallback,
+        seed_sentencepiece_size=max(10 * vocab_size, 100_000),
+        num_threads=num_threads,
+        max_sentence_length=max_sentence_length,
+        minloglevel=2,
+    )
 
     def train(tmp_prefix: str) -> None:
-        try:
-            spm.SentencePieceTrainer.train(
-                sentence_iterator=iter(recording),
-                model_prefix=tmp_prefix,
-                vocab_size=vocab_size,
-                model_type=model_type,
-                character_coverage=character_coverage,
-                user_defined_symbols=specials,
-                input_sentence_size=sample_size,
-                shuffle_input_sentence=True,
-                byte_fallback=byte_fallback,
-                seed_sentencepiece_size=max(10 * vocab_size, 100_000),
-                num_threads=num_threads,
-                max_sentence_length=max_sentence_length,
-                minloglevel=2,
-            )
-        except RuntimeError as e:
-            if recording.error is not None:
-                raise recording.error from None
-            raise _spm_error(e, inputs, vocab_size) from None
-        if recording.error is not None:
-            raise recording.error
+        _run_trainer(spm, recording, tmp_prefix, inputs, vocab_size, **options)
 
     spm.set_random_generator_seed(seed)  # sampling and shuffling of the input lines
     atomic_save(model_prefix, train, suffixes=(".vocab", ".model"))  # .model, the file readers open, last
