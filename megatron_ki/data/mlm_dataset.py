@@ -102,6 +102,18 @@ def mask_tokens(
     return inputs, labels
 
 
+def _check_mlm_options(
+    tokenizer, seq_length: int, mask_prob: float, random_prob: float, keep_prob: float
+) -> None:
+    for attr in ("cls", "sep", "pad", "mask"):
+        if getattr(tokenizer, attr, None) is None:
+            raise ValueError(f"MLMDataset: the tokenizer has no {attr} token (train it with one)")
+    if seq_length < 3:
+        raise ValueError(f"MLMDataset: seq_length must be >= 3, got {seq_length}")
+    if not (0 < mask_prob < 1 and random_prob >= 0 and keep_prob >= 0 and random_prob + keep_prob <= 1):
+        raise ValueError("MLMDataset: need 0 < mask_prob < 1 and random_prob + keep_prob <= 1")
+
+
 class MLMDataset(torch.utils.data.Dataset):
     """RoBERTa-style MLM samples over the sequences ``documents`` of one indexed dataset.
 
@@ -132,13 +144,7 @@ class MLMDataset(torch.utils.data.Dataset):
         documents = np.asarray(documents, dtype=np.int64)
         if documents.size == 0:
             raise ValueError(f"{self.indexed.prefix}: the {name} split holds no documents")
-        for attr in ("cls", "sep", "pad", "mask"):
-            if getattr(tokenizer, attr, None) is None:
-                raise ValueError(f"MLMDataset: the tokenizer has no {attr} token (train it with one)")
-        if seq_length < 3:
-            raise ValueError(f"MLMDataset: seq_length must be >= 3, got {seq_length}")
-        if not (0 < mask_prob < 1 and random_prob >= 0 and keep_prob >= 0 and random_prob + keep_prob <= 1):
-            raise ValueError("MLMDataset: need 0 < mask_prob < 1 and random_prob + keep_prob <= 1")
+        _check_mlm_options(tokenizer, seq_length, mask_prob, random_prob, keep_prob)
         self.seq_length, self.seed, self.name = seq_length, seed, name
         self.mask_prob, self.random_prob, self.keep_prob = mask_prob, random_prob, keep_prob
         self.cls, self.sep, self.pad, self.mask_id = (

@@ -277,23 +277,14 @@ def ki_loss(
                 t_tok = vocab_parallel_cross_entropy(
                     teacher_logits.detach(), t_targets, tp_group, ignore_index
                 )
-                teacher_lm = _masked_mean(t_tok, mask, count)
+            teacher_lm = _masked_mean(t_tok, mask, count)
 
     if alpha == 0.0:
         return KILossOutput(lm, lm.detach(), None, teacher_lm, 0.0, count)
     if teacher_logits is None:
         raise ValueError(f"ki_loss: teacher_logits are required when alpha > 0 (alpha={alpha})")
-
-    div, lse_t = per_token_divergence(
-        student_logits,
-        teacher_logits,
-        mask,
-        temperature=temperature,
-        divergence=divergence,
-        tp_group=tp_group,
-        backend=backend,
-        return_teacher_lse=True,
-    )
+    opts = {"temperature": temperature, "divergence": divergence, "tp_group": tp_group, "backend": backend}
+    div, lse_t = per_token_divergence(student_logits, teacher_logits, mask, return_teacher_lse=True, **opts)
     if from_stats:
         target = vocab_parallel_target_logit(teacher_logits, t_targets, tp_group, ignore_index)
         teacher_lm = _masked_mean(lse_t - target, mask, count)
