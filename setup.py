@@ -20,7 +20,7 @@ setup(
     packages=find_packages(include=["megatron_ki", "megatron_ki.*"]),
     install_requires=[
         "torch>=2.4",
-        "deepspeed>=0.14",
+        "deepspeed>=0.14,<1",  # training/deepspeed_compat.py uses its internals (tested with 0.19)
         "sentencepiece>=0.2",
         "numpy>=1.24",
         "pybind11>=2.11",
