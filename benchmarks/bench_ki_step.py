@@ -132,19 +132,10 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(args: argparse.Namespace) -> dict:
-    """Build the rows, time them round-robin, and return the table's rows plus the run's facts."""
+def _device_and_precision(args: argparse.Namespace):
+    """The torch device to run on and the student's compute precision ("fp32" or "bf16")."""
     import torch
 
-    from megatron_ki.config import KIConfig, ModelConfig
-    from megatron_ki.ki import ki_loss
-    from megatron_ki.ki.teacher import frozen_teacher
-    from megatron_ki.models import build_model
-    from megatron_ki.training.flops import ki_flop_share
-
-    load_at_start = os.getloadavg()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -152,6 +143,12 @@ def measure(args: argparse.Namespace) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_ki_step: --device cuda but torch.cuda.is_available() is False")
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    return device, precision
+
+
+def _model_configs(args: argparse.Namespace):
+    """The student's and the teacher's GPT-2 ``ModelConfig`` from the command line."""
+    from megatron_ki.config import ModelConfig
 
     def gpt(layers: int, hidden: int, heads: int) -> ModelConfig:
         return ModelConfig(
@@ -166,7 +163,16 @@ def measure(args: argparse.Namespace) -> dict:
 
     student_cfg = gpt(args.layers, args.hidden, args.heads)
     teacher_cfg = gpt(args.teacher_layers, args.teacher_hidden, args.teacher_heads)
-    share = ki_flop_share(student_cfg, teacher_cfg, args.seq)
+    return student_cfg, teacher_cfg
+
+
+def _build_rows(args: argparse.Namespace, student_cfg, teacher_cfg, device) -> list[Row]:
+    """The student-only row, then one KI row per teacher dtype, each with its own student and AdamW."""
+    import torch
+
+    from megatron_ki.config import KIConfig
+    from megatron_ki.ki.teacher import frozen_teacher
+    from megatron_ki.models import build_model
 
     def new_student():
         model = build_model(student_cfg, seed=0).to(device).train()
@@ -177,49 +183,55 @@ def measure(args: argparse.Namespace) -> dict:
     for dtype in args.teacher_dtypes:
         teacher = frozen_teacher(teacher_cfg, KIConfig(teacher_dtype=dtype), None, seed=1, device=device)
         rows.append(Row("student + teacher (KI)", *new_student(), teacher=teacher, teacher_dtype=dtype))
+    return rows
 
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=g).to(device)
-    inputs, labels = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
-    def step(row: Row) -> tuple[float, dict[str, float], float]:
-        """One training step; its wall time and the time of each phase (synchronised on GPU)."""
-        phases: dict[str, float] = {}
+def _train_step(
+    row: Row, inputs, labels, autocast, alpha: float, device
+) -> tuple[float, dict[str, float], float]:
+    """One training step; its wall time and the time of each phase (synchronised on GPU)."""
+    import torch
+
+    from megatron_ki.ki import ki_loss
+
+    phases: dict[str, float] = {}
+    _sync(device)
+    start = mark = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal mark
         _sync(device)
-        start = mark = time.perf_counter()
+        now = time.perf_counter()
+        phases[name] = now - mark
+        mark = now
 
-        def lap(name: str) -> None:
-            nonlocal mark
-            _sync(device)
-            now = time.perf_counter()
-            phases[name] = now - mark
-            mark = now
+    row.optimizer.zero_grad(set_to_none=True)
+    with autocast:
+        logits = row.student(inputs)
+        lap("student fwd")
+        teacher_logits = None
+        if row.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = row.teacher(inputs)
+            lap("teacher fwd")
+    out = ki_loss(
+        logits,
+        teacher_logits,
+        labels,
+        alpha if teacher_logits is not None else 0.0,
+        temperature=2.0,
+        backend="auto",
+    )
+    lap("loss fwd")
+    out.loss.backward()
+    lap("backward")
+    row.optimizer.step()
+    lap("optimizer")
+    return mark - start, phases, float(out.loss.detach())
 
-        row.optimizer.zero_grad(set_to_none=True)
-        with autocast:
-            logits = row.student(inputs)
-            lap("student fwd")
-            teacher_logits = None
-            if row.teacher is not None:
-                with torch.no_grad():
-                    teacher_logits = row.teacher(inputs)
-                lap("teacher fwd")
-        out = ki_loss(
-            logits,
-            teacher_logits,
-            labels,
-            args.alpha if teacher_logits is not None else 0.0,
-            temperature=2.0,
-            backend="auto",
-        )
-        lap("loss fwd")
-        out.loss.backward()
-        lap("backward")
-        row.optimizer.step()
-        lap("optimizer")
-        return mark - start, phases, float(out.loss.detach())
 
+def _time_rows(args: argparse.Namespace, rows: list[Row], step) -> None:
+    """``--warmup`` untimed steps per row, then ``--steps`` timed ones round-robin, recorded in the rows."""
     for _ in range(args.warmup):
         for row in rows:
             step(row)
@@ -232,16 +244,25 @@ def measure(args: argparse.Namespace) -> dict:
                 row.phases.setdefault(name, []).append(seconds)
             row.losses.append(loss)
 
-    def n_params(model) -> int:
-        return sum(p.numel() for p in model.parameters())
 
-    try:  # which KL implementation backend="auto" ran (ki.loss takes the compiled op when it loads)
+def _kl_backend(device) -> str:
+    """Which KL implementation backend="auto" ran (ki.loss takes the compiled op when it loads)."""
+    import torch
+
+    try:
         from megatron_ki.kernels import select_backend
 
-        kl_path = select_backend("kl_forward_stats", torch.empty(0, device=device))[0]
+        return select_backend("kl_forward_stats", torch.empty(0, device=device))[0]
     except Exception as e:  # the kernels package itself failed: ki_loss fell back to torch
-        kl_path = f"PyTorch (kernels unusable: {e})"
+        return f"PyTorch (kernels unusable: {e})"
 
+
+def _n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _result_rows(rows: list[Row], share: float) -> list[dict]:
+    """The table's rows (and the JSON's): medians, minimums, overheads against the student-only row."""
     base = statistics.median(rows[0].step_times)
     goal = 100.0 * share + 10.0
     table = []
@@ -253,8 +274,8 @@ def measure(args: argparse.Namespace) -> dict:
             {
                 "run": row.name,
                 "teacher dtype": row.teacher_dtype or "-",
-                "student params": n_params(row.student),
-                "teacher params": n_params(row.teacher) if row.teacher is not None else None,
+                "student params": _n_params(row.student),
+                "teacher params": _n_params(row.teacher) if row.teacher is not None else None,
                 "step ms (median)": 1e3 * median,
                 "step ms (min)": 1e3 * min(row.step_times),
                 "teacher fwd ms": phase_ms.get("teacher fwd"),
@@ -270,6 +291,29 @@ def measure(args: argparse.Namespace) -> dict:
                 "final loss": row.losses[-1],
             }
         )
+    return table
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Build the rows, time them round-robin, and return the table's rows plus the run's facts."""
+    import torch
+
+    from megatron_ki.training.flops import ki_flop_share
+
+    load_at_start = os.getloadavg()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, precision = _device_and_precision(args)
+    student_cfg, teacher_cfg = _model_configs(args)
+    share = ki_flop_share(student_cfg, teacher_cfg, args.seq)
+    rows = _build_rows(args, student_cfg, teacher_cfg, device)
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=g).to(device)
+    inputs, labels = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    _time_rows(args, rows, lambda row: _train_step(row, inputs, labels, autocast, args.alpha, device))
+    kl_path = _kl_backend(device)
     return {
         "device": str(device),
         "precision": precision,
@@ -287,7 +331,7 @@ def measure(args: argparse.Namespace) -> dict:
             f"(padded {student_cfg.padded_vocab_size(1)})"
         ),
         "ki_flop_share": share,
-        "rows": table,
+        "rows": _result_rows(rows, share),
     }
 
 

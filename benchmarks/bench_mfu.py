@@ -294,17 +294,8 @@ def _human(n: int | None) -> str | None:
     return str(n)
 
 
-def measure_config(
-    args: argparse.Namespace, index: int, workdir: Path, on_gpu: bool, env: dict
-) -> list[dict]:
-    """The scratch and KI rows of one student config."""
-    from megatron_ki.config import model_config_from_yaml
-    from megatron_ki.training.flops import ki_flop_share
-
-    student_path = config_path(args.configs[index])
-    teacher_yaml = config_path(args.teachers[index]) if args.teachers else teacher_path_for(student_path)
-    student, teacher = model_config_from_yaml(student_path), model_config_from_yaml(teacher_yaml)
-    name = student_path.stem
+def _run_shape(args: argparse.Namespace, name: str, student, teacher) -> dict:
+    """Sequence length, micro and global batch and steps of one config's runs, checked against both models."""
     micro, global_batch = DEFAULT_BATCH.get(name, (None, None))
     micro, global_batch = args.micro_batch or micro, args.global_batch or global_batch
     if micro is None or global_batch is None:
@@ -318,7 +309,58 @@ def measure_config(
         if seq > cfg.max_position_embeddings:
             raise ValueError(f"bench_mfu: seq {seq} > max_position_embeddings {cfg.max_position_embeddings} "
                              f"of the {role} ({name})")  # fmt: skip
-    shape = {"seq": seq, "micro": micro, "global": global_batch, "steps": args.steps}
+    return {"seq": seq, "micro": micro, "global": global_batch, "steps": args.steps}
+
+
+def _launch_run(
+    args: argparse.Namespace, run: str, row: dict, argv: list[str], run_dir: Path, env: dict
+) -> dict:
+    """Launch one pretrain_ki.py run under deepspeed and fill ``row`` with its medians (or its failure)."""
+    name = row["model"]
+    shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl is appended to
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [_deepspeed_executable(), "--num_gpus", "1", "--master_port", str(_free_port()),
+           str(ROOT / "pretrain_ki.py"), *argv]  # fmt: skip
+    print(f"  {name} {run}: launching pretrain_ki.py ({args.steps} steps) ...", flush=True)
+    try:
+        wall = _run(cmd, Path(row["log"]), env=env)
+        result = read_run(run_dir, args.skip)
+    except RuntimeError as e:
+        print(f"bench_mfu: {name} {run} failed:\n{e}", file=sys.stderr, flush=True)
+        row.update(failed=True, error=str(e)[-3000:])
+        return row
+    row.update(
+        {
+            "failed": False,
+            "tokens/s": result["tokens_per_s"],
+            "step ms": result["step_ms"],
+            "MFU %": result["mfu_percent"],
+            "steps timed": result["steps_timed"],
+            "flops per token": result["flops_per_token"],
+            "peak flops": result["peak_flops"],
+            "final loss": result["final_loss"],
+            "peak mem GiB": result["peak_memory_gib"],
+            "process wall s": round(wall, 1),
+        }
+    )
+    print(f"  {name} {run}: {result['tokens_per_s']:.1f} tokens/s, {result['step_ms']:.1f} ms/step, "
+          f"MFU {fmt(result['mfu_percent'])}%, {wall:.0f} s wall", flush=True)  # fmt: skip
+    return row
+
+
+def measure_config(
+    args: argparse.Namespace, index: int, workdir: Path, on_gpu: bool, env: dict
+) -> list[dict]:
+    """The scratch and KI rows of one student config."""
+    from megatron_ki.config import model_config_from_yaml
+    from megatron_ki.training.flops import ki_flop_share
+
+    student_path = config_path(args.configs[index])
+    teacher_yaml = config_path(args.teachers[index]) if args.teachers else teacher_path_for(student_path)
+    student, teacher = model_config_from_yaml(student_path), model_config_from_yaml(teacher_yaml)
+    name = student_path.stem
+    shape = _run_shape(args, name, student, teacher)
+    seq, micro, global_batch = shape["seq"], shape["micro"], shape["global"]
     n_student, n_teacher = count_parameters(student), count_parameters(teacher)
     share = 100.0 * ki_flop_share(student, teacher, seq)
     print(f"{name}: student {n_student:,} parameters; teacher {teacher_yaml.name} {n_teacher:,} parameters "
@@ -329,52 +371,22 @@ def measure_config(
     teacher_dir = write_teacher(workdir, teacher)
     precision, teacher_dtype = ("bf16", "bfloat16") if on_gpu else ("fp32", "float32")
     extra = shlex.split(args.pretrain_args)
-    batch = f"{micro} x {global_batch // micro} x {seq}"
     rows = []
     for run in ("scratch", "KI"):
         run_dir = workdir / "runs" / f"{name}_{run}"
-        shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl is appended to
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
         argv = launch_argv(student_path, data_prefix, run_dir, shape, precision, workdir)
         if run == "KI":
             argv += ki_argv(teacher_dir, teacher_dtype, args.steps)
-        cmd = [_deepspeed_executable(), "--num_gpus", "1", "--master_port", str(_free_port()),
-               str(ROOT / "pretrain_ki.py"), *argv, *extra]  # fmt: skip
         row = {
             "model": name,
             "run": run,
-            "batch (micro x accum x seq)": batch,
+            "batch (micro x accum x seq)": f"{micro} x {global_batch // micro} x {seq}",
             "student params": n_student,
             "teacher params": n_teacher if run == "KI" else None,
             "teacher FLOP share %": share if run == "KI" else None,
             "log": str(run_dir.parent / f"{run_dir.name}.log"),
         }
-        print(f"  {name} {run}: launching pretrain_ki.py ({args.steps} steps) ...", flush=True)
-        try:
-            wall = _run(cmd, Path(row["log"]), env=env)
-            result = read_run(run_dir, args.skip)
-        except RuntimeError as e:
-            print(f"bench_mfu: {name} {run} failed:\n{e}", file=sys.stderr, flush=True)
-            row.update(failed=True, error=str(e)[-3000:])
-            rows.append(row)
-            continue
-        row.update(
-            {
-                "failed": False,
-                "tokens/s": result["tokens_per_s"],
-                "step ms": result["step_ms"],
-                "MFU %": result["mfu_percent"],
-                "steps timed": result["steps_timed"],
-                "flops per token": result["flops_per_token"],
-                "peak flops": result["peak_flops"],
-                "final loss": result["final_loss"],
-                "peak mem GiB": result["peak_memory_gib"],
-                "process wall s": round(wall, 1),
-            }
-        )
-        rows.append(row)
-        print(f"  {name} {run}: {result['tokens_per_s']:.1f} tokens/s, {result['step_ms']:.1f} ms/step, "
-              f"MFU {fmt(result['mfu_percent'])}%, {wall:.0f} s wall", flush=True)  # fmt: skip
+        rows.append(_launch_run(args, run, row, [*argv, *extra], run_dir, env))
     judge(rows)
     return rows
 

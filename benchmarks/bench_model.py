@@ -21,18 +21,10 @@ import sys
 import time
 
 
-def _child(args: argparse.Namespace) -> dict:
-    import torch
-    import torch.nn.functional as F
-    import transformers
-
+def _model_config(args: argparse.Namespace):
+    """The framework's ``ModelConfig`` of ``--family`` at the command line's sizes."""
     from megatron_ki.config import ModelConfig
-    from megatron_ki.convert import config_to_hf
-    from megatron_ki.models import build_model
-    from megatron_ki.tensor_parallel import vocab_parallel_cross_entropy
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     common = dict(
         num_layers=args.layers,
         hidden_size=args.hidden,
@@ -42,26 +34,43 @@ def _child(args: argparse.Namespace) -> dict:
         attention_backend=args.backend,
     )
     if args.family == "gpt2":
-        cfg = ModelConfig(family="gpt2", max_position_embeddings=args.seq, **common)
-    else:
-        cfg = ModelConfig(
-            family="roberta",
-            max_position_embeddings=args.seq,
-            pre_norm=False,
-            embedding_norm=True,
-            type_vocab_size=1,
-            activation="gelu",
-            pad_token_id=1,
-            position_offset=2,
-            norm_eps=1e-5,
-            **common,
-        )
+        return ModelConfig(family="gpt2", max_position_embeddings=args.seq, **common)
+    return ModelConfig(
+        family="roberta",
+        max_position_embeddings=args.seq,
+        pre_norm=False,
+        embedding_norm=True,
+        type_vocab_size=1,
+        activation="gelu",
+        pad_token_id=1,
+        position_offset=2,
+        norm_eps=1e-5,
+        **common,
+    )
+
+
+def _batch(args: argparse.Namespace):
+    """Random token ids and their labels: next token (gpt2) or 15% masked positions (roberta)."""
+    import torch
+
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, args.vocab, (args.batch, args.seq), generator=g)
     if args.family == "gpt2":
         labels = torch.roll(ids, -1, dims=1)
     else:  # MLM: 15% of positions carry the loss
         labels = ids.masked_fill(torch.rand(ids.shape, generator=g) >= 0.15, -100)
+    return ids, labels
+
+
+def _model_and_loss(args: argparse.Namespace, cfg, ids, labels):
+    """The ``--impl`` model (ours or transformers') and a closure computing its loss on the batch."""
+    import torch
+    import torch.nn.functional as F
+    import transformers
+
+    from megatron_ki.convert import config_to_hf
+    from megatron_ki.models import build_model
+    from megatron_ki.tensor_parallel import vocab_parallel_cross_entropy
 
     if args.impl == "ours":
         model = build_model(cfg, seed=0)
@@ -80,8 +89,13 @@ def _child(args: argparse.Namespace) -> dict:
             logits = model(input_ids=ids).logits
             return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
 
-    model.train()
-    n_params = sum(p.numel() for p in model.parameters())
+    return model, loss_fn
+
+
+def _time_steps(args: argparse.Namespace, model, loss_fn):
+    """``--warmup`` untimed then ``--steps`` timed AdamW steps; the step times and the last loss."""
+    import torch
+
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     times = []
     for step in range(args.warmup + args.steps):
@@ -92,6 +106,21 @@ def _child(args: argparse.Namespace) -> dict:
         opt.step()
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
+    return times, loss
+
+
+def _child(args: argparse.Namespace) -> dict:
+    """One measurement (``--family`` x ``--impl``) in this process: throughput, peak RSS, final loss."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = _model_config(args)
+    ids, labels = _batch(args)
+    model, loss_fn = _model_and_loss(args, cfg, ids, labels)
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    times, loss = _time_steps(args, model, loss_fn)
     tokens = args.batch * args.seq
     return {
         "family": args.family,

@@ -120,7 +120,7 @@ def run_tool(jsonl: str, model: str, out_prefix: str, workers: int) -> dict:
     }
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
         "--books",
@@ -133,9 +133,12 @@ def main() -> int:
     p.add_argument("--doc-chars", type=int, default=4000)
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--work-dir", default=None, help="scratch directory (default: a temporary one)")
-    args = p.parse_args()
-    work = args.work_dir or tempfile.mkdtemp(prefix="bench_preprocess_")
-    os.makedirs(work, exist_ok=True)
+    return p.parse_args()
+
+
+def prepare_inputs(args: argparse.Namespace, work: str) -> tuple[str, str, str]:
+    """The corpus (``--jsonl`` or built from ``--books``), the tokenizer model (trained unless given) and
+    the corpus repeated ``--repeat`` times."""
     corpus = args.jsonl
     if corpus is None:
         corpus = os.path.join(work, "books.jsonl")
@@ -160,6 +163,11 @@ def main() -> int:
         for _ in range(args.repeat):
             with open(corpus, "rb") as src:
                 shutil.copyfileobj(src, f, 16 << 20)
+    return corpus, model, big
+
+
+def measure_rows(args: argparse.Namespace, corpus: str, big: str, model: str, work: str) -> list[dict]:
+    """The tool on the corpus and on the repeated corpus, with 1 and 2 workers each; prints each row's JSON."""
     rows = []
     for label, path, workers in (
         ("1x", corpus, 1),
@@ -172,6 +180,11 @@ def main() -> int:
         r["mb"] = os.path.getsize(path) / 1e6
         rows.append(r)
         print(json.dumps(r))
+    return rows
+
+
+def print_report(args: argparse.Namespace, rows: list[dict]) -> None:
+    """The markdown table of the rows, then the speedup, memory-growth and efficiency ratios and goals."""
     print(
         "\n| corpus | MB | workers | tokens | time (s) | tokens/s | CPU s (all processes) | tokens/CPU-s |"
         " peak RSS, process tree (MB) |"
@@ -198,6 +211,15 @@ def main() -> int:
         f" 2 free cores is bounded by 2 x this)"
     )
     print(f"cpu count: {os.cpu_count()}, load average before: {os.getloadavg()}")
+
+
+def main() -> int:
+    args = parse_args()
+    work = args.work_dir or tempfile.mkdtemp(prefix="bench_preprocess_")
+    os.makedirs(work, exist_ok=True)
+    corpus, model, big = prepare_inputs(args, work)
+    rows = measure_rows(args, corpus, big, model, work)
+    print_report(args, rows)
     return 0
 
 
