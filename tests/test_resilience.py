@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.bad_inputs.harness import record
 from tests.training_utils import (
     CONFIGS,
     ROOT,
@@ -142,6 +143,7 @@ def test_frozen_rank_ends_the_job_and_is_named(corpus, tmp_path):
     assert rc not in (0, EXIT_REQUEUE), out[-3000:]
     assert took < TIMEOUT_S + 30, f"the job took {took:.0f} s to end"
     lines = [line for line in out.splitlines() if "step watchdog" in line]
+    record("frozen_rank (kill -STOP rank 1, collective_timeout_s 10)", rc, took, lines[0] if lines else "")
     assert len(lines) == 1, out[-3000:]
     assert f"rank 1 (host {os.uname().nodename}, pid {frozen}" in lines[0] and "stopped answering" in lines[0]
     assert "rank 0 (" not in lines[0], lines[0]
@@ -157,8 +159,11 @@ def test_sigterm_to_the_launcher_saves_and_resumes_bitwise(corpus, tmp_path):
     job = Job(run_dir, args_for(corpus, run_dir, "--checkpoint.save", str(ckpt)))
     job.wait_for_step(3)
     job.proc.send_signal(signal.SIGTERM)  # the script's process; the ranks are its grandchildren's children
+    signalled = time.monotonic()
     rc = job.wait(timeout=120)
     out = job.output()
+    said = [line for line in out.splitlines() if "saving a checkpoint at step" in line and "rank0" in line]
+    record("SIGTERM to launch/pretrain_ki.sh", rc, time.monotonic() - signalled, said[0] if said else "")
     assert rc == EXIT_REQUEUE, out[-3000:]
     assert "forwarding it to the ranks" in out
     stopped = saved_step(ckpt)
@@ -185,8 +190,11 @@ def test_sigterm_to_one_rank_stops_every_rank(corpus, tmp_path):
     job = Job(run_dir, args_for(corpus, run_dir, "--checkpoint.save", str(ckpt)), script=False)
     job.wait_for_step(3)
     os.kill(job.rank_pid(1), signal.SIGINT)
+    signalled = time.monotonic()
     rc = job.wait(timeout=120)
     out = job.output()
+    said = [line for line in out.splitlines() if "saving a checkpoint at step" in line and "rank0" in line]
+    record("SIGINT to rank 1 only", rc, time.monotonic() - signalled, said[0] if said else "")
     assert rc == EXIT_REQUEUE, out[-3000:]
     step = saved_step(ckpt)
     tag = (ckpt / "latest").read_text().strip()
@@ -205,6 +213,8 @@ def test_exit_duration_saves_before_the_limit(corpus, tmp_path):
     )
     rc = job.wait(timeout=120)
     out = job.output()
+    said = [line for line in out.splitlines() if "exit_duration_mins" in line and "rank0" in line]
+    record("train.exit_duration_mins 0.0167 (1 s)", rc, job.seconds(), said[0] if said else "")
     assert rc == EXIT_REQUEUE, out[-3000:]
     assert saved_step(ckpt) == 1 and job.steps() == [1]
     assert "train.exit_duration_mins (0.0167) reached: saving a checkpoint at step 1" in out

@@ -106,14 +106,18 @@ def run_case(case: BadInput, root: Path) -> Outcome:
     except subprocess.TimeoutExpired as e:
         rc, out, err = -9, str(e.stdout or ""), f"{e.stderr or ''}\n[test] killed after {case.timeout} s"
     outcome = Outcome(case, rc, time.perf_counter() - start, out, err, folder, kept)
+    lines = outcome.error_lines()
+    record(case.name, rc, outcome.seconds, lines[-1] if lines else " ".join(err.strip().splitlines()[-1:]))
+    return outcome
+
+
+def record(case: str, exit_code: int, seconds: float, message: str) -> None:
+    """Append one row to ``$BAD_INPUTS_REPORT`` (if set): the closing-note table of failures."""
     report = os.environ.get("BAD_INPUTS_REPORT")
     if report:
-        lines = outcome.error_lines()
-        row = {"case": case.name, "exit_code": rc, "seconds": round(outcome.seconds, 2)}
-        row["message"] = lines[-1] if lines else err.strip().splitlines()[-1:]
+        row = {"case": case, "exit_code": exit_code, "seconds": round(seconds, 2), "message": message}
         with _report_lock, open(report, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
-    return outcome
 
 
 def run_all(cases: Iterable[BadInput], root: Path, workers: int = 2) -> dict[str, Outcome]:
