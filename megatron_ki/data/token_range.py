@@ -116,6 +116,12 @@ def check_token_range(prefixes: list[str], vocab_size: int, cache_dir: str | Non
     /d/x_text_document holds token id 600, but model.vocab_size is 512 (ids must be < 512)``.
     """
     for prefix in prefixes:
+        missing = [ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
+        if missing:
+            raise TokenRangeError(
+                f"data.data_path: {prefix}: no {' or '.join(prefix + e for e in missing)}; expected a dataset "
+                "prefix written by tools/preprocess_data.py (the .bin/.idx pair without its extension)"
+            )
         stats = token_stats(prefix, cache_dir)
         high, low = stats["max_token_id"], stats["min_token_id"]
         if high is not None and high >= vocab_size:

@@ -218,9 +218,10 @@ def build_pipeline_module(
 
 
 # ------------------------------------------------------------------------------------------------ data
-def build_loaders(cfg: Config, groups: ParallelGroups, consumed_samples: int) -> list:
-    """Train/valid/test DataLoaders of this data-parallel rank (train resumes at ``consumed_samples``)."""
-    from megatron_ki.data import PretrainingSampler, build_datasets_from_config, build_tokenizer
+def check_data(cfg: Config, groups: ParallelGroups):
+    """The tokenizer (None for ``tokenizer_type none``), checked against the model, and the datasets' token
+    ids against ``model.vocab_size``: run before the model is built, so bad data fails in seconds."""
+    from megatron_ki.data import build_tokenizer
     from megatron_ki.data.token_range import check_token_range, dataset_prefixes
 
     tokenizer = None
@@ -243,6 +244,15 @@ def build_loaders(cfg: Config, groups: ParallelGroups, consumed_samples: int) ->
         check_token_range(dataset_prefixes(cfg.data), cfg.model.vocab_size, cfg.data.cache_dir)
     if dist.is_initialized():
         dist.barrier()
+    return tokenizer
+
+
+def build_loaders(cfg: Config, groups: ParallelGroups, consumed_samples: int, tokenizer=None) -> list:
+    """Train/valid/test DataLoaders of this data-parallel rank (train resumes at ``consumed_samples``)."""
+    from megatron_ki.data import PretrainingSampler, build_datasets_from_config
+
+    if tokenizer is None and cfg.data.tokenizer_type != "none":
+        tokenizer = check_data(cfg, groups)
     train = cfg.train
     gbs = train.global_batch_size
     evals = (train.train_steps // train.eval_interval if train.eval_interval else 0) + 1
@@ -279,8 +289,8 @@ def batches(loader, causal: bool) -> Iterator[Batch]:
             yield model_inputs(sample, causal)
 
 
-def build_data(cfg: Config, groups: ParallelGroups, consumed_samples: int) -> RunData:
-    train_loader, valid_loader, test_loader = build_loaders(cfg, groups, consumed_samples)
+def build_data(cfg: Config, groups: ParallelGroups, consumed_samples: int, tokenizer=None) -> RunData:
+    train_loader, valid_loader, test_loader = build_loaders(cfg, groups, consumed_samples, tokenizer)
     causal = cfg.model.causal
     valid = None
     if valid_loader is not None:
@@ -311,6 +321,7 @@ def build_run(cfg: Config, world: int | None = None, data: bool = True) -> Run:
     device = default_device()
     seed_everything(cfg.train.seed + 100 * groups.pp_rank, device)
     tracker = TPRngTracker(cfg.train.seed, groups.tp_rank, device)
+    tokenizer = check_data(cfg, groups) if data else None
     model, loss_fn, teacher_cfg, teacher, pipe_teacher = build_student_and_teacher(
         cfg, groups, device, tracker
     )
@@ -329,5 +340,5 @@ def build_run(cfg: Config, world: int | None = None, data: bool = True) -> Run:
             run.resumed = meta
     if data:
         consumed = run.resumed["consumed_samples"] if run.resumed else 0
-        run.data = build_data(cfg, groups, consumed)
+        run.data = build_data(cfg, groups, consumed, tokenizer)
     return run
