@@ -412,10 +412,10 @@ def _edit_config(src: Path, dst: Path, **changes) -> Path:
         ("llama", {"model_type": "t5", "architectures": ["T5ForConditionalGeneration"]}, "model_type 't5'"),
         (
             "llama",
-            {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}},
-            "rope.*'linear'.*unsupported",
+            {"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 500.0}},
+            "rope.*'yarn'.*unsupported",
         ),
-        ("llama", {"attention_bias": True, "mlp_bias": False}, "attention_bias=True with mlp_bias=False"),
+        ("llama", {"hidden_act": "gelu"}, "hidden_act 'gelu' unsupported"),
         ("llama", {"architectures": ["LlamaForSequenceClassification"]}, "LlamaForSequenceClassification"),
         ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
         ("gpt2", {"n_inner": 48}, "shape"),

@@ -18,7 +18,9 @@ one pipeline layer at a time. A pp = 1 framework checkpoint keeps the whole mode
 which is memory-mapped (its pages count as resident while read). Every output is written to a temporary
 sibling directory and renamed at the end: a failed conversion leaves nothing behind.
 
-Importing refuses a Hugging Face checkpoint that holds tensors its ``config.json`` mapping does not use
+Supported model_types: gpt2, llama (rope_scaling llama3/linear/dynamic, attention_bias, mlp_bias), qwen2, qwen3,
+mistral (sliding window: trained only with data.seq_length <= sliding_window), bert, roberta; anything else
+is refused up front. Importing refuses a Hugging Face checkpoint that holds tensors its ``config.json`` mapping does not use
 (e.g. Qwen2's q/k/v biases under a Llama config without ``attention_bias``) rather than drop them; only
 buffers every model recomputes are skipped (rotary ``inv_freq``, GPT-2's causal-mask ``attn.bias``,
 ``position_ids``), and the pooler / next-sentence head of BERT and RoBERTa checkpoints are dropped with a

@@ -25,10 +25,12 @@ TEACHER_DTYPE_FOR_PRECISION = {"fp32": "float32", "bf16": "bfloat16", "fp16": "f
 # --------------------------------------------------------------------------------------------- model
 @dataclass
 class ModelConfig:
-    """Architecture of one transformer (student or teacher). Switches cover GPT-2, Llama, BERT and RoBERTa."""
+    """Architecture of one transformer (student or teacher). Switches cover GPT-2, Llama (Qwen2, Qwen3,
+    Mistral), BERT and RoBERTa."""
 
-    family: Literal["gpt2", "llama", "bert", "roberta"] = "gpt2"
-    """Model family; sets the task (causal LM for gpt2/llama, masked LM for bert/roberta) and HF mapping."""
+    family: Literal["gpt2", "llama", "qwen2", "qwen3", "mistral", "bert", "roberta"] = "gpt2"
+    """Model family; sets the task (causal LM for gpt2 and the Llama-like ones, masked LM for bert/roberta) and
+    the Hugging Face mapping (qwen2, qwen3 and mistral are Llama's with the switches below)."""
     num_layers: int = 2
     """Number of transformer blocks."""
     hidden_size: int = 64
@@ -37,6 +39,9 @@ class ModelConfig:
     """Query heads."""
     num_key_value_heads: int | None = None
     """Key/value heads for grouped-query attention; None means equal to num_attention_heads (MHA)."""
+    kv_channels: int | None = None
+    """Width of one attention head (Megatron's --kv-channels, transformers' head_dim) where it is not
+    hidden_size / num_attention_heads (Qwen3-0.6B/4B, Mistral Nemo); None means hidden_size / heads."""
     ffn_hidden_size: int | None = None
     """Inner width of the MLP; None means 4 x hidden_size."""
     vocab_size: int = 256
@@ -49,6 +54,17 @@ class ModelConfig:
     """Learned absolute positions (GPT-2, BERT), rotary embeddings (Llama) or none."""
     rope_theta: float = 10000.0
     """RoPE base frequency."""
+    rope_scaling: Literal["none", "linear", "dynamic", "llama3"] = "none"
+    """RoPE frequency scaling, as transformers' rope_type: none (plain RoPE), linear (frequencies / factor),
+    dynamic (NTK: a larger base once positions pass max_position_embeddings) or llama3 (Llama 3.1+)."""
+    rope_scaling_factor: float = 1.0
+    """``factor`` of linear, dynamic and llama3 RoPE scaling."""
+    rope_low_freq_factor: float = 1.0
+    """llama3 RoPE scaling: wavelengths above original_max_position_embeddings / this are divided by factor."""
+    rope_high_freq_factor: float = 4.0
+    """llama3 RoPE scaling: wavelengths below original_max_position_embeddings / this are kept."""
+    rope_original_max_position_embeddings: int | None = None
+    """llama3 RoPE scaling: the pre-training context (8192 for Llama 3.1); None means max_position_embeddings."""
     normalization: Literal["layernorm", "rmsnorm"] = "layernorm"
     """LayerNorm (GPT-2, BERT) or RMSNorm (Llama)."""
     norm_eps: float = 1e-5
@@ -59,6 +75,17 @@ class ModelConfig:
     """MLP activation: exact GELU (BERT), tanh GELU (GPT-2 'gelu_new') or SwiGLU (Llama)."""
     add_bias_linear: bool = True
     """Biases in attention and MLP linears (False for Llama)."""
+    add_qkv_bias: bool | None = None
+    """Bias of the query/key/value projection alone (Megatron's --add-qkv-bias: Qwen2 has it without any other
+    linear bias); None follows add_bias_linear."""
+    add_mlp_bias: bool | None = None
+    """Biases of the MLP linears (Llama's mlp_bias, apart from attention_bias); None follows add_bias_linear."""
+    qk_norm: bool = False
+    """RMSNorm of every query and key head (one head_dim weight each, shared by the heads) before RoPE
+    (Qwen3)."""
+    sliding_window: int | None = None
+    """Mistral's attention window. Only sequences that fit in it are supported (the window then never cuts
+    anything): data.seq_length must be at most this. None: no window."""
     tie_word_embeddings: bool = True
     """Share the input embedding with the output projection."""
     type_vocab_size: int = 0
@@ -97,7 +124,7 @@ class ModelConfig:
         ):
             check(getattr(self, name) > 0, f"model.{name}", f"must be positive, got {getattr(self, name)}")
         check(
-            self.hidden_size % self.num_attention_heads == 0,
+            self.kv_channels is not None or self.hidden_size % self.num_attention_heads == 0,
             "model.hidden_size",
             f"must be divisible by model.num_attention_heads={self.num_attention_heads}, got {self.hidden_size}",
         )
@@ -117,9 +144,33 @@ class ModelConfig:
                 f"is required for family roberta (learned positions start at pad_token_id + 1, as in "
                 f"transformers): set the tokenizer's padding id, got {self.pad_token_id}",
             )
+        self._check_llama_switches()
         if self.position_offset is not None:
             self._check_legacy_position_offset()
             self.position_offset = None  # derived: a stale copy must not outlive a change of pad_token_id
+
+    def _check_llama_switches(self) -> None:
+        """RoPE scaling, q/k norms and windows exist for RoPE/RMSNorm models only; values in range."""
+        if self.rope_scaling != "none":
+            check(
+                self.position_embedding == "rope", "model.rope_scaling", "needs model.position_embedding rope"
+            )
+            check(self.rope_scaling_factor > 0, "model.rope_scaling_factor", "must be positive")
+        if self.rope_scaling == "llama3":
+            check(
+                0 < self.rope_low_freq_factor < self.rope_high_freq_factor,
+                "model.rope_low_freq_factor",
+                f"must be positive and below model.rope_high_freq_factor={self.rope_high_freq_factor}, got "
+                f"{self.rope_low_freq_factor}",
+            )
+        if self.qk_norm:
+            check(self.normalization == "rmsnorm", "model.qk_norm", "needs model.normalization rmsnorm")
+        if self.sliding_window is not None:
+            check(
+                self.sliding_window > 0,
+                "model.sliding_window",
+                f"must be positive, got {self.sliding_window}",
+            )
 
     def _check_legacy_position_offset(self) -> None:
         given, derived = self.position_offset, self.position_id_offset
@@ -153,16 +204,31 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def attention_width(self) -> int:
+        """Width of all query heads together: the QKV projection's q part, the output projection's input."""
+        return self.num_attention_heads * self.head_dim
 
     @property
     def ffn_size(self) -> int:
         return self.ffn_hidden_size or 4 * self.hidden_size
 
     @property
+    def qkv_bias(self) -> bool:
+        """Whether the fused query/key/value projection has a bias."""
+        return self.add_bias_linear if self.add_qkv_bias is None else self.add_qkv_bias
+
+    @property
+    def mlp_bias(self) -> bool:
+        """Whether the MLP linears have biases."""
+        return self.add_bias_linear if self.add_mlp_bias is None else self.add_mlp_bias
+
+    @property
     def causal(self) -> bool:
-        """Causal (GPT-2, Llama) or bidirectional (BERT, RoBERTa) attention."""
-        return self.family in ("gpt2", "llama")
+        """Causal (GPT-2, Llama and its kin) or bidirectional (BERT, RoBERTa) attention."""
+        return self.family not in ("bert", "roberta")
 
     @property
     def padding_positions(self) -> bool:
@@ -199,10 +265,13 @@ class ModelConfig:
     def num_parameters(self, tp: int = 1) -> int:
         """Parameter count (padded vocabulary at ``tp``), used for FLOP estimates and size checks."""
         h, f, v = self.hidden_size, self.ffn_size, self.padded_vocab_size(tp)
-        kv = self.kv_heads * self.head_dim
-        b = 1 if self.add_bias_linear else 0
-        attn = h * (h + 2 * kv) + b * (h + 2 * kv) + h * h + b * h
-        mlp = (3 * h * f if self.activation == "swiglu" else 2 * h * f) + b * (f + h)
+        kv, q = self.kv_heads * self.head_dim, self.attention_width
+        b, bq, bm = (int(x) for x in (self.add_bias_linear, self.qkv_bias, self.mlp_bias))
+        attn = (
+            h * (q + 2 * kv) + bq * (q + 2 * kv) + q * h + b * h + (2 * self.head_dim if self.qk_norm else 0)
+        )
+        fc1 = 2 * f if self.activation == "swiglu" else f  # SwiGLU: gate and up
+        mlp = (fc1 + f) * h + bm * (fc1 + h)
         per_layer = attn + mlp + 2 * (2 if self.normalization == "layernorm" else 1) * h
         norm = (2 if self.normalization == "layernorm" else 1) * h  # one norm's weight (+ bias)
         positions = self.position_table_size
@@ -589,6 +658,13 @@ def check_positions(model: ModelConfig, seq_length: int, prefix: str = "model") 
     RoBERTa's ids run up to pad_token_id + seq_length (transformers' rule) over a table of
     max_position_embeddings + pad_token_id + 1 rows; others run up to seq_length - 1 over max_position_embeddings.
     """
+    if model.sliding_window is not None and seq_length > model.sliding_window:
+        raise ConfigError(
+            "data.seq_length",
+            f"{seq_length} is longer than {prefix}.sliding_window={model.sliding_window}: sliding-window attention "
+            f"is only supported where the window covers the whole sample; set data.seq_length <= "
+            f"{model.sliding_window}",
+        )
     if model.positions_fit(seq_length):
         return
     last = seq_length - 1 + model.position_id_offset

@@ -1,4 +1,4 @@
-"""Hugging Face <-> framework mapping for GPT-2, Llama, BERT and RoBERTa (transformers 5.x names).
+"""Hugging Face <-> framework mapping for GPT-2, Llama (Qwen2, Qwen3, Mistral), BERT and RoBERTa (transformers 5.x).
 
 One mapping table per family relates the framework's *tp=1* state dict to the transformers one
 (``GPT2LMHeadModel``, ``LlamaForCausalLM``, ``BertForMaskedLM``, ``RobertaForMaskedLM``). Fused framework
@@ -51,13 +51,13 @@ def _layer_rules(cfg: ModelConfig, table: list[tuple[str, tuple[str, ...], bool]
 
 
 def _biased(
-    cfg: ModelConfig, pairs: list[tuple[str, tuple[str, ...], bool]]
+    bias: bool, pairs: list[tuple[str, tuple[str, ...], bool]]
 ) -> list[tuple[str, tuple[str, ...], bool]]:
-    """Add the ``.bias`` twin of every ``.weight`` linear rule when the model has linear biases."""
+    """Add the ``.bias`` twin of every ``.weight`` linear rule when that linear has a bias."""
     out = []
     for ours, hf, transpose in pairs:
         out.append((ours, hf, transpose))
-        if cfg.add_bias_linear and ours.endswith(".weight") and ".norm" not in ours and "_norm" not in ours:
+        if bias and ours.endswith(".weight") and ".norm" not in ours and "_norm" not in ours:
             out.append((ours[:-7] + ".bias", tuple(h[:-7] + ".bias" for h in hf), False))
     return out
 
@@ -73,11 +73,13 @@ def gpt2_rules(cfg: ModelConfig) -> list[Rule]:
     p = "transformer.h.{i}"
     layer = [
         *_norm("layers.{i}.attn_norm", f"{p}.ln_1", cfg),
-        *_biased(cfg, [("layers.{i}.attention.qkv.weight", (f"{p}.attn.c_attn.weight",), True)]),
-        *_biased(cfg, [("layers.{i}.attention.dense.weight", (f"{p}.attn.c_proj.weight",), True)]),
+        *_biased(cfg.qkv_bias, [("layers.{i}.attention.qkv.weight", (f"{p}.attn.c_attn.weight",), True)]),
+        *_biased(
+            cfg.add_bias_linear, [("layers.{i}.attention.dense.weight", (f"{p}.attn.c_proj.weight",), True)]
+        ),
         *_norm("layers.{i}.mlp_norm", f"{p}.ln_2", cfg),
-        *_biased(cfg, [("layers.{i}.mlp.fc1.weight", (f"{p}.mlp.c_fc.weight",), True)]),
-        *_biased(cfg, [("layers.{i}.mlp.fc2.weight", (f"{p}.mlp.c_proj.weight",), True)]),
+        *_biased(cfg.mlp_bias, [("layers.{i}.mlp.fc1.weight", (f"{p}.mlp.c_fc.weight",), True)]),
+        *_biased(cfg.mlp_bias, [("layers.{i}.mlp.fc2.weight", (f"{p}.mlp.c_proj.weight",), True)]),
     ]
     rules = [
         Rule("embedding.word_embeddings.weight", ("transformer.wte.weight",), vocab=True),
@@ -91,20 +93,28 @@ def gpt2_rules(cfg: ModelConfig) -> list[Rule]:
 
 
 def llama_rules(cfg: ModelConfig) -> list[Rule]:
+    """Llama and its kin (Qwen2, Qwen3, Mistral share the names): per-linear biases, Qwen3's q/k norms."""
     p = "model.layers.{i}"
     attn = f"{p}.self_attn"
+    qk_norms = [
+        (f"layers.{{i}}.attention.{x}_norm.weight", (f"{attn}.{x}_norm.weight",), False) for x in "qk"
+    ]
     layer = [
         *_norm("layers.{i}.attn_norm", f"{p}.input_layernorm", cfg),
         *_biased(
-            cfg, [("layers.{i}.attention.qkv.weight", tuple(f"{attn}.{x}_proj.weight" for x in "qkv"), False)]
+            cfg.qkv_bias,
+            [("layers.{i}.attention.qkv.weight", tuple(f"{attn}.{x}_proj.weight" for x in "qkv"), False)],
         ),
-        *_biased(cfg, [("layers.{i}.attention.dense.weight", (f"{attn}.o_proj.weight",), False)]),
+        *(qk_norms if cfg.qk_norm else []),
+        *_biased(
+            cfg.add_bias_linear, [("layers.{i}.attention.dense.weight", (f"{attn}.o_proj.weight",), False)]
+        ),
         *_norm("layers.{i}.mlp_norm", f"{p}.post_attention_layernorm", cfg),
         *_biased(
-            cfg,
+            cfg.mlp_bias,
             [("layers.{i}.mlp.fc1.weight", (f"{p}.mlp.gate_proj.weight", f"{p}.mlp.up_proj.weight"), False)],
         ),
-        *_biased(cfg, [("layers.{i}.mlp.fc2.weight", (f"{p}.mlp.down_proj.weight",), False)]),
+        *_biased(cfg.mlp_bias, [("layers.{i}.mlp.fc2.weight", (f"{p}.mlp.down_proj.weight",), False)]),
     ]
     rules = [
         Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), vocab=True),
@@ -120,7 +130,7 @@ def _encoder_rules(cfg: ModelConfig, prefix: str, head: dict[str, str]) -> list[
     p = f"{prefix}.encoder.layer.{{i}}"
     layer = [
         *_biased(
-            cfg,
+            cfg.qkv_bias,
             [
                 (
                     "layers.{i}.attention.qkv.weight",
@@ -130,11 +140,12 @@ def _encoder_rules(cfg: ModelConfig, prefix: str, head: dict[str, str]) -> list[
             ],
         ),
         *_biased(
-            cfg, [("layers.{i}.attention.dense.weight", (f"{p}.attention.output.dense.weight",), False)]
+            cfg.add_bias_linear,
+            [("layers.{i}.attention.dense.weight", (f"{p}.attention.output.dense.weight",), False)],
         ),
         *_norm("layers.{i}.attn_norm", f"{p}.attention.output.LayerNorm", cfg),
-        *_biased(cfg, [("layers.{i}.mlp.fc1.weight", (f"{p}.intermediate.dense.weight",), False)]),
-        *_biased(cfg, [("layers.{i}.mlp.fc2.weight", (f"{p}.output.dense.weight",), False)]),
+        *_biased(cfg.mlp_bias, [("layers.{i}.mlp.fc1.weight", (f"{p}.intermediate.dense.weight",), False)]),
+        *_biased(cfg.mlp_bias, [("layers.{i}.mlp.fc2.weight", (f"{p}.output.dense.weight",), False)]),
         *_norm("layers.{i}.mlp_norm", f"{p}.output.LayerNorm", cfg),
     ]
     e = f"{prefix}.embeddings"
@@ -174,22 +185,34 @@ def roberta_rules(cfg: ModelConfig) -> list[Rule]:
     return _encoder_rules(cfg, "roberta", head)
 
 
+# model_types mapped by llama_rules and _llama_kwargs (with their small deltas), and their causal-LM classes
+LLAMA_LIKE = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "mistral": "MistralForCausalLM",
+}
 # transformers classes whose weights the tables cover (GPT2Model: the tied head needs no extra tensor)
 ARCHITECTURES = {
     "gpt2": ("GPT2LMHeadModel", "GPT2Model"),
-    "llama": ("LlamaForCausalLM",),
+    **{mt: (arch,) for mt, arch in LLAMA_LIKE.items()},
     "bert": ("BertForMaskedLM", "BertForPreTraining"),
     "roberta": ("RobertaForMaskedLM",),
 }
-CAUSAL_ARCHITECTURE = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+CAUSAL_ARCHITECTURE = {"gpt2": "GPT2LMHeadModel", **LLAMA_LIKE}
 MASKED_ARCHITECTURE = {"bert": "BertForMaskedLM", "roberta": "RobertaForMaskedLM"}
 
-MAPPINGS = {"gpt2": gpt2_rules, "llama": llama_rules, "bert": bert_rules, "roberta": roberta_rules}
+MAPPINGS = {
+    "gpt2": gpt2_rules,
+    **dict.fromkeys(LLAMA_LIKE, llama_rules),
+    "bert": bert_rules,
+    "roberta": roberta_rules,
+}
 
 # HF keys that alias another tensor (tied weights); written on export, not read on import
 _TIED_ALIASES = {
     "gpt2": {"lm_head.weight": "embedding.word_embeddings.weight"},
-    "llama": {"lm_head.weight": "embedding.word_embeddings.weight"},
+    **{mt: {"lm_head.weight": "embedding.word_embeddings.weight"} for mt in LLAMA_LIKE},
     "bert": {
         "cls.predictions.decoder.weight": "embedding.word_embeddings.weight",
         "cls.predictions.decoder.bias": "head.bias",
@@ -205,7 +228,7 @@ _TIED_ALIASES = {
 # transformers versions saved them): importing skips them silently. Matched against the stored names.
 DERIVABLE_BUFFERS: dict[str, tuple[str, ...]] = {
     "gpt2": (r"(?:transformer\.)?h\.\d+\.attn\.(?:bias|masked_bias)",),  # causal mask, its fill value
-    "llama": (r"(?:model\.)?(?:layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq",),  # rotary frequencies
+    **dict.fromkeys(LLAMA_LIKE, (r"(?:model\.)?(?:layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq",)),  # RoPE
     "bert": (r"(?:bert\.)?embeddings\.(?:position_ids|token_type_ids)",),  # index buffers
     "roberta": (r"(?:roberta\.)?embeddings\.(?:position_ids|token_type_ids)",),
 }
@@ -235,7 +258,7 @@ def _split_sizes(cfg: ModelConfig, rule: Rule) -> list[int]:
         return []
     if "qkv" in rule.ours:
         kv = cfg.kv_heads * cfg.head_dim
-        return [cfg.hidden_size, kv, kv]
+        return [cfg.attention_width, kv, kv]
     return [cfg.ffn_size, cfg.ffn_size]
 
 
@@ -358,46 +381,83 @@ def _gpt2_kwargs(c: Any) -> dict[str, Any]:
     )
 
 
-def _llama_rope_theta(c: Any) -> Any:
-    """RoPE base of a LlamaConfig (old ``rope_theta`` or 5.x ``rope_parameters``); only plain RoPE maps."""
+_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+
+
+def _rope_kwargs(c: Any) -> dict[str, Any]:
+    """RoPE fields of a Llama-like config (5.x ``rope_parameters``, or older ``rope_theta``/``rope_scaling``)."""
     _require(
-        getattr(c, "rope_scaling", None) in (None, {}) or c.rope_scaling.get("rope_type") == "default",
-        f"rope_scaling {getattr(c, 'rope_scaling', None)!r} unsupported (only the default RoPE)",
+        getattr(c, "pretraining_tp", 1) == 1, f"pretraining_tp={getattr(c, 'pretraining_tp', 1)} unsupported"
     )
-    _require(getattr(c, "pretraining_tp", 1) == 1, f"pretraining_tp={c.pretraining_tp} unsupported")
-    rope = getattr(c, "rope_parameters", None) or {}
-    rope_type = rope.get("rope_type", "default")
-    _require(rope_type == "default", f"rope_type {rope_type!r} unsupported (only 'default')")
-    return rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))
+    rope = dict(getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {})
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    _require(kind in _ROPE_TYPES, f"rope_type {kind!r} unsupported; expected one of {list(_ROPE_TYPES)}")
+    partial = rope.get("partial_rotary_factor", getattr(c, "partial_rotary_factor", 1.0))
+    _require(partial in (None, 1.0), f"partial_rotary_factor {partial} unsupported (only 1.0)")
+    kw: dict[str, Any] = {"rope_theta": float(rope.get("rope_theta", getattr(c, "rope_theta", 10000.0)))}
+    if kind != "default":
+        kw.update(rope_scaling=kind, rope_scaling_factor=float(rope["factor"]))
+    if kind == "llama3":
+        kw.update(
+            rope_low_freq_factor=float(rope["low_freq_factor"]),
+            rope_high_freq_factor=float(rope["high_freq_factor"]),
+            rope_original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+        )
+    return kw
 
 
-def _llama_kwargs(c: Any) -> dict[str, Any]:
-    """ModelConfig fields of a LlamaConfig: SwiGLU, RMSNorm, one bias switch for attention and MLP."""
-    theta = _llama_rope_theta(c)
+def _rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """``rope_parameters`` of the exported config: the inverse of :func:`_rope_kwargs`."""
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling != "none":
+        rope.update(rope_type=cfg.rope_scaling, factor=cfg.rope_scaling_factor)
+    if cfg.rope_scaling == "llama3":
+        rope.update(
+            low_freq_factor=cfg.rope_low_freq_factor,
+            high_freq_factor=cfg.rope_high_freq_factor,
+            original_max_position_embeddings=cfg.rope_original_max_position_embeddings
+            or cfg.max_position_embeddings,
+        )
+    return rope
+
+
+def _family_deltas(c: Any, mt: str) -> dict[str, Any]:
+    """What sets Qwen2, Qwen3 and Mistral apart from Llama: linear biases, q/k norms, sliding window."""
+    if mt == "llama":  # attention_bias: q, k, v and o; mlp_bias apart
+        a, m = bool(c.attention_bias), bool(getattr(c, "mlp_bias", False))
+        return dict(add_bias_linear=a, add_mlp_bias=None if m == a else m)
+    if mt == "mistral":
+        return dict(add_bias_linear=False, sliding_window=getattr(c, "sliding_window", None))
+    layer_types = getattr(c, "layer_types", None) or []
+    window = c.sliding_window if "sliding_attention" in layer_types else None
+    if mt == "qwen2":  # q, k, v biases; none on o or the MLP
+        return dict(add_bias_linear=False, add_qkv_bias=True, sliding_window=window)
+    a = bool(getattr(c, "attention_bias", False))  # qwen3: attention_bias on q, k, v and o; q/k norms
+    return dict(add_bias_linear=a, add_mlp_bias=False if a else None, qk_norm=True, sliding_window=window)
+
+
+def _llama_kwargs(c: Any, mt: str = "llama") -> dict[str, Any]:
+    """ModelConfig fields of a Llama-like config (``mt`` in :data:`LLAMA_LIKE`): SwiGLU, RMSNorm, RoPE."""
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    _require(head_dim * c.num_attention_heads == c.hidden_size, f"head_dim {head_dim} x heads != hidden_size")
+    own_width = head_dim * c.num_attention_heads != c.hidden_size  # Qwen3-4B, Mistral Nemo
     _require(c.hidden_act == "silu", f"hidden_act {c.hidden_act!r} unsupported (SwiGLU needs 'silu')")
-    _require(
-        c.attention_bias == c.mlp_bias,
-        f"attention_bias={c.attention_bias} with mlp_bias={c.mlp_bias} unsupported (one bias switch: "
-        "both must agree)",
-    )
     return dict(
-        family="llama",
+        family=mt,
         num_layers=c.num_hidden_layers,
         hidden_size=c.hidden_size,
         num_attention_heads=c.num_attention_heads,
         num_key_value_heads=c.num_key_value_heads,
+        kv_channels=head_dim if own_width else None,
         ffn_hidden_size=c.intermediate_size,
         vocab_size=c.vocab_size,
         max_position_embeddings=c.max_position_embeddings,
         position_embedding="rope",
-        rope_theta=float(theta),
+        **_rope_kwargs(c),
         normalization="rmsnorm",
         norm_eps=c.rms_norm_eps,
         pre_norm=True,
         activation="swiglu",
-        add_bias_linear=bool(c.attention_bias),
+        **_family_deltas(c, mt),
         tie_word_embeddings=bool(c.tie_word_embeddings),
         attention_dropout=float(c.attention_dropout),
         init_method_std=c.initializer_range,
@@ -438,19 +498,16 @@ def _encoder_kwargs(c: Any, mt: str) -> dict[str, Any]:
 
 
 def config_from_hf(hf_config: Any, make_vocab_size_divisible_by: int = 128, **overrides: Any) -> ModelConfig:
-    """ModelConfig equivalent to a transformers GPT2/Llama/Bert/Roberta config (``overrides`` win)."""
+    """ModelConfig equivalent to a transformers config of a supported model_type (``overrides`` win)."""
     mt = getattr(hf_config, "model_type", None)
+    _require(mt in ARCHITECTURES, f"model_type {mt!r} unsupported; expected one of {sorted(ARCHITECTURES)}")
     _check_hf_flags(hf_config, mt)
     if mt == "gpt2":
         kw = _gpt2_kwargs(hf_config)
-    elif mt == "llama":
-        kw = _llama_kwargs(hf_config)
-    elif mt in ("bert", "roberta"):
-        kw = _encoder_kwargs(hf_config, mt)
+    elif mt in LLAMA_LIKE:
+        kw = _llama_kwargs(hf_config, mt)
     else:
-        raise ValueError(
-            f"Hugging Face config: model_type {mt!r} unsupported; expected gpt2, llama, bert or roberta"
-        )
+        kw = _encoder_kwargs(hf_config, mt)
     kw["make_vocab_size_divisible_by"] = make_vocab_size_divisible_by
     kw.update(overrides)
     return ModelConfig(**kw)
@@ -477,23 +534,8 @@ def config_to_hf(cfg: ModelConfig) -> Any:
             initializer_range=cfg.init_method_std,
             tie_word_embeddings=cfg.tie_word_embeddings,
         )
-    if cfg.family == "llama":
-        return transformers.LlamaConfig(
-            vocab_size=cfg.vocab_size,
-            hidden_size=cfg.hidden_size,
-            intermediate_size=cfg.ffn_size,
-            num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_attention_heads,
-            num_key_value_heads=cfg.kv_heads,
-            max_position_embeddings=cfg.max_position_embeddings,
-            rms_norm_eps=cfg.norm_eps,
-            rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-            attention_bias=cfg.add_bias_linear,
-            mlp_bias=cfg.add_bias_linear,
-            attention_dropout=cfg.attention_dropout,
-            tie_word_embeddings=cfg.tie_word_embeddings,
-            initializer_range=cfg.init_method_std,
-        )
+    if cfg.family in LLAMA_LIKE:
+        return _llama_config_to_hf(cfg)
     if cfg.family in ("bert", "roberta"):
         _require(cfg.activation in _ACT_TO_HF, f"model.activation {cfg.activation!r} has no BERT equivalent")
         cls = transformers.BertConfig if cfg.family == "bert" else transformers.RobertaConfig
@@ -514,6 +556,46 @@ def config_to_hf(cfg: ModelConfig) -> Any:
             tie_word_embeddings=cfg.tie_word_embeddings,
         )
     raise ValueError(f"model.family: no Hugging Face config for {cfg.family!r}")
+
+
+def _llama_config_to_hf(cfg: ModelConfig) -> Any:
+    """LlamaConfig, Qwen2Config, Qwen3Config or MistralConfig; refuses switches the family cannot express."""
+    import transformers
+
+    cls = getattr(transformers, LLAMA_LIKE[cfg.family].replace("ForCausalLM", "Config"))
+    window = cfg.sliding_window
+    deltas: dict[str, Any] = {
+        "llama": dict(attention_bias=cfg.add_bias_linear, mlp_bias=cfg.mlp_bias),
+        "mistral": dict(sliding_window=window),
+        "qwen2": dict(use_sliding_window=window is not None, sliding_window=window, max_window_layers=0),
+        "qwen3": dict(
+            attention_bias=cfg.add_bias_linear, use_sliding_window=window is not None, sliding_window=window
+        ),
+    }[cfg.family]
+    if cfg.family == "qwen3":
+        deltas["max_window_layers"] = 0
+    if cfg.family != "qwen2" or cfg.kv_channels is not None:  # Qwen2Config has no head_dim field of its own
+        deltas["head_dim"] = cfg.head_dim
+    hf = cls(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.ffn_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.kv_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.norm_eps,
+        rope_parameters=_rope_to_hf(cfg),
+        attention_dropout=cfg.attention_dropout,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        initializer_range=cfg.init_method_std,
+        **deltas,
+    )
+    expected = {**dict.fromkeys(("add_qkv_bias", "add_mlp_bias", "sliding_window")), "qk_norm": False}
+    expected.update(_family_deltas(hf, cfg.family))
+    lost = [f"model.{k}={getattr(cfg, k)!r}" for k, v in expected.items() if getattr(cfg, k) != v]
+    _require(not lost, f"{cls.__name__} cannot express {', '.join(lost)} (family {cfg.family})")
+    return hf
 
 
 def load_hf_model(hf_model: Any, make_vocab_size_divisible_by: int = 128, seed: int = 0, **overrides: Any):

@@ -28,7 +28,9 @@ def model_class(cfg: ModelConfig) -> type[TransformerLanguageModel]:
         return GPTModel
     if cfg.family in BertModel.families:
         return BertModel
-    raise ValueError(f"model.family: expected one of gpt2, llama, bert, roberta, got {cfg.family!r}")
+    raise ValueError(
+        f"model.family: expected one of gpt2, llama, qwen2, qwen3, mistral, bert, roberta, got {cfg.family!r}"
+    )
 
 
 def build_model(

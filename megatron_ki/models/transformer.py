@@ -1,4 +1,4 @@
-"""One tensor-parallel transformer with switches for GPT-2, Llama, BERT and RoBERTa.
+"""One tensor-parallel transformer with switches for GPT-2, Llama (Qwen2, Qwen3, Mistral), BERT and RoBERTa.
 
 The model is a sequence of separable pieces so a pipeline stage (and the KI teacher beside it) can hold
 only some of them: :class:`Embedding` (ids -> hidden), ``layers`` (:class:`TransformerBlock`, hidden ->
@@ -39,7 +39,7 @@ from megatron_ki.tensor_parallel import (
     scaled_normal_init,
 )
 
-from .norms import build_norm
+from .norms import RMSNorm, build_norm
 
 # init-seed keys of the pieces: seed * _SEED_STRIDE + key
 INIT_KEY_EMBEDDING = 0
@@ -156,12 +156,52 @@ def core_attention(
     return torch.matmul(probs, v)
 
 
-def rotary_cos_sin(
-    position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE tables ``[b, 1, s, head_dim]`` for ``position_ids [b, s]`` (HF Llama's rotate_half layout)."""
+def rope_inv_freq(
+    head_dim: int, theta: float, cfg: ModelConfig | None = None, seq_len: int = 0
+) -> torch.Tensor:
+    """RoPE inverse frequencies ``[head_dim / 2]``, scaled by ``cfg.rope_scaling`` exactly as transformers'
+    ``modeling_rope_utils`` computes them (same fp32 operations in the same order, so logits match).
+
+    ``seq_len`` (the largest position + 1) matters to dynamic scaling only: the base grows once it passes
+    max_position_embeddings (transformers recomputes then too).
+    """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    inv_freq = inv_freq.to(position_ids.device)
+    kind = "none" if cfg is None else cfg.rope_scaling
+    if kind == "linear":
+        inv_freq /= cfg.rope_scaling_factor
+    elif kind == "dynamic" and seq_len > cfg.max_position_embeddings:
+        n, factor = cfg.max_position_embeddings, cfg.rope_scaling_factor
+        base = theta * ((factor * torch.tensor(seq_len) / n) - (factor - 1)) ** (head_dim / (head_dim - 2))
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    elif kind == "llama3":
+        inv_freq = _llama3_inv_freq(inv_freq, cfg)
+    return inv_freq
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Llama 3.1's smooth interpolation between kept high and divided low frequencies."""
+    factor, low, high = cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    old_context_len = cfg.rope_original_max_position_embeddings or cfg.max_position_embeddings
+    low_freq_wavelen, high_freq_wavelen = old_context_len / low, old_context_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rotary_cos_sin(
+    position_ids: torch.Tensor,
+    head_dim: int,
+    theta: float,
+    dtype: torch.dtype,
+    cfg: ModelConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE tables ``[b, 1, s, head_dim]`` for ``position_ids [b, s]`` (HF Llama's rotate_half layout);
+    ``cfg`` adds its RoPE scaling."""
+    seq_len = int(position_ids.max()) + 1 if cfg is not None and cfg.rope_scaling == "dynamic" else 0
+    inv_freq = rope_inv_freq(head_dim, theta, cfg, seq_len).to(position_ids.device)
     freqs = position_ids.float()[..., None] * inv_freq  # [b, s, d/2]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
@@ -176,6 +216,20 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + _rotate_half(x) * sin
 
 
+class HeadRMSNorm(RMSNorm):
+    """Qwen3's RMSNorm of each query or key head: one ``head_dim`` weight shared by all heads, replicated over
+    tp. Each rank normalises only its own heads, so the weight's gradient is all-reduced over the tp group."""
+
+    def __init__(self, head_dim: int, eps: float, dtype: torch.dtype, group: ProcessGroup | None):
+        super().__init__(head_dim, eps, dtype)
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return copy_to_tp_region(self.weight, self.group) * xf.to(x.dtype)
+
+
 class SelfAttention(nn.Module):
     """Fused-QKV column-parallel projection, core attention on this rank's heads, row-parallel output."""
 
@@ -187,7 +241,7 @@ class SelfAttention(nn.Module):
     ):
         super().__init__()
         tp = group_size(group)
-        h, d = cfg.hidden_size, cfg.head_dim
+        h, d, q = cfg.hidden_size, cfg.head_dim, cfg.attention_width
         kv = cfg.kv_heads * d
         dtype = params_dtype(cfg)
         self.num_heads = divide(cfg.num_attention_heads, tp, "model.num_attention_heads")
@@ -200,21 +254,24 @@ class SelfAttention(nn.Module):
         self.rng_tracker = rng_tracker
         self.qkv = ColumnParallelLinear(
             h,
-            h + 2 * kv,
+            q + 2 * kv,
             group,
-            bias=cfg.add_bias_linear,
+            bias=cfg.qkv_bias,
             init_method=normal_init(cfg.init_method_std),
-            output_sizes=[h, kv, kv],
+            output_sizes=[q, kv, kv],
             dtype=dtype,
         )
         self.dense = RowParallelLinear(
-            h,
+            q,
             h,
             group,
             bias=cfg.add_bias_linear,
             init_method=scaled_normal_init(cfg.init_method_std, cfg.num_layers),
             dtype=dtype,
         )
+        self.q_norm = HeadRMSNorm(d, cfg.norm_eps, dtype, group) if cfg.qk_norm else None
+        self.k_norm = HeadRMSNorm(d, cfg.norm_eps, dtype, group) if cfg.qk_norm else None
+        self.sliding_window = cfg.sliding_window
 
     def forward(
         self,
@@ -228,6 +285,12 @@ class SelfAttention(nn.Module):
         q = q.view(b, s, nq, d).transpose(1, 2)
         k = k.view(b, s, nkv, d).transpose(1, 2)
         v = v.view(b, s, nkv, d).transpose(1, 2)
+        if self.sliding_window is not None and s > self.sliding_window:
+            raise ValueError(
+                f"sequence of {s} tokens is longer than model.sliding_window={self.sliding_window} (unsupported)"
+            )
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:
             cos, sin = rotary
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -264,7 +327,7 @@ class MLP(nn.Module):
             h,
             sum(sizes),
             group,
-            bias=cfg.add_bias_linear,
+            bias=cfg.mlp_bias,
             init_method=normal_init(cfg.init_method_std),
             output_sizes=sizes,
             dtype=dtype,
@@ -273,7 +336,7 @@ class MLP(nn.Module):
             f,
             h,
             group,
-            bias=cfg.add_bias_linear,
+            bias=cfg.mlp_bias,
             init_method=scaled_normal_init(cfg.init_method_std, cfg.num_layers),
             dtype=dtype,
         )
@@ -331,7 +394,7 @@ class TransformerBlock(nn.Module):
         if rotary is None and self.cfg.position_embedding == "rope":
             b, s = hidden.shape[:2]
             pos = torch.arange(s, device=hidden.device).expand(b, s)
-            rotary = rotary_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, hidden.dtype)
+            rotary = rotary_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, hidden.dtype, self.cfg)
         if self.pre_norm:
             hidden = hidden + self.dropout(self.attention(self.attn_norm(hidden), pad, rotary))
             return hidden + self.dropout(self.mlp(self.mlp_norm(hidden)))
@@ -609,7 +672,7 @@ class TransformerLanguageModel(nn.Module):
             return None
         if position_ids is None:
             position_ids = torch.arange(seq, device=device).expand(batch, seq)
-        return rotary_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, dtype)
+        return rotary_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, dtype, self.cfg)
 
     def forward(
         self,

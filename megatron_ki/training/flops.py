@@ -54,12 +54,12 @@ _DTYPE_ALIASES = {
 
 def _layer_forward_flops(cfg: ModelConfig, seq_length: int, causal_attention_halved: bool) -> float:
     h, f = cfg.hidden_size, cfg.ffn_size
-    kv = cfg.kv_heads * cfg.head_dim
-    qkv = 2 * h * (h + 2 * kv)
-    attention = 2 * 2 * seq_length * h
+    kv, q = cfg.kv_heads * cfg.head_dim, cfg.attention_width  # q == h unless model.kv_channels is set
+    qkv = 2 * h * (q + 2 * kv)
+    attention = 2 * 2 * seq_length * q
     if causal_attention_halved and cfg.causal:
         attention /= 2
-    out_proj = 2 * h * h
+    out_proj = 2 * q * h
     mlp = 2 * (3 if cfg.activation == "swiglu" else 2) * h * f
     return float(qkv + attention + out_proj + mlp)
 
