@@ -48,6 +48,7 @@ def _run(args: list[str], timeout: int) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_bench_ki_step_tiny(tmp_path: Path) -> None:
     out = tmp_path / "ki.json"
@@ -97,6 +98,8 @@ def test_bench_ki_step_tiny(tmp_path: Path) -> None:
     assert 0 < result["ki_flop_share"] < 1
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.timeout(150)
 @pytest.mark.skipif(
     shutil.which("deepspeed") is None and not (Path(sys.executable).parent / "deepspeed").exists(),
@@ -147,6 +150,8 @@ def test_bench_pretrain_tiny(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.timeout(150)
 @pytest.mark.skipif(
     shutil.which("deepspeed") is None and not (Path(sys.executable).parent / "deepspeed").exists(),

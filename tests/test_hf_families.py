@@ -176,6 +176,7 @@ def _tp2_worker(rank: int, world_size: int) -> dict:
     return out
 
 
+@pytest.mark.distributed
 def test_logits_and_qk_norm_grads_match_transformers_tp2() -> None:
     results = run_distributed(_tp2_worker, world_size=2)
     for rank, res in enumerate(results):
