@@ -218,9 +218,11 @@ def build_pipeline_module(
 
 
 # ------------------------------------------------------------------------------------------------ data
-def check_data(cfg: Config, groups: ParallelGroups):
-    """The tokenizer (None for ``tokenizer_type none``), checked against the model, and the datasets' token
-    ids against ``model.vocab_size``: run before the model is built, so bad data fails in seconds."""
+def check_data(cfg: Config, rank: int):
+    """The tokenizer (None for ``tokenizer_type none``), checked against the model, and (on rank 0) the
+    datasets' files and token ids against ``model.vocab_size``. ``build_run`` calls it before the process
+    group exists, so bad data fails in seconds, printed once: every rank sees the same files, and the other
+    ranks wait for rank 0 in the rendezvous that follows."""
     from megatron_ki.data import build_tokenizer
     from megatron_ki.data.token_range import check_token_range, dataset_prefixes
 
@@ -240,10 +242,8 @@ def check_data(cfg: Config, groups: ParallelGroups):
                 "model.pad_token_id",
                 f"{cfg.model.pad_token_id} differs from the padding id {tokenizer.pad} of {cfg.data.tokenizer_model}",
             )
-    if groups.rank == 0:  # token ids beyond the embedding: an IndexError at tp=1, silent garbage at tp>=2
+    if rank == 0:  # token ids beyond the embedding: an IndexError at tp=1, silent garbage at tp>=2
         check_token_range(dataset_prefixes(cfg.data), cfg.model.vocab_size, cfg.data.cache_dir)
-    if dist.is_initialized():
-        dist.barrier()
     return tokenizer
 
 
@@ -252,7 +252,7 @@ def build_loaders(cfg: Config, groups: ParallelGroups, consumed_samples: int, to
     from megatron_ki.data import PretrainingSampler, build_datasets_from_config
 
     if tokenizer is None and cfg.data.tokenizer_type != "none":
-        tokenizer = check_data(cfg, groups)
+        tokenizer = check_data(cfg, groups.rank)
     train = cfg.train
     gbs = train.global_batch_size
     evals = (train.train_steps // train.eval_interval if train.eval_interval else 0) + 1
@@ -312,6 +312,8 @@ def build_run(cfg: Config, world: int | None = None, data: bool = True) -> Run:
     from megatron_ki.training.engine import initialize_engine
     from megatron_ki.training.lr import lr_schedule
 
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+    tokenizer = check_data(cfg, rank) if data else None
     init_distributed(cfg)
     world = dist.get_world_size() if world is None else world
     topology = Topology.from_world(world, cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel)
@@ -321,7 +323,6 @@ def build_run(cfg: Config, world: int | None = None, data: bool = True) -> Run:
     device = default_device()
     seed_everything(cfg.train.seed + 100 * groups.pp_rank, device)
     tracker = TPRngTracker(cfg.train.seed, groups.tp_rank, device)
-    tokenizer = check_data(cfg, groups) if data else None
     model, loss_fn, teacher_cfg, teacher, pipe_teacher = build_student_and_teacher(
         cfg, groups, device, tracker
     )
