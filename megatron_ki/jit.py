@@ -12,8 +12,11 @@ Old spellings still work, with one deprecation line: ``MEGATRON_KI_BUILD_DIR`` (
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 logger = logging.getLogger("megatron_ki")
@@ -52,3 +55,30 @@ def compiled_code_enabled() -> bool:
         _deprecated("MEGATRON_KI_NO_CPP=1", f"{SWITCH_ENV}=reference")
         return False
     return value == "auto"
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGTERM/SIGINT until the block ends, then deliver them.
+
+    torch's JIT builds (ours, and DeepSpeed's CPU communication op inside ``deepspeed.init_distributed``) take
+    a file lock beside the build; a process killed while holding it leaves the lock behind, and every later
+    build on the machine waits for it forever. The launcher SIGTERMs every rank as soon as one fails, often
+    while the others are starting up. Main thread only (elsewhere the block runs as it is).
+    """
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {
+        sig: signal.signal(sig, lambda s, _f: received.append(s)) for sig in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(received):
+            os.kill(os.getpid(), sig)

@@ -16,7 +16,7 @@ from types import ModuleType
 
 import torch
 
-from megatron_ki.jit import compiled_code_enabled, torch_extensions_root
+from megatron_ki.jit import compiled_code_enabled, signals_deferred, torch_extensions_root
 
 logger = logging.getLogger("megatron_ki")
 
@@ -65,15 +65,16 @@ def load_cpu_extension() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
-        return load(
-            name=name,
-            sources=[str(CSRC / s) for s in CPU_SOURCES],
-            extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math", *simd],
-            extra_ldflags=["-fopenmp"],
-            extra_include_paths=[str(CSRC)],
-            build_directory=str(build_dir(name)),
-            verbose=False,
-        )
+        with signals_deferred():  # a kill inside the build would leave its lock file behind
+            return load(
+                name=name,
+                sources=[str(CSRC / s) for s in CPU_SOURCES],
+                extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math", *simd],
+                extra_ldflags=["-fopenmp"],
+                extra_include_paths=[str(CSRC)],
+                build_directory=str(build_dir(name)),
+                verbose=False,
+            )
     except Exception as exc:  # a missing compiler must not stop training: the reference still works
         logger.warning(
             "megatron_ki kernels: building the CPU extension failed (%s); using the reference", exc
@@ -92,15 +93,16 @@ def load_cuda_extension() -> ModuleType | None:
         if CUDA_HOME is None:
             logger.warning("megatron_ki kernels: CUDA_HOME not found; CUDA tensors use the PyTorch reference")
             return None
-        return load(
-            name="megatron_ki_cuda",
-            sources=[str(CSRC / s) for s in CUDA_SOURCES],
-            extra_cflags=["-O3"],
-            extra_cuda_cflags=["-O3", "-std=c++17"],
-            extra_include_paths=[str(CSRC)],
-            build_directory=str(build_dir("megatron_ki_cuda")),
-            verbose=False,
-        )
+        with signals_deferred():  # a kill inside the build would leave its lock file behind
+            return load(
+                name="megatron_ki_cuda",
+                sources=[str(CSRC / s) for s in CUDA_SOURCES],
+                extra_cflags=["-O3"],
+                extra_cuda_cflags=["-O3", "-std=c++17"],
+                extra_include_paths=[str(CSRC)],
+                build_directory=str(build_dir("megatron_ki_cuda")),
+                verbose=False,
+            )
     except Exception as exc:
         logger.warning(
             "megatron_ki kernels: building the CUDA extension failed (%s); using the reference", exc

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_ki.config import Config, ConfigError, ModelConfig
+from megatron_ki.jit import signals_deferred
 from megatron_ki.ki.schedule import KISchedule, build_schedule
 from megatron_ki.ki.teacher import KILossFunction
 from megatron_ki.parallel import ParallelGroups, Topology
@@ -85,7 +86,8 @@ def init_distributed(cfg: Config) -> None:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    deepspeed.init_distributed(dist_backend=backend, timeout=collective_timeout(cfg))
+    with signals_deferred():  # DeepSpeed JIT-loads its CPU comm op here, under a build lock
+        deepspeed.init_distributed(dist_backend=backend, timeout=collective_timeout(cfg))
     release_deepspeed_shm()
 
 
