@@ -39,7 +39,12 @@ def run(argv: list[str], world: int, callbacks: Sequence = ()) -> int:
     from megatron_ki.training.loop import Trainer
     from megatron_ki.training.run import build_run
 
-    return Trainer(build_run(cfg, world), callbacks).fit(started=STARTED)
+    code = Trainer(build_run(cfg, world), callbacks).fit(started=STARTED)
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # every rank is past fit's last barrier: tear the groups down before exit
+        dist.destroy_process_group()
+    return code
 
 
 def main(argv: list[str] | None = None, callbacks: Sequence = ()) -> int:

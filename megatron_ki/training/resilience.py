@@ -155,7 +155,12 @@ class StepWatchdog(threading.Thread):
         self._armed = True
 
     def stop(self) -> None:
+        """Stop and wait for the thread, then drop its store connection: a connection still in use while the
+        interpreter shuts down can end the process in C++ (``terminate called without an active exception``)."""
         self._stopped.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout=self.interval_s + 15)
+        self.store = None
 
     def run(self) -> None:
         self._publish()
