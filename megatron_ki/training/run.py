@@ -219,6 +219,45 @@ def build_pipeline_module(
     return module
 
 
+def teacher_config_of(path: str, make_vocab_size_divisible_by: int) -> ModelConfig:
+    """The architecture of the teacher at ``ki.teacher_path`` from its config alone (no tensor read): a
+    ``hf:`` directory's config.json, or the config a framework checkpoint saved. An unreadable or unsupported
+    teacher is a :class:`ConfigError` at ``ki.teacher_path`` naming the path and the reason."""
+    from megatron_ki.checkpoint_format import meta_config, read_meta
+    from megatron_ki.convert.hf import config_from_hf, read_hf_config
+
+    try:
+        if path.startswith("hf:"):
+            return config_from_hf(read_hf_config(path[len("hf:") :]), make_vocab_size_divisible_by)
+        return meta_config(read_meta(path)[1]).model
+    except (OSError, ValueError) as e:
+        reason = " ".join(str(e).split())
+        raise ConfigError("ki.teacher_path", f"{path}: cannot be used as a teacher: {reason}") from None
+
+
+def check_teacher_source(cfg: Config, world: int) -> None:
+    """Refuse a teacher this framework cannot load, or one that does not fit the student, before any process
+    group exists: one configuration error (exit 2) printed once, in seconds, instead of a failure on every
+    rank after start-up. Reads configs and tokenizers only; ``load_teacher_weights`` loads the tensors."""
+    from megatron_ki.config import check_teacher
+
+    path = cfg.ki.teacher_path
+    if not (cfg.ki.enabled and path):
+        return
+    teacher = teacher_config_of(path, cfg.model.make_vocab_size_divisible_by)
+    topology = Topology.from_world(world, cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel)
+    try:
+        check_teacher(cfg.model, teacher, topology.tp, cfg.data.seq_length, pp=topology.pp)
+    except ConfigError as e:
+        raise ConfigError(
+            "ki.teacher_path", f"{path} does not fit the student at '{e.key}': {e.detail}"
+        ) from None
+    if path.startswith("hf:"):
+        from megatron_ki.convert.tokenizer import check_teacher_tokenizer
+
+        check_teacher_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model, path[len("hf:") :])
+
+
 # ------------------------------------------------------------------------------------------------ data
 def check_data(cfg: Config, rank: int):
     """The tokenizer (None for ``tokenizer_type none``), checked against the model, and (on rank 0) the
@@ -316,6 +355,7 @@ def build_run(cfg: Config, world: int | None = None, data: bool = True) -> Run:
 
     rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
     tokenizer = check_data(cfg, rank) if data else None
+    check_teacher_source(cfg, world or int(os.environ.get("WORLD_SIZE", "1")))
     init_distributed(cfg)
     world = dist.get_world_size() if world is None else world
     topology = Topology.from_world(world, cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel)

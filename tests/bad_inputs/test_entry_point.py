@@ -83,6 +83,18 @@ def garbage_tokenizer(folder: Path) -> list[str]:
     return [PYTHON, ENTRY, *base(folder, tokenizer=str(tok))]
 
 
+def unsupported_teacher(folder: Path, launcher: bool = False) -> list[str]:
+    """A Hugging Face directory of a model_type the framework has no mapping for (Gemma's config.json)."""
+    import transformers
+
+    teacher = folder / "gemma"
+    transformers.GemmaConfig(vocab_size=512, hidden_size=32, num_hidden_layers=1).save_pretrained(teacher)
+    args = base(folder, "--ki.enabled", "true", "--ki.teacher_path", f"hf:{teacher}")
+    if launcher:
+        args += ["--train.global_batch_size", "4"]
+    return ["bash", SCRIPT, *args] if launcher else [PYTHON, ENTRY, *args]
+
+
 def script(*extra: str, env: dict[str, str] | None = None):
     def setup(folder: Path) -> list[str]:
         return ["bash", SCRIPT, *base(folder, *extra)]
@@ -144,6 +156,12 @@ CASES = [
     ),
     BadInput("garbage_tokenizer", garbage_tokenizer, ("broken.model",)),
     BadInput(
+        "teacher_checkpoint_missing",
+        entry("--ki.enabled", "true", "--ki.teacher_path", "/nonexistent/teacher_ckpt"),
+        ("ki.teacher_path", "/nonexistent/teacher_ckpt", "no such directory"),
+        2,
+    ),
+    BadInput(
         "token_ids_beyond_vocab",
         entry("--data.tokenizer_type", "none", "--model.vocab_size", "300"),
         ("synth_text_document", "300"),
@@ -172,6 +190,14 @@ CASES = [
             *base(f, "--train.global_batch_size", "4", data=str(f / "gone_text_document")),
         ],
         ("gone_text_document",),
+        env={**LAUNCHER_ENV},
+        timeout=180,
+    ),
+    BadInput(
+        "two_ranks_unsupported_hf_teacher",
+        lambda f: unsupported_teacher(f, launcher=True),
+        ("ki.teacher_path", "model_type 'gemma' unsupported", "'qwen3'"),
+        2,
         env={**LAUNCHER_ENV},
         timeout=180,
     ),
