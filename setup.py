@@ -33,7 +33,15 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=7.4", "pytest-timeout>=2.1", "ruff>=0.5"],
+        "test": [
+            "pytest>=7.4",
+            "pytest-timeout>=2.1",
+            "ruff>=0.5",
+            # tests/test_data_megatron_core.py reads our data with megatron-core's IndexedDataset. 0.16.1 is the
+            # newest release for Python 3.10/3.11 (0.17+ need 3.12): a 2.6 MB wheel (cp310-cp313) needing only
+            # torch>=2.6, numpy and packaging, so with torch >= 2.6 installed first it pulls no other torch.
+            "megatron-core==0.16.1; python_version < '3.14'",
+        ],
         "apex": ["apex"],
     },
 )

@@ -54,8 +54,10 @@ def _outputs(directory) -> list[str]:
 def test_train_tokenizer_special_tokens(assets):
     tok = build_tokenizer("SentencePieceTokenizer", assets["model"])
     assert tok.vocab_size == 300
-    assert (tok.mask, tok.pad, tok.eod) == (3, 4, 5)  # user symbols follow <unk>, <s>, </s>
+    assert (tok.mask, tok.pad, tok.piece_to_id("<eod>")) == (3, 4, 5)  # user symbols follow <unk>, <s>, </s>
     assert tok.cls == tok.bos == 1 and tok.sep == tok.eos == 2
+    assert tok.eod == tok.eos  # the separator Megatron-LM appends; <eod> only with --eod-token '<eod>'
+    assert tok.special_ids == [0, 1, 2, 3, 4, 5]  # <eod> stays special (never masked)
     text = "the cat <mask> sat"
     assert tok.mask in tok.tokenize(text)  # never split
     assert tok.detokenize(tok.tokenize("the quick fox")) == "the quick fox"

@@ -117,6 +117,99 @@ def build_hf_tokenizer_dir(directory: str) -> str:
     return directory
 
 
+FAMILY_TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Knowledge inheritance reuses what a teacher model already knows.",
+    "naïve café — déjà vu ✓ 東京 2024! Ünïcödé and emoji 🙂",
+    "Tabs\tand  double  spaces, then a newline\nand more text.",
+]
+"""Texts for the family tokenizers: ASCII, accents, CJK, emoji, whitespace runs."""
+
+# name: (tokenizer_class, specials added in this order, tokenizer_config entries, total size or None)
+HF_FAMILIES: dict[str, tuple[str, list[str], dict, int | None]] = {
+    "llama3": (
+        "PreTrainedTokenizerFast",
+        ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"},
+        1003,  # filled with <|reserved_special_token_N|> as Llama 3 does: a size that divides by nothing useful
+    ),
+    "llama3-instruct": (
+        "PreTrainedTokenizerFast",
+        ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"},
+        1003,
+    ),
+    "qwen2.5": (
+        "Qwen2Tokenizer",
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        {"bos_token": None, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"},
+        None,
+    ),
+    "qwen3": (
+        "Qwen2Tokenizer",
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"],
+        {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
+        None,
+    ),
+    "mistral": (
+        "LlamaTokenizer",
+        [],  # <unk>, <s>, </s> are the first three pieces, as in Mistral's tokenizer.json
+        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
+        None,
+    ),
+}
+"""Tokenizers shaped like Llama 3 (base and instruct), Qwen2.5, Qwen3 (eos <|im_end|>) and Mistral."""
+
+
+def build_family_tokenizer_dir(directory: str, family: str) -> str:
+    """A small ``tokenizer.json`` + ``tokenizer_config.json`` of ``family`` (HF_FAMILIES), built offline.
+
+    Byte-level BPE with the family's added special tokens (Llama 3, Qwen), or a Metaspace BPE with byte
+    fallback and ``<unk>/<s>/</s>`` (Mistral), trained on a few sentences; eos as the real family names it.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizer_class, specials, config, total = HF_FAMILIES[family]
+    rng = random.Random(9)
+    lines = [*FAMILY_TEXTS, *(" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(200))]
+    if family == "mistral":
+        tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+        tok.decoder = decoders.Sequence(
+            [
+                decoders.Replace("\u2581", " "),
+                decoders.ByteFallback(),
+                decoders.Fuse(),
+                decoders.Strip(" ", 1, 0),
+            ]
+        )
+        byte_pieces = [f"<0x{b:02X}>" for b in range(256)]
+        trainer = trainers.BpeTrainer(
+            vocab_size=600, special_tokens=["<unk>", "<s>", "</s>", *byte_pieces], show_progress=False
+        )
+    else:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+        trainer = trainers.BpeTrainer(vocab_size=600, initial_alphabet=alphabet, show_progress=False)
+    tok.train_from_iterator(lines, trainer)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    if total is not None:
+        reserved = [f"<|reserved_special_token_{i}|>" for i in range(total - tok.get_vocab_size())]
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in reserved])
+    bos = config.get("bos_token")
+    if bos is not None:  # Llama and Mistral prepend bos when special tokens are added (not by preprocessing)
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
+    os.makedirs(directory, exist_ok=True)
+    tok.save(os.path.join(directory, "tokenizer.json"))
+    with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump({"tokenizer_class": tokenizer_class, **config}, f)
+    return directory
+
+
 def write_gpt2_files(directory: str) -> tuple[str, str]:
     """A tiny GPT-2 style vocab.json/merges.txt (byte-level alphabet plus a few merges)."""
     from tokenizers import pre_tokenizers

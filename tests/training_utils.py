@@ -116,6 +116,7 @@ def build_corpus(root: str | Path) -> Corpus:
             "--tokenizer-type", "SentencePieceTokenizer",
             "--tokenizer-model", model,
             "--append-eod",
+            "--eod-token", "<eod>",  # id 5, the separator the golden loss curves were recorded with
             "--output-prefix", str(root / "synth"),
             "--log-interval", "1000000",
         ]

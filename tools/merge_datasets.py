@@ -11,8 +11,11 @@ or ``--input-dir DIR`` to merge every ``*.idx`` prefix in a directory (sorted by
 The inputs must come from the same tokenizer, and MMIDIDX files do not record which one made them: the
 merge refuses inputs whose token dtypes differ (uint16 for a vocabulary under 65500, int32 above), inputs
 whose ``.stats.json`` sidecars (written by tools/preprocess_data.py) name different tokenizers or vocabulary
-sizes and, with ``--vocab-size N``, any token id outside ``[0, N)``; without sidecars it cannot tell apart
-two vocabularies of similar size. The output gets its own sidecar (token count and largest id).
+sizes or record different document separators (``eod_token_id``, e.g. the eos of one run and ``--eod-token
+'<eod>'`` of another: a blend must have one), and, with ``--vocab-size N``, any token id outside ``[0, N)``;
+without sidecars it cannot tell apart two vocabularies of similar size, and an input without a sidecar (or
+whose sidecar predates ``eod_token_id``) has an unknown separator. The output gets its own sidecar (token
+count, largest id, and ``eod_token_id`` when every input records the same one).
 """
 
 import argparse
@@ -22,7 +25,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_ki.data.indexed import bin_path, idx_path, merge_datasets, read_stats, stats_path
+from megatron_ki.data.indexed import (
+    bin_path,
+    idx_path,
+    merge_datasets,
+    read_stats,
+    recorded_eods,
+    stats_path,
+)
 from megatron_ki.data.preprocess import check_output_dir, write_error
 from megatron_ki.errors import MegatronKIError, UsageError, add_debug_argument, run_main
 
@@ -105,6 +115,7 @@ def _main(argv: list[str]) -> int:
     if os.path.abspath(args.output_prefix) in {os.path.abspath(x) for x in prefixes}:
         raise UsageError(f"--output-prefix {args.output_prefix}: is also an input; expected a new prefix")
     tokenizer = _tokenizer_of(prefixes)
+    recorded_eods(prefixes)  # different separators: refused before the output directory is touched
     check_output_dir(args.output_prefix, error=MergeError)
     stats = {"source": PROG, **tokenizer, "inputs": [os.path.abspath(p) for p in prefixes]}
     try:

@@ -35,6 +35,10 @@ MMIDIDX v1: nothing is added to them.
 Optional sidecar ``{prefix}.stats.json`` (:func:`write_stats`, :func:`read_stats`): token count and the
 smallest and largest token id, with the size and mtime of the ``.bin`` it describes; a sidecar that does not
 match the ``.bin`` beside it (rewritten by another tool) is ignored. Publishing a new pair removes the old one.
+Since this project's document-separator rule, the sidecars of preprocess_data.py and merge_datasets.py also
+record ``eod_token_id``: the id appended after every document (null: none was appended). It is an added field,
+not a new format: sidecars written before it stay valid and simply do not know the separator
+(:func:`recorded_eod` counts them as unknown).
 """
 
 from __future__ import annotations
@@ -149,6 +153,65 @@ def read_stats(prefix: str | os.PathLike, path: str | None = None) -> dict | Non
     if not all(k in record and isinstance(record[k], int | None) for k in ("min_token_id", "max_token_id")):
         return None
     return record
+
+
+EOD_FIELD = "eod_token_id"
+"""Sidecar field: the id appended after each document (null when none was)."""
+
+
+class EodMismatchError(IndexedDatasetError):
+    """Datasets meant to be read together record different document separators."""
+
+
+def _describe_eod(eod: int | None) -> str:
+    return "none (no separator appended)" if eod is None else str(eod)
+
+
+def _sidecar_eod(prefix: str | os.PathLike) -> tuple[bool, int | None]:
+    """(known, id) of ``prefix``'s recorded separator; unknown without a current sidecar or its field."""
+    record = read_stats(prefix)
+    if record is None or EOD_FIELD not in record:
+        return False, None
+    eod = record[EOD_FIELD]
+    if eod is not None and (isinstance(eod, bool) or not isinstance(eod, int)):
+        return False, None  # not written by these tools: as good as absent
+    return True, eod
+
+
+def recorded_eods(prefixes: Iterable[str | os.PathLike]) -> tuple[bool, int | None]:
+    """(all_known, id): the separator the sidecars of ``prefixes`` agree on, and whether every one records it.
+
+    Raises :class:`EodMismatchError` naming the first two prefixes (and their sidecars) that record different
+    separators, one of them possibly "none". Prefixes without a current sidecar, or whose sidecar predates
+    the field, are unknown and never conflict with anything.
+    """
+    first: tuple[str, int | None] | None = None
+    all_known = True
+    for prefix in prefixes:
+        known, eod = _sidecar_eod(prefix)
+        all_known = all_known and known
+        if not known:
+            continue
+        if first is None:
+            first = (os.fspath(prefix), eod)
+        elif eod != first[1]:
+            raise EodMismatchError(
+                f"{prefix}: eod_token_id {_describe_eod(eod)} ({stats_path(prefix)}) but {first[0]} records "
+                f"{_describe_eod(first[1])} ({stats_path(first[0])}); expected one document separator for "
+                "all datasets read together: preprocess them again with the same --eod-token"
+            )
+    return all_known, None if first is None else first[1]
+
+
+def recorded_eod(prefixes: Iterable[str | os.PathLike]) -> int | None:
+    """The document-separator id the ``.stats.json`` sidecars of a blend's ``prefixes`` record, if any.
+
+    Returns the id when at least one prefix records one and no two disagree; None when none records an id
+    (no sidecar, a sidecar older than the field, one that does not describe the current ``.bin``, or data
+    written without ``--append-eod``). Raises :class:`EodMismatchError` naming two prefixes and their ids
+    when the sidecars disagree (including an id against "none appended").
+    """
+    return recorded_eods(prefixes)[1]
 
 
 # ------------------------------------------------------------------------------------ temporary files
@@ -624,7 +687,9 @@ def merge_datasets(
     """Concatenate datasets into ``output_prefix`` without loading them; returns the result.
 
     With ``stats`` (extra fields, may be empty), the sidecar ``{output_prefix}.stats.json`` is written too
-    (best effort: a failure to write it is logged, the merged dataset stays).
+    (best effort: a failure to write it is logged, the merged dataset stays). Inputs whose sidecars record
+    different document separators are refused (:func:`recorded_eods`); the output records the separator when
+    every input does (or ``stats`` gives it), else it is unknown.
 
     What can be checked: MMIDIDX files record no tokenizer or vocabulary, only the token dtype (uint16 for a
     vocabulary under 65500, int32 above), so datasets of different dtypes are refused; with ``vocab_size``
@@ -637,8 +702,9 @@ def merge_datasets(
         raise ValueError("merge_datasets: no input prefixes given")
     if vocab_size is not None and vocab_size < 1:
         raise ValueError(f"merge_datasets: vocab_size must be >= 1, got {vocab_size}")
+    all_known, eod = recorded_eods(prefixes)  # refused before anything is written
     first = IndexedDataset(prefixes[0])
-    for p in prefixes[1:]:  # refused before anything is written
+    for p in prefixes[1:]:
         other = IndexedDataset(p)
         if other.dtype != first.dtype:
             raise IndexedDatasetError(
@@ -649,6 +715,8 @@ def merge_datasets(
         for p in prefixes:
             builder.add_index(p, vocab_size)
     if stats is not None:
+        if all_known and EOD_FIELD not in stats:
+            stats = {**stats, EOD_FIELD: eod}
         try:
             write_stats(output_prefix, {**builder.token_stats(), **stats})
         except OSError as e:

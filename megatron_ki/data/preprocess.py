@@ -5,6 +5,21 @@ flight, so memory stays flat however large the corpus is (Megatron's own tool ho
 parse, validate and tokenize; results come back in input order and are streamed into
 :class:`IndexedDatasetBuilder` instances, which write under temporary names and rename only on success.
 
+Document separator (``--append-eod``), one rule: by default the id Megatron-LM's own preprocess_data.py appends
+for the same tokenizer, its eos, so shards made by either tool hold the same bytes and a blend of them one
+separator: a sentencepiece model's ``eos_id()`` (``</s>``; Megatron's GPTSentencePieceTokenizer and
+Llama2Tokenizer), a Hugging Face tokenizer's ``eos_token_id`` (Llama 3 ``<|end_of_text|>``, or ``<|eot_id|>``
+where tokenizer_config.json names it, Qwen2.5 ``<|endoftext|>``, Mistral ``</s>``; a BERT-style vocabulary
+without eos: its ``[SEP]``), GPT-2 BPE's ``<|endoftext|>``. Anything else is named with ``--eod-token
+PIECE_OR_ID`` (a piece of the vocabulary, or an integer id below the vocabulary size), e.g. ``--eod-token
+'<eod>'`` for the ``<eod>`` piece of tools/train_tokenizer.py. Megatron's legacy ``SentencePieceTokenizer``
+type appends an ``<EOD>``, which it adds beyond the vocabulary when the model has no such piece (after
+``<CLS>`` and ``<SEP>``); with an unchanged vocabulary that cannot be reproduced: train the tokenizer with an
+``<EOD>`` piece (Megatron then uses that piece too) and pass ``--eod-token '<EOD>'``.
+``--eod-token`` without ``--append-eod`` is a usage error (exit 2), and a tokenizer without eos needs
+``--eod-token``. The id used is recorded as ``eod_token_id`` in the ``.stats.json`` sidecar (null without
+``--append-eod``).
+
 A run that fails, for whatever reason (bad line, no non-empty document, disk full, Ctrl-C), leaves the
 dataset already at ``--output-prefix`` as it was: outputs are published only once the whole run succeeded.
 Temporary files of earlier runs that were killed are removed when the next run of the same prefix starts.
@@ -29,6 +44,7 @@ import numpy as np
 
 from megatron_ki.data.corpus import CorpusError, expand_inputs, iter_lines, parse_json_line
 from megatron_ki.data.indexed import (
+    EOD_FIELD,
     IndexedDatasetBuilder,
     merge_datasets,
     optimal_dtype,
@@ -62,12 +78,13 @@ class Stats:
 _WORKER: dict = {}
 
 
-def _init_worker(tok_args: tuple, keys: list[str], append_eod: bool, dtype: str, skip_bad: bool) -> None:
+def _init_worker(tok_args: tuple, keys: list[str], eod: int | None, dtype: str, skip_bad: bool) -> None:
+    """Per-process state; ``eod`` is the id resolved once by the main process (None: append nothing)."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER.update(
         tokenizer=build_tokenizer(*tok_args),
         keys=keys,
-        append_eod=append_eod,
+        eod=eod,
         dtype=np.dtype(dtype),
         skip=skip_bad,
     )
@@ -128,14 +145,12 @@ def _process_chunk(chunk: tuple[str, int, list[bytes]]) -> dict:
             continue
         good.append(texts)
     out: dict = {"bad": bad, "bytes": nbytes, "keys": {}}
-    eod = tok.eod
+    eod: int | None = _WORKER["eod"]
     for k_i, key in enumerate(keys):
         ids = _encode(tok, [g[k_i] for g in good]) if good else []
         ids = [x for x in ids if x]
         empty = len(good) - len(ids)
-        if _WORKER["append_eod"]:
-            if eod is None:
-                raise PreprocessError(f"--append-eod: tokenizer {tok.name} has no end-of-document token")
+        if eod is not None:
             for x in ids:
                 x.append(eod)
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
@@ -318,11 +333,15 @@ def preprocess(args: argparse.Namespace) -> Stats:
         raise PreprocessError(f"--input {' '.join(args.input)}: the input is empty (0 bytes)")
     tok_args = (args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file)
     try:
-        tok = build_tokenizer(*tok_args)
+        tok = build_tokenizer(*tok_args, eod_token=args.eod_token)
     except TokenizerError as e:
         raise PreprocessError(str(e)) from None
     if args.append_eod and tok.eod is None:
-        raise PreprocessError(f"--append-eod: tokenizer {tok.name} has no end-of-document token")
+        source = args.tokenizer_model or args.vocab_file
+        raise PreprocessError(
+            f"--append-eod: tokenizer {tok.name} {source} has no eos token, the separator Megatron-LM "
+            "appends; name one with --eod-token PIECE_OR_ID (a piece of its vocabulary or an id)"
+        )
     check_output_dir(args.output_prefix)
     try:
         return _preprocess(args, files, tok, tok_args)
@@ -334,7 +353,8 @@ def preprocess(args: argparse.Namespace) -> Stats:
 
 def _preprocess(args: argparse.Namespace, files: list[str], tok: Tokenizer, tok_args: tuple) -> Stats:
     dtype = np.dtype(optimal_dtype(tok.vocab_size)).name
-    init = (tok_args, list(args.json_keys), args.append_eod, dtype, args.skip_bad_lines)
+    eod = tok.eod if args.append_eod else None
+    init = (tok_args, list(args.json_keys), eod, dtype, args.skip_bad_lines)
     final = {k: output_prefix_for(args.output_prefix, k) for k in args.json_keys}
     # what killed runs left (with partitions, the builder of the final prefix starts only at the very end)
     for p in final.values():
@@ -349,6 +369,7 @@ def _preprocess(args: argparse.Namespace, files: list[str], tok: Tokenizer, tok_
         "tokenizer_model": os.path.abspath(args.tokenizer_model) if args.tokenizer_model else None,
         "vocab_size": tok.vocab_size,
         "append_eod": bool(args.append_eod),
+        EOD_FIELD: eod,
     }
     pool = None
     part_prefixes: list[dict[str, str]] = []
@@ -385,9 +406,31 @@ def _preprocess(args: argparse.Namespace, files: list[str], tok: Tokenizer, tok_
     return stats
 
 
+EOD_RULE = """\
+document separator (--append-eod), one rule:
+  By default the id Megatron-LM's own preprocess_data.py appends for the same tokenizer, its eos, so
+  shards made by either tool hold the same bytes and a blend of them has one separator:
+    SentencePieceTokenizer  sp.eos_id() ('</s>', as Megatron's GPTSentencePieceTokenizer/Llama2Tokenizer)
+    HuggingFaceTokenizer    eos_token_id (Llama 3 '<|end_of_text|>', or '<|eot_id|>' where its
+                            tokenizer_config.json says so; Qwen2.5 '<|endoftext|>'; Mistral '</s>');
+                            a BERT-style vocabulary without eos: its sep ('[SEP]')
+    GPT2BPETokenizer        '<|endoftext|>'
+  --eod-token PIECE_OR_ID appends anything else: a piece of the vocabulary (e.g. '<eod>' of
+  tools/train_tokenizer.py) or an integer id below the vocabulary size; it needs --append-eod (a usage
+  error without it). A tokenizer without eos needs --eod-token. Megatron's legacy SentencePieceTokenizer
+  type appends an '<EOD>', which it adds beyond the vocabulary when the model has no such piece; to get
+  the same bytes, train the tokenizer with an '<EOD>' piece (Megatron then uses it too) and pass
+  --eod-token '<EOD>'.
+  The id used is recorded as eod_token_id in {prefix}_{key}_document.stats.json (null without
+  --append-eod); tools/merge_datasets.py refuses inputs whose recorded ids differ.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Tokenize .jsonl/.jsonl.gz into Megatron MMIDIDX {prefix}_{key}_document.bin/.idx",
+        epilog=EOD_RULE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     g = p.add_argument_group("input")
     g.add_argument("--input", nargs="+", required=True, help="input file(s) or glob(s): .jsonl or .jsonl.gz")
@@ -403,7 +446,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vocab-file", help="GPT2BPETokenizer vocab.json")
     g.add_argument("--merge-file", help="GPT2BPETokenizer merges.txt")
     g.add_argument(
-        "--append-eod", action="store_true", help="append the end-of-document token to each document"
+        "--append-eod",
+        action="store_true",
+        help="append a document separator after each document: by default the id Megatron-LM's "
+        "preprocess_data.py appends for the same tokenizer, its eos (sentencepiece eos_id() '</s>', Hugging "
+        "Face eos_token_id, GPT-2 '<|endoftext|>'; a Hugging Face vocabulary without eos: its sep); "
+        "recorded as eod_token_id in {prefix}.stats.json",
+    )
+    g.add_argument(
+        "--eod-token",
+        metavar="PIECE_OR_ID",
+        help="with --append-eod, append this instead of the eos: a piece of the vocabulary (e.g. '<eod>' of "
+        "tools/train_tokenizer.py) or an integer id. Megatron's legacy SentencePieceTokenizer type appends an "
+        "<EOD> it adds beyond the vocabulary; to match it, train the tokenizer with an <EOD> piece and pass "
+        "--eod-token '<EOD>'. Required with --append-eod when the tokenizer has no eos; a usage error "
+        "without --append-eod",
     )
     g = p.add_argument_group("output")
     g.add_argument("--output-prefix", required=True, help="outputs are {prefix}_{key}_document.bin/.idx")
@@ -429,6 +486,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if args.eod_token is not None and not args.append_eod:
+        raise UsageError(
+            f"--eod-token {args.eod_token}: only applies with --append-eod (it names the separator appended "
+            "after each document); add --append-eod or drop --eod-token"
+        )
     for flag in ("workers", "partitions", "chunk_lines", "chunk_bytes"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected an integer >= 1")

@@ -1,14 +1,21 @@
 """One tokenizer interface over sentencepiece, local Hugging Face tokenizers and GPT-2 BPE files.
 
-Training and preprocessing only need ids: ``vocab_size``, ``eod`` (appended after each document), ``pad``,
-``mask``, ``cls``/``sep``/``bos``/``eos`` where the vocabulary has them (None otherwise), ``tokenize`` and
-``detokenize``. ``word_start_mask()`` tells which ids begin a word, for whole-word masking.
-Everything loads from local files: no network access is ever attempted.
+Training and preprocessing only need ids: ``vocab_size``, ``eod`` (the id ``preprocess_data.py --append-eod``
+appends after each document), ``pad``, ``mask``, ``cls``/``sep``/``bos``/``eos`` where the vocabulary has them
+(None otherwise), ``tokenize`` and ``detokenize``. ``word_start_mask()`` tells which ids begin a word, for
+whole-word masking. Everything loads from local files: no network access is ever attempted.
+
+The document separator follows Megatron-LM, so that shards made by its preprocess_data.py and by ours hold the
+same bytes: ``eod`` is the tokenizer's eos (sentencepiece ``eos_id()``, as Megatron's GPTSentencePieceTokenizer
+and Llama2Tokenizer; ``eos_token_id`` for Hugging Face tokenizers; ``<|endoftext|>`` for GPT-2 BPE). A Hugging
+Face tokenizer without an eos (BERT-style WordPiece) uses its sep (``[SEP]``). A vocabulary with neither has no
+``eod`` (None); :func:`resolve_eod_token` turns an explicit ``--eod-token PIECE_OR_ID`` into an id.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from typing import Literal
 
 import numpy as np
@@ -57,6 +64,9 @@ class Tokenizer:
     bos: int | None = None
     eos: int | None = None
     unk: int | None = None
+    separators: tuple[int, ...] = ()
+    """Ids of pieces named ``<eod>`` / ``<|endoftext|>``: special (never masked by MLM) even when ``eod`` is
+    another id, as they were when they were the default separator."""
 
     def tokenize(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -70,11 +80,15 @@ class Tokenizer:
     def id_to_piece(self, i: int) -> str:
         raise NotImplementedError
 
+    def piece_to_id(self, piece: str) -> int | None:
+        """The id of ``piece`` if the vocabulary has it as a whole piece, else None."""
+        raise NotImplementedError
+
     @property
     def special_ids(self) -> list[int]:
         """Ids that MLM never masks nor samples as random replacements."""
         ids = {self.eod, self.pad, self.mask, self.cls, self.sep, self.bos, self.eos, self.unk}
-        return sorted(i for i in ids if i is not None)
+        return sorted({*(i for i in ids if i is not None), *self.separators})
 
     def word_start_mask(self) -> np.ndarray:
         """Boolean array over the vocabulary: True where a piece begins a new word."""
@@ -125,9 +139,8 @@ class SentencePieceTokenizer(Tokenizer):
         if self.pad is None:
             self.pad = own(self.sp.pad_id())
         self.mask = piece("<mask>")
-        self.eod = piece("<eod>")
-        if self.eod is None:
-            self.eod = self.eos
+        self.eod = self.eos  # Megatron's GPTSentencePieceTokenizer / Llama2Tokenizer: eod = sp.eos_id()
+        self.separators = tuple(i for i in (piece("<eod>"),) if i is not None)
         self.cls = piece("<cls>")
         if self.cls is None:
             self.cls = self.bos
@@ -146,6 +159,10 @@ class SentencePieceTokenizer(Tokenizer):
 
     def id_to_piece(self, i: int) -> str:
         return self.sp.id_to_piece(int(i))
+
+    def piece_to_id(self, piece: str) -> int | None:
+        i = int(self.sp.piece_to_id(piece))
+        return i if self.sp.id_to_piece(i) == piece else None
 
 
 class _HFTokenizer(Tokenizer):
@@ -169,9 +186,9 @@ class _HFTokenizer(Tokenizer):
         self.mask = tok.mask_token_id if tok.mask_token_id is not None else first("<mask>", "[MASK]")
         self.cls = tok.cls_token_id if tok.cls_token_id is not None else first("<cls>", "[CLS]", "<s>")
         self.sep = tok.sep_token_id if tok.sep_token_id is not None else first("<sep>", "[SEP]", "</s>")
-        self.eod = first("<eod>", "<|endoftext|>")
-        if self.eod is None:
-            self.eod = self.eos if self.eos is not None else self.sep
+        # Megatron's HuggingFaceTokenizer: eod = eos_token_id; BERT-style vocabularies have none: their [SEP]
+        self.eod = self.eos if self.eos is not None else self.sep
+        self.separators = tuple(i for i in (first("<eod>"), first("<|endoftext|>")) if i is not None)
 
     def tokenize(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
@@ -184,6 +201,10 @@ class _HFTokenizer(Tokenizer):
 
     def id_to_piece(self, i: int) -> str:
         return self.tok.convert_ids_to_tokens(int(i))
+
+    def piece_to_id(self, piece: str) -> int | None:
+        i = self.tok.get_vocab().get(piece)  # added tokens (<|im_end|>, ...) included
+        return None if i is None else int(i)
 
 
 class HuggingFaceTokenizer(_HFTokenizer):
@@ -250,6 +271,29 @@ class GPT2BPETokenizer(_HFTokenizer):
         self._set_ids()
 
 
+def resolve_eod_token(tok: Tokenizer, spec: str, option: str = "--eod-token") -> int:
+    """The id named by ``spec``: an integer (digits only) is an id, anything else a piece of the vocabulary.
+
+    Either must exist in ``tok``'s vocabulary, else :class:`TokenizerError` naming ``option``: a separator the
+    model's embedding has no row for would fail (or silently wrap) at training time.
+    """
+    if re.fullmatch(r"\s*-?[0-9]+\s*", spec):
+        i = int(spec)
+        if not 0 <= i < tok.vocab_size:
+            raise TokenizerError(
+                f"{option} {spec}: id {i} is outside the vocabulary of {tok.name} ({tok.vocab_size} tokens); "
+                f"expected an id in [0, {tok.vocab_size}) or a piece of the vocabulary"
+            )
+        return i
+    i = tok.piece_to_id(spec)
+    if i is None:
+        raise TokenizerError(
+            f"{option} {spec!r}: no such piece in the vocabulary of {tok.name} ({tok.vocab_size} tokens); "
+            "expected a piece the tokenizer has (e.g. '</s>', '<eod>', '<|endoftext|>') or an integer id"
+        )
+    return i
+
+
 def build_tokenizer(
     tokenizer_type: str,
     tokenizer_model: str | None = None,
@@ -257,12 +301,28 @@ def build_tokenizer(
     merge_file: str | None = None,
     *,
     option: str = "--tokenizer-model",
+    eod_token: str | None = None,
 ) -> Tokenizer:
     """Build a tokenizer by Megatron's type name from local files.
 
     A missing, empty or unreadable file raises :class:`TokenizerError` naming ``option`` (the flag or config
-    key that gave ``tokenizer_model``, e.g. ``data.tokenizer_model``) and the path.
+    key that gave ``tokenizer_model``, e.g. ``data.tokenizer_model``) and the path. ``eod_token`` (a piece or
+    an id, see :func:`resolve_eod_token`) replaces the default separator ``eod`` (the eos).
     """
+    tok = _build(tokenizer_type, tokenizer_model, vocab_file, merge_file, option)
+    if eod_token is not None:
+        tok.eod = resolve_eod_token(tok, eod_token)
+    return tok
+
+
+def _build(
+    tokenizer_type: str,
+    tokenizer_model: str | None,
+    vocab_file: str | None,
+    merge_file: str | None,
+    option: str,
+) -> Tokenizer:
+    """The tokenizer of ``tokenizer_type`` with its default ids (see :func:`build_tokenizer`)."""
     if tokenizer_type == "SentencePieceTokenizer":
         if not tokenizer_model:
             raise TokenizerError(f"SentencePieceTokenizer needs {option} (a sentencepiece .model file)")

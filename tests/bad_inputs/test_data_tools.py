@@ -148,6 +148,19 @@ def pp_zero_workers(folder: Path) -> list[str]:
     return pp(folder, "--workers", "0")
 
 
+def pp_eod_token_unknown_piece_keeps_dataset(folder: Path) -> list[str]:
+    _existing_dataset(folder)
+    return pp(folder, "--append-eod", "--eod-token", "<EOD>")
+
+
+def pp_eod_token_id_out_of_range(folder: Path) -> list[str]:
+    return pp(folder, "--append-eod", "--eod-token", "64")
+
+
+def pp_eod_token_without_append_eod(folder: Path) -> list[str]:
+    return pp(folder, "--eod-token", "</s>")
+
+
 # ------------------------------------------------------------------------------------- train_tokenizer
 def tt(folder: Path, inp: str, *extra: str) -> list[str]:
     args = ["--input", inp, "--model-prefix", "tk", "--vocab-size", "60", "--num-threads", "1"]
@@ -204,6 +217,12 @@ def merge_different_vocabularies(folder: Path) -> list[str]:
     return merge()
 
 
+def merge_different_separators(folder: Path) -> list[str]:
+    _dataset(folder / "a", [[1, 2]], eod_token_id=2)
+    _dataset(folder / "b", [[3, 5]], eod_token_id=5)
+    return merge()
+
+
 def merge_ids_outside_vocab(folder: Path) -> list[str]:
     _dataset(folder / "a", [[1, 2]])
     _dataset(folder / "b", [[3, 400]])
@@ -246,6 +265,9 @@ CASES = [
     BadInput("pp_unknown_json_key", pp_unknown_json_key, ("c.jsonl:1", "missing key 'body'", "keys present"), error_prefix=PP),
     BadInput("pp_empty_input", pp_empty_input, ("--input empty.jsonl", "empty (0 bytes)"), error_prefix=PP),
     BadInput("pp_zero_workers", pp_zero_workers, ("--workers 0", "expected an integer >= 1"), exit_code=2, error_prefix=PP),
+    BadInput("pp_eod_token_unknown_piece_keeps_dataset", pp_eod_token_unknown_piece_keeps_dataset, ("--eod-token '<EOD>'", "no such piece", "64 tokens", "expected a piece"), keep=DATASET, error_prefix=PP),
+    BadInput("pp_eod_token_id_out_of_range", pp_eod_token_id_out_of_range, ("--eod-token 64", "outside the vocabulary", "[0, 64)"), error_prefix=PP),
+    BadInput("pp_eod_token_without_append_eod", pp_eod_token_without_append_eod, ("--eod-token </s>", "only applies with --append-eod"), exit_code=2, error_prefix=PP),
     BadInput("tt_empty_input", tt_empty_input, ("--input empty.jsonl", "no text found", "expected at least one"), error_prefix=TT),
     BadInput("tt_truncated_gz_keeps_tokenizer", tt_truncated_gz_keeps_tokenizer, ("cut.jsonl.gz", "truncated gzip file"), keep=("tk.model",), error_prefix=TT),
     BadInput("tt_not_gzip", tt_not_gzip, ("plain.jsonl.gz", "not a gzip file"), error_prefix=TT),
@@ -255,6 +277,7 @@ CASES = [
     BadInput("merge_missing_idx", merge_missing_idx, ("b.idx not found", "b.bin is there"), keep=("a.bin", "a.idx", "b.bin"), error_prefix=MERGE),
     BadInput("merge_different_dtypes", merge_different_dtypes, ("b.idx", "dtype int32 differs from uint16 of a.idx"), keep=("a.bin", "b.bin"), error_prefix=MERGE),
     BadInput("merge_different_vocabularies", merge_different_vocabularies, ("dataset b", "vocab_size is 400", "b.stats.json", "300"), error_prefix=MERGE),
+    BadInput("merge_different_separators", merge_different_separators, ("b: eod_token_id 5", "b.stats.json", "a records 2", "one document separator"), error_prefix=MERGE),
     BadInput("merge_ids_outside_vocab", merge_ids_outside_vocab, ("b.bin", "token id 400", "vocabulary of 300"), error_prefix=MERGE),
     BadInput("merge_cut_bin", merge_cut_bin, ("a.bin", "does not match the index", "a.idx"), error_prefix=MERGE),
     BadInput("plot_without_metrics", plot_without_metrics, ("run/metrics.jsonl not found",), error_prefix="plot_runs.py: error:"),
