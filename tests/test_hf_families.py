@@ -4,7 +4,10 @@ down) and exported back.
 
 For each case: logits within 1e-5 of transformers' at tp=1 (in-process) and at tp=2 (gloo, one spawn for all
 cases, plus Qwen3's replicated q/k-norm gradients against transformers'), and HF -> framework -> HF gives the
-very same tensors and config fields, in memory and through ``tools/convert_checkpoint.py`` on disk.
+very same tensors and config fields, in memory and through ``tools/convert_checkpoint.py`` on disk (a tp=2 x
+pp=2 checkpoint per family). Greedy generation of 20 tokens equals transformers' ``generate`` for one case per
+family (Llama-3.2, Qwen2.5, Qwen3, Mistral), from the tp=2 x pp=2 checkpoint and at tp=2. The same families as
+KI teachers in a launched tp=2 x pp=2 run: ``tests/test_ki_families.py``.
 """
 
 from __future__ import annotations
@@ -54,6 +57,11 @@ LLAMA3_ROPE = {
 }
 # name: (model_type, HF config overrides, ModelConfig fields the import must set)
 CASES: dict[str, tuple[str, dict, dict]] = {
+    "llama3.2": (  # Llama-3.2-1B's switches: llama3 RoPE scaling, tied embeddings, no biases
+        "llama",
+        dict(rope_parameters=LLAMA3_ROPE, tie_word_embeddings=True),
+        dict(rope_scaling="llama3", tie_word_embeddings=True, add_bias_linear=False, add_qkv_bias=None),
+    ),
     "llama3_tied_attention_bias": (
         "llama",
         dict(rope_parameters=LLAMA3_ROPE, attention_bias=True, mlp_bias=False, tie_word_embeddings=True),
@@ -113,6 +121,19 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
+# One per family the issue names: Llama-3.2, Qwen2.5, Qwen3, Mistral.
+FAMILY_CASES = ("llama3.2", "qwen2_tied", "qwen3_wide_heads", "mistral")
+PROMPT = torch.tensor([[5, 17, 42, 8], [200, 3, 99, 150]])
+NEW_TOKENS = 20  # prompt + 20 <= Mistral's sliding window (32): exact
+
+
+def hf_greedy(hf: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return hf.generate(
+            PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, eos_token_id=None
+        )
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_logits_match_transformers_tp1(name: str) -> None:
     hf = tiny(name)
@@ -152,6 +173,8 @@ def test_round_trip_state_dict_and_config(name: str) -> None:
 
 
 def _tp2_worker(rank: int, world_size: int) -> dict:
+    from megatron_ki.models.generate import greedy
+
     group = dist.group.WORLD
     out: dict = {}
     for name in CASES:
@@ -173,6 +196,8 @@ def _tp2_worker(rank: int, world_size: int) -> dict:
                 theirs = getattr(hf.model.layers[0].self_attn, f"{x}_norm").weight.grad
                 norms[x] = (ours.clone(), theirs.clone())
         out[name] = {"logits": (got, ref.detach()), "norm_grads": norms}
+        if name in FAMILY_CASES:  # greedy decoding with vocab-sharded logits
+            out[name]["greedy"] = (greedy(model, PROMPT, NEW_TOKENS, tp_group=group), hf_greedy(hf))
     return out
 
 
@@ -188,16 +213,26 @@ def test_logits_and_qk_norm_grads_match_transformers_tp2() -> None:
                     ours, theirs, atol=ATOL, rtol=1e-4, msg=f"{name} {x}_norm rank {rank}"
                 )
     assert all(results[0][n]["norm_grads"] for n in CASES if n.startswith("qwen3"))
+    for rank, res in enumerate(results):
+        for name in FAMILY_CASES:
+            ours, ref = res[name]["greedy"]
+            assert torch.equal(ours, ref), f"{name} greedy rank {rank}"
 
 
 def test_convert_checkpoint_round_trip_on_disk(tmp_path) -> None:
+    """Per family: imported at tp=2 x pp=2 by tools/convert_checkpoint.py and exported again: the same tensors
+    and config; the checkpoint's model gives transformers' logits (1e-5) and its greedy generation of 20
+    tokens (``megatron_ki.models.generate.greedy``) equals ``generate(do_sample=False)``."""
+    from megatron_ki.models.generate import greedy
     from tests.test_convert import cc, framework_model, hf_tensors
 
-    for name in ("llama3_tied_attention_bias", "qwen2_tied", "qwen3_wide_heads", "mistral"):
+    for name in FAMILY_CASES:
         hf = tiny(name)
         src, ckpt, back = (tmp_path / f"{name}_{x}" for x in ("src", "ckpt", "back"))
         hf.save_pretrained(src)
-        cc.import_hf(src, ckpt, tp=2, pp=1, progress=False)
+        cc.import_hf(src, ckpt, tp=2, pp=2, progress=False)
+        meta = json.loads((ckpt / "converted" / "meta.json").read_text())
+        assert (meta["layout"]["tp"], meta["layout"]["pp"]) == (2, 2)
         cc.export_hf(ckpt, back, progress=False)
         ref, got = hf_tensors(src), hf_tensors(back)
         assert set(got) == set(ref), name
@@ -211,6 +246,9 @@ def test_convert_checkpoint_round_trip_on_disk(tmp_path) -> None:
         with torch.no_grad():
             ours = model(ids)[..., : cfg.vocab_size]
             torch.testing.assert_close(ours, hf(input_ids=ids).logits, atol=ATOL, rtol=RTOL, msg=name)
+        ref = hf_greedy(hf)
+        assert ref.shape == (2, PROMPT.shape[1] + NEW_TOKENS)
+        assert torch.equal(greedy(model, PROMPT, NEW_TOKENS), ref), name
 
 
 def test_sliding_window_longer_than_the_sample_is_refused() -> None:

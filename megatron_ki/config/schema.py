@@ -558,6 +558,10 @@ class CheckpointConfig:
     load_if_exists: bool = False
     """For requeue scripts that pass the same directory to save and load: a missing or empty ``load``
     directory starts from scratch with one log line instead of failing."""
+    load_universal: bool = False
+    """``load`` is a DeepSpeed universal checkpoint (the parent of ``ds_to_universal``'s output folder, whose
+    ``latest_universal`` names the tag): resume its weights and optimizer state at this run's tensor and data
+    parallel sizes (DeepSpeed's ``checkpoint.load_universal``; needs ``train.zero_stage`` 1 or 2)."""
     save_interval: int = 0
     """Save every this many steps (0: only at the end)."""
     keep_last: int = 2
@@ -707,6 +711,17 @@ def check_split(model: ModelConfig, tp: int, pp: int = 1, prefix: str = "model")
     )
 
 
+def teacher_on_student_vocabulary(student: ModelConfig, teacher: ModelConfig) -> ModelConfig:
+    """The teacher as it runs beside ``student``: a teacher with more embedding rows than the student's
+    (tokenizer-sized) vocabulary, e.g. Qwen2.5's 151,936 rows for a 151,665-token tokenizer, runs with the
+    student's ``vocab_size``: its rows beyond it become padding (-inf logits, like the student's) or are dropped
+    past the padded size, so the KD softmax and the teacher's LM loss run over the real vocabulary. Any other
+    teacher is returned as is."""
+    if teacher.vocab_size <= student.vocab_size:
+        return teacher
+    return dataclasses.replace(teacher, vocab_size=student.vocab_size)
+
+
 def check_teacher(
     student: ModelConfig,
     teacher: ModelConfig,
@@ -715,17 +730,22 @@ def check_teacher(
     pp: int = 1,
     prefix: str = "ki.teacher",
 ) -> None:
-    """``teacher`` fits ``student``: the same tokenizer (vocabulary, padded vocabulary, RoBERTa padding id),
-    the same kind of attention, a split over ``tp`` ranks and ``pp`` stages, and (given ``seq_length``)
-    positions for every sample. The one rule, run by :meth:`Config.validate` for a ``ki.teacher`` in the
-    config and by :func:`megatron_ki.ki.teacher.check_teacher_fits` for the teacher a run loads."""
+    """``teacher`` fits ``student``: the same tokenizer (at least the student's vocabulary rows, the same padded
+    vocabulary once the teacher's extra rows are dropped, RoBERTa padding id), the same kind of attention, a
+    split over ``tp`` ranks and ``pp`` stages, and (given ``seq_length``) positions for every sample. The one
+    rule, run by :meth:`Config.validate` for a ``ki.teacher`` in the config and by
+    :func:`megatron_ki.ki.teacher.check_teacher_fits` for the teacher a run loads. Rows beyond the student's
+    vocabulary are accepted (:func:`teacher_on_student_vocabulary`): that the tokenizers agree is checked on
+    the tokenizer files (``convert/tokenizer.py``)."""
     check(
-        teacher.vocab_size == student.vocab_size,
+        teacher.vocab_size >= student.vocab_size,
         f"{prefix}.vocab_size",
-        f"teacher vocabulary {teacher.vocab_size} differs from the student's {student.vocab_size}; teacher and "
-        "student must share the tokenizer",
+        f"teacher vocabulary {teacher.vocab_size} differs from the student's {student.vocab_size}: a teacher needs "
+        f"at least the student's {student.vocab_size} rows (rows beyond them are dropped); teacher and student "
+        "must share the tokenizer",
     )
-    padded, own = teacher.padded_vocab_size(tp), student.padded_vocab_size(tp)
+    running = teacher_on_student_vocabulary(student, teacher)
+    padded, own = running.padded_vocab_size(tp), student.padded_vocab_size(tp)
     check(
         padded == own,
         f"{prefix}.make_vocab_size_divisible_by",

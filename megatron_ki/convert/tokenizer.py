@@ -195,9 +195,19 @@ def check_same_vocabulary(
 
 
 def check_teacher_tokenizer(
-    tokenizer_type: str, tokenizer_model: str | None, teacher_dir: str | Path
+    tokenizer_type: str,
+    tokenizer_model: str | None,
+    teacher_dir: str | Path,
+    teacher_rows: int | None = None,
 ) -> None:
-    """Refuse a Hugging Face teacher whose tokenizer is not the student's (``data.tokenizer_type/model``)."""
+    """Refuse a Hugging Face teacher whose tokenizer is not the student's (``data.tokenizer_type/model``).
+
+    Any tokenizer ``AutoTokenizer`` reads offline works, a family's ``tokenizer.json`` included (byte-level
+    BPE with added special tokens, a vocabulary of any size). Only the tokenizers are compared: a teacher whose
+    embedding has rows beyond its tokenizer (``teacher_rows``, Qwen's 151,936 for 151,665 tokens) fits, and
+    ``check_teacher`` drops those rows; a teacher with fewer rows than its tokenizer has tokens is refused, as
+    some token ids would have no embedding.
+    """
     from transformers import AutoTokenizer
 
     from megatron_ki.data import build_tokenizer
@@ -213,5 +223,10 @@ def check_teacher_tokenizer(
             "tokenizer so the teacher's can be checked against it"
         )
     student = build_tokenizer(tokenizer_type, tokenizer_model)
-    teacher = AutoTokenizer.from_pretrained(str(teacher_dir), local_files_only=True)
-    check_same_vocabulary(vocabulary(student), vocabulary(teacher), str(tokenizer_model), str(teacher_dir))
+    teacher = vocabulary(AutoTokenizer.from_pretrained(str(teacher_dir), local_files_only=True))
+    check_same_vocabulary(vocabulary(student), teacher, str(tokenizer_model), str(teacher_dir))
+    if teacher_rows is not None and teacher_rows < len(teacher):
+        raise TokenizerMismatchError(
+            f"ki.teacher_path hf:{teacher_dir}: the model has {teacher_rows} embedding rows, fewer than the "
+            f"{len(teacher)} tokens of its tokenizer"
+        )

@@ -10,6 +10,13 @@ all-reduce (the row maxima) and one SUM all-reduce (the rescaled sums). Nothing 
 crosses ranks. Normalising each shard on its own (as Megatron-DeepSpeed's distillation code does) gives a
 different, wrong value for tp > 1.
 
+The real vocabulary only: the columns past ``model.vocab_size`` (Megatron's padding to a multiple of
+``make_vocab_size_divisible_by x tp``, on the last TP ranks' shards) hold -inf logits in the student and the
+teacher alike (``models.transformer.LMHead``), and a teacher with embedding rows beyond the student's
+vocabulary runs on the student's (``ki.teacher.check_teacher_fits``). A -inf column has probability exactly 0
+in both softmaxes and adds exactly 0 to every statistic (the kernels never form ``0 * -inf``), so the KD term,
+its gradient (0 on those columns) and both LM losses equal the same losses over ``logits[..., :vocab_size]``.
+
 The backward recomputes the probabilities from the logits and the per-row statistics instead of saving
 ``[tokens, vocab]`` softmaxes, so the KD term costs no activation memory beyond the logits themselves.
 """
@@ -201,7 +208,10 @@ class KILossOutput:
     kd_loss: torch.Tensor | None
     """tau^2 x mean divergence; None when alpha == 0 (not computed)."""
     teacher_lm_loss: torch.Tensor | None
-    """The teacher's LM cross-entropy on the same positions; None without teacher logits."""
+    """The teacher's LM cross-entropy (temperature 1) on the same positions, over the real vocabulary (the
+    student's ``model.vocab_size`` = the tokenizer's; padded columns are -inf): transformers' loss of the
+    teacher on ``logits[..., :vocab_size]``, which for a teacher with rows beyond the tokenizer (Qwen) leaves
+    those rows out. None without teacher logits."""
     alpha: float
     """The KD weight a_t used."""
     num_tokens: torch.Tensor
@@ -253,8 +263,9 @@ def ki_loss(
     """``(1 - alpha) * L_lm + alpha * tau^2 * mean D(teacher || student)`` over the loss positions.
 
     ``student_logits``/``teacher_logits``: ``[b, s, V/tp]`` vocab shards (the teacher may be bf16; it gets
-    no gradient). ``labels`` ``[b, s]`` with ``ignore_index`` where no loss is taken (MLM unmasked tokens,
-    padding); ``loss_mask`` optionally removes more positions (causal loss mask). ``lm_loss``: the
+    no gradient), -inf in the padded columns as the models make them, so every term is over the real
+    vocabulary (module docstring). ``labels`` ``[b, s]`` with ``ignore_index`` where no loss is taken (MLM
+    unmasked tokens, padding); ``loss_mask`` optionally removes more positions (causal loss mask). ``lm_loss``: the
     student's LM loss if the caller already has it, either per position ``[b, s]`` (averaged here over the
     loss positions) or a scalar already averaged over them; None computes it with the vocab-parallel
     cross-entropy. With ``alpha == 0`` the KD term is skipped entirely (``teacher_logits`` may be None).

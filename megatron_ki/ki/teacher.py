@@ -14,6 +14,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from megatron_ki.config import ConfigError, KIConfig, ModelConfig, check_teacher
+from megatron_ki.config.schema import teacher_on_student_vocabulary
 from megatron_ki.dtypes import DTYPES
 from megatron_ki.errors import MegatronKIError
 from megatron_ki.models import build_model
@@ -27,15 +28,22 @@ class TeacherError(MegatronKIError, ValueError):
 
 def check_teacher_fits(
     student: ModelConfig, teacher: ModelConfig, tp: int, seq_length: int | None = None, pp: int = 1
-) -> None:
-    """Same tokenizer (vocabulary size, padded vocabulary, RoBERTa padding id), the same kind of attention, a
-    split that works at the student's tensor-parallel size, and (given ``seq_length``) positions for every
-    sample: :func:`megatron_ki.config.check_teacher`, the rule ``Config.validate`` applies to a ``ki.teacher``
-    in the config, here for the teacher a run loads; a mismatch is a :class:`TeacherError`."""
+) -> ModelConfig:
+    """The teacher's config as it runs beside ``student``, once it fits: the same tokenizer (vocabulary,
+    padded vocabulary, RoBERTa padding id), the same kind of attention, a split that works at the student's
+    tensor-parallel size, and (given ``seq_length``) positions for every sample:
+    :func:`megatron_ki.config.check_teacher`, the rule ``Config.validate`` applies to a ``ki.teacher`` in the
+    config, here for the teacher a run loads; a mismatch is a :class:`TeacherError`.
+
+    A teacher with embedding rows beyond the student's vocabulary (Qwen pads its rows past the tokenizer) runs
+    with ``vocab_size`` = the student's: its extra rows are dropped or fall in the padding, whose logits are
+    -inf, so the KD softmax and the teacher's LM loss are over the real vocabulary.
+    """
     try:
         check_teacher(student, teacher, tp, seq_length, pp=pp)
     except ConfigError as e:
         raise TeacherError(f"teacher does not fit the student at '{e.key}': {e.detail}") from None
+    return teacher_on_student_vocabulary(student, teacher)
 
 
 def freeze(model: nn.Module, dtype: str) -> nn.Module:

@@ -360,7 +360,11 @@ class Trainer:
             self.groups,
             state.step,
             state.consumed_samples,
-            extra_meta={"flops": state.flops, "train_time_s": state.train_time_s},
+            extra_meta={
+                "flops": state.flops,
+                "train_time_s": state.train_time_s,
+                "eod_token_id": self.run.eod_token_id,
+            },
             tp_tracker=self.run.tracker,
             on_written=self._checkpoint_written,
         )

@@ -9,11 +9,13 @@ point and the tests that need a whole run go through these functions, in this or
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -68,6 +70,9 @@ class Run:
     """Metadata of the checkpoint the run resumed from (step, consumed samples, FLOPs, seconds)."""
     data: RunData | None = None
     watchdog: StepWatchdog | None = None
+    eod_token_id: int | None = None
+    """The document separator recorded beside the training data (None: not recorded); saved in checkpoints,
+    written as ``eos_token_id`` by the Hugging Face export."""
 
 
 # ---------------------------------------------------------------------------------------- processes
@@ -112,7 +117,6 @@ def load_teacher_weights(cfg: Config, groups: ParallelGroups) -> tuple[ModelConf
         from megatron_ki.convert.tokenizer import check_teacher_tokenizer
 
         source = cfg.ki.teacher_path[len("hf:") :]
-        check_teacher_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model, source)
         saved_cfg, full = open_hf_model(
             source,
             cfg.model.make_vocab_size_divisible_by,
@@ -121,6 +125,9 @@ def load_teacher_weights(cfg: Config, groups: ParallelGroups) -> tuple[ModelConf
             attention_dropout=0.0,
         )
         where = f"the architecture of {source}/config.json"
+        check_teacher_tokenizer(
+            cfg.data.tokenizer_type, cfg.data.tokenizer_model, source, teacher_rows=saved_cfg.vocab_size
+        )
     elif cfg.ki.teacher_path:
         source = cfg.ki.teacher_path
         _, saved_cfg, full = load_full_state(source)
@@ -129,7 +136,10 @@ def load_teacher_weights(cfg: Config, groups: ParallelGroups) -> tuple[ModelConf
         if teacher_cfg is not None and teacher_cfg != saved_cfg:
             raise ConfigError("ki.teacher", f"differs from {where}")
         teacher_cfg = saved_cfg
-    check_teacher_fits(cfg.model, teacher_cfg, groups.topology.tp, cfg.data.seq_length, groups.topology.pp)
+    # a teacher with rows beyond the student's vocabulary runs on the student's (check_teacher_fits)
+    teacher_cfg = check_teacher_fits(
+        cfg.model, teacher_cfg, groups.topology.tp, cfg.data.seq_length, groups.topology.pp
+    )
     if full is None:
         return teacher_cfg, None
     return teacher_cfg, shard_state_dict(full, teacher_cfg, groups.topology.tp, groups.tp_rank)
@@ -235,10 +245,43 @@ def teacher_config_of(path: str, make_vocab_size_divisible_by: int) -> ModelConf
         raise ConfigError("ki.teacher_path", f"{path}: cannot be used as a teacher: {reason}") from None
 
 
-def check_teacher_source(cfg: Config, world: int) -> None:
+def teacher_eos_ids(path: str) -> set[int]:
+    """The ids the teacher at ``ki.teacher_path`` ends a document with, as far as its files say: a ``hf:``
+    directory's ``eos_token_id`` in config.json and generation_config.json (an id or a list), or the
+    ``eod_token_id`` a framework checkpoint recorded from its data. Empty when nothing says."""
+    from megatron_ki.checkpoint_format import read_meta
+
+    found: list[Any] = []
+    if path.startswith("hf:"):
+        for name in ("config.json", "generation_config.json"):
+            try:
+                found.append(json.loads((Path(path[len("hf:") :]) / name).read_text()).get("eos_token_id"))
+            except (OSError, ValueError, AttributeError):
+                continue
+    else:
+        found.append(read_meta(path)[1].get("eod_token_id"))
+    ids = [x for v in found for x in (v if isinstance(v, list) else [v])]
+    return {int(x) for x in ids if isinstance(x, int) and not isinstance(x, bool)}
+
+
+def check_teacher_eod(path: str, eos: set[int], data_eod: int | None, where: str) -> None:
+    """The data separates documents with an id the teacher knows as its end of document: otherwise its
+    prediction after every document end teaches the student another token than the data holds."""
+    if data_eod is None or not eos or data_eod in eos:
+        return
+    raise ConfigError(
+        "ki.teacher_path",
+        f"{path} ends documents with eos_token_id {sorted(eos)}, but the training data separates them with id "
+        f"{data_eod} ({where}); re-run tools/preprocess_data.py with --eod-token {min(eos)} (or train with a "
+        "teacher of the same separator)",
+    )
+
+
+def check_teacher_source(cfg: Config, world: int, data_eod: tuple[int, str] | None = None) -> None:
     """Refuse a teacher this framework cannot load, or one that does not fit the student, before any process
     group exists: one configuration error (exit 2) printed once, in seconds, instead of a failure on every
-    rank after start-up. Reads configs and tokenizers only; ``load_teacher_weights`` loads the tensors."""
+    rank after start-up. Reads configs and tokenizers only; ``load_teacher_weights`` loads the tensors.
+    ``data_eod``: the document separator recorded beside the data and the file that says so."""
     from megatron_ki.config import check_teacher
 
     path = cfg.ki.teacher_path
@@ -255,7 +298,10 @@ def check_teacher_source(cfg: Config, world: int) -> None:
     if path.startswith("hf:"):
         from megatron_ki.convert.tokenizer import check_teacher_tokenizer
 
-        check_teacher_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model, path[len("hf:") :])
+        source = path[len("hf:") :]
+        check_teacher_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model, source, teacher.vocab_size)
+    if data_eod is not None:
+        check_teacher_eod(path, teacher_eos_ids(path), *data_eod)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -286,6 +332,25 @@ def check_data(cfg: Config, rank: int):
     if rank == 0:  # token ids beyond the embedding: an IndexError at tp=1, silent garbage at tp>=2
         check_token_range(dataset_prefixes(cfg.data), cfg.model.vocab_size, cfg.data.cache_dir)
     return tokenizer
+
+
+def data_eod(cfg: Config) -> tuple[int, str] | None:
+    """``(id, where)``: the document separator recorded beside the training data (``eod_token_id`` in the
+    datasets' .stats.json, written by tools/preprocess_data.py) and which file says so; None when no dataset
+    records one. Datasets of a blend with different separators are a configuration error."""
+    from megatron_ki.data import EodMismatchError, recorded_eod
+    from megatron_ki.data.indexed import stats_path
+    from megatron_ki.data.token_range import dataset_prefixes
+
+    prefixes = dataset_prefixes(cfg.data)
+    try:
+        eod = recorded_eod(prefixes)
+    except EodMismatchError as e:
+        raise ConfigError("data.data_path", str(e)) from None
+    if eod is None:
+        return None
+    source = next(p for p in prefixes if recorded_eod([p]) == eod)
+    return eod, stats_path(source)
 
 
 def build_loaders(cfg: Config, groups: ParallelGroups, consumed_samples: int, tokenizer=None) -> list:
@@ -355,7 +420,8 @@ def build_run(cfg: Config, world: int | None = None, data: bool = True) -> Run:
 
     rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
     tokenizer = check_data(cfg, rank) if data else None
-    check_teacher_source(cfg, world or int(os.environ.get("WORLD_SIZE", "1")))
+    eod = data_eod(cfg) if data else None
+    check_teacher_source(cfg, world or int(os.environ.get("WORLD_SIZE", "1")), eod)
     init_distributed(cfg)
     world = dist.get_world_size() if world is None else world
     topology = Topology.from_world(world, cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel)
@@ -377,6 +443,7 @@ def build_run(cfg: Config, world: int | None = None, data: bool = True) -> Run:
     schedule = build_schedule(cfg.ki, lr_schedule(cfg.optim, cfg.train.train_steps), cfg.optim.lr)
     run = Run(cfg, groups, device, engine, loss_fn, schedule, tracker, teacher_cfg, teacher, pipe_teacher)
     run.watchdog = watchdog
+    run.eod_token_id = eod[0] if eod else None
     if cfg.checkpoint.load:
         meta = ckpt.load_checkpoint(engine, cfg, groups, tracker)
         if meta is not None and not meta.get("weights_only"):
