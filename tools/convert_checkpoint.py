@@ -11,6 +11,12 @@ Examples::
     python tools/convert_checkpoint.py --from hf --load hf/llama --save ckpt/llama --target-tp 2 --target-pp 2
     # reshard a framework checkpoint (weights, step and consumed samples; not the optimizer state)
     python tools/convert_checkpoint.py --load ckpt/run1 --save ckpt/run1_tp4 --target-tp 4 --target-pp 1
+    # either direction out of a bf16/fp16 run, with its fp32 master weights (gathered from the ZeRO / BF16
+    # optimizer partitions of every data-parallel rank) instead of the model's working-dtype weights
+    python tools/convert_checkpoint.py --to hf --weights master --load ckpt/run1 --save hf/run1_fp32
+
+``--weights master`` is also what to use where DeepSpeed's ``zero_to_fp32.py`` cannot read a checkpoint
+(bf16 + ZeRO-1 runs use DeepSpeed's BF16 optimizer, whose state it does not recognise; tp or pp > 1).
 
 Weights are streamed tensor by tensor: Hugging Face safetensors are read one tensor at a time and written
 shard by shard with headers planned from the config; pipeline-parallel checkpoints are read and written
@@ -47,7 +53,7 @@ import torch
 from megatron_ki.checkpoint_format import is_serialization_error, meta_config, write_failure
 from megatron_ki.config import Config, DataConfig
 from megatron_ki.convert import hf as hfc
-from megatron_ki.convert.reshard import LazyFullState, write_checkpoint
+from megatron_ki.convert.reshard import LazyFullState, MasterFullState, write_checkpoint
 from megatron_ki.convert.tokenizer import export_tokenizer, has_hf_tokenizer
 from megatron_ki.dtypes import DTYPES
 from megatron_ki.errors import MegatronKIError, add_debug_argument, run_main
@@ -84,6 +90,15 @@ def _cleanup_if_created(path: Path) -> Iterator[None]:
         if not existed and path.exists():
             shutil.rmtree(path, ignore_errors=True)
         raise
+
+
+def _open_state(load: str | Path, tag: str | None, weights: str) -> LazyFullState:
+    """The checkpoint's full state: its model weights (``weights="model"``) or fp32 master weights."""
+    if weights == "model":
+        return LazyFullState(load, tag)
+    if weights == "master":
+        return MasterFullState(load, tag)
+    raise ConversionError(f"--weights {weights!r}: expected 'model' or 'master'")
 
 
 def _dtype(name: str | None) -> torch.dtype | None:
@@ -130,11 +145,13 @@ def export_hf(
     dtype: str | None = None,
     max_shard_size: str | int = "5GB",
     progress: bool = True,
+    weights: str = "model",
 ) -> Path:
-    """Framework checkpoint (any tp/pp/dp/ZeRO stage) -> Hugging Face directory ``save``; returns it."""
+    """Framework checkpoint (any tp/pp/dp/ZeRO stage) -> Hugging Face directory ``save``; returns it.
+    ``weights="master"`` exports the fp32 master weights of a mixed-precision run."""
     import transformers
 
-    state = LazyFullState(load, tag)
+    state = _open_state(load, tag, weights)
     cfg = state.cfg
     if cfg.family not in hfc.MAPPINGS:
         raise ConversionError(f"model.family {cfg.family!r}: no Hugging Face mapping")
@@ -204,9 +221,11 @@ def reshard(
     tag: str | None = None,
     out_tag: str | None = None,
     progress: bool = True,
+    weights: str = "model",
 ) -> Path:
-    """A framework checkpoint at another tp/pp (weights, step, consumed samples; no optimizer state)."""
-    state = LazyFullState(load, tag)
+    """A framework checkpoint at another tp/pp (weights, step, consumed samples; no optimizer state);
+    ``weights="master"`` writes the fp32 master weights of a mixed-precision run."""
+    state = _open_state(load, tag, weights)
     meta = state.meta
     config = meta_config(meta)
     config.parallel.tensor_parallel, config.parallel.pipeline_parallel = tp, pp
@@ -244,6 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer-model", default=None, help="sentencepiece .model or HF tokenizer dir to export"
     )
     p.add_argument("--no-tokenizer", action="store_true", help="write no tokenizer files")
+    p.add_argument(
+        "--weights",
+        choices=["model", "master"],
+        default="model",
+        help="model: the weights in the model's working dtype (default); master: the fp32 master weights of a "
+        "bf16/fp16 run, gathered from its ZeRO/BF16 optimizer partitions (needs a checkpoint saved by training)",
+    )
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="cast weights (default: keep)")
     p.add_argument("--max-shard-size", default="5GB", help="split model.safetensors above this size")
     p.add_argument(
@@ -280,8 +306,11 @@ def _main(argv: list[str]) -> int:
                 args.dtype,
                 args.max_shard_size,
                 progress,
+                args.weights,
             )
         elif args.from_ == "hf":
+            if args.weights != "model":
+                raise ConversionError("--weights master reads a framework checkpoint: not with --from hf")
             out = import_hf(
                 args.load,
                 args.save,
@@ -304,6 +333,7 @@ def _main(argv: list[str]) -> int:
                 args.tag,
                 args.out_tag,
                 progress,
+                args.weights,
             )
     except MegatronKIError:
         raise

@@ -8,7 +8,8 @@ the format itself (names, metadata, readers and writers) is ``megatron_ki/checkp
 The *full* state dict uses the single-process model's names (``embedding.*``, ``layers.{i}.*``, ``head.*``);
 it keeps the source's vocabulary padding, and :func:`shard_state_dict` re-pads it for the target tp. The
 layout of every tensor-parallel parameter comes from the model itself (built on the meta device, free), so
-there is no second table of names to keep in sync.
+there is no second table of names to keep in sync. :class:`MasterFullState` reads the fp32 master weights of a
+mixed-precision run from its ZeRO / BF16 optimizer partitions instead of the model's working-dtype weights.
 """
 
 from __future__ import annotations
@@ -227,6 +228,99 @@ class LazyFullState(Mapping[str, torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self._names)
+
+
+# ------------------------------------------------------------------------------------ fp32 master
+# A bf16 or fp16 run keeps fp32 master weights in the optimizer, partitioned over the data-parallel ranks: ZeRO
+# 1/2 and DeepSpeed's BF16 optimizer save, per data- and model-parallel rank, the flat fp32 partition
+# (``single_partition_of_fp32_groups``) and where each parameter's fragment lies in it
+# (``param_slice_mappings``: start, numel); a parameter's fragments in data-parallel rank order are the
+# parameter. These are DeepSpeed's on-disk keys (deepspeed.checkpoint.constants), read without importing it.
+_OPTIM_KEY, _SLICES_KEY, _FP32_KEY = (
+    "optimizer_state_dict",
+    "param_slice_mappings",
+    "single_partition_of_fp32_groups",
+)
+
+
+def _zero_files(folder: Path, mp_rank: int, dp: int) -> list[Path]:
+    for prefix in ("", "bf16_", "fp16_"):
+        files = [
+            folder / f"{prefix}zero_pp_rank_{d}_mp_rank_{mp_rank:02d}_optim_states.pt" for d in range(dp)
+        ]
+        if all(f.is_file() for f in files):
+            return files
+    raise CheckpointError(
+        f"{folder}: no ZeRO/BF16 optimizer partitions of model-parallel rank {mp_rank} for its {dp} data-parallel "
+        f"ranks (expected [bf16_]zero_pp_rank_0..{dp - 1}_mp_rank_{mp_rank:02d}_optim_states.pt)"
+    )
+
+
+def _master_of_mp_rank(folder: Path, mp_rank: int, dp: int) -> dict[str, torch.Tensor]:
+    """``{engine parameter name: fp32 master}`` of one model-parallel rank, gathered over its dp ranks."""
+    shapes: dict[str, Any] = {}
+    model_states = load_torch_file(folder / f"mp_rank_{mp_rank:02d}_model_states.pt", mmap=True)
+    for group in model_states.get("param_shapes") or []:
+        shapes.update(group)
+    pieces: dict[str, list[torch.Tensor]] = {}
+    for path in _zero_files(folder, mp_rank, dp):
+        osd = load_torch_file(path, mmap=True).get(_OPTIM_KEY, {})
+        if _SLICES_KEY not in osd or _FP32_KEY not in osd:
+            raise CheckpointError(
+                f"{path}: no '{_SLICES_KEY}'/'{_FP32_KEY}': not a ZeRO 1/2 or BF16 optimizer state"
+            )
+        for mapping, flat in zip(osd[_SLICES_KEY], osd[_FP32_KEY], strict=True):
+            for name, frag in mapping.items():
+                # The partitions are saved as Parameters: detach, or every tensor derived carries a graph.
+                pieces.setdefault(name, []).append(flat.detach().narrow(0, frag.start, frag.numel))
+    out = {}
+    for name, parts in pieces.items():
+        flat = torch.cat(parts)
+        if name not in shapes or flat.numel() != torch.Size(shapes[name]).numel():
+            raise CheckpointError(
+                f"{folder}: fp32 master of '{name}' has {flat.numel()} values, expected shape {shapes.get(name)}"
+            )
+        out[name] = flat.view(shapes[name]).clone()
+    return out
+
+
+def master_shards(folder: Path, meta: dict[str, Any], cfg: ModelConfig) -> list[dict[str, torch.Tensor]]:
+    """Per TP rank, the fp32 master weights under full-model names (the tied head copy of pp > 1 dropped).
+
+    Model-parallel rank ``m`` is pipeline stage ``m // tp`` and TP rank ``m % tp`` (DeepSpeed's numbering)."""
+    layout = meta["layout"]
+    tp, pp, dp = int(layout["tp"]), int(layout["pp"]), int(layout.get("dp", 1))
+    shards: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
+    for m in range(tp * pp):
+        for name, value in _master_of_mp_rank(folder, m, dp).items():
+            if pp > 1:
+                idx, rest = name.split(".", 1)
+                name = full_name_of(int(idx), rest, cfg.num_layers)
+                if name == "head.word_embeddings.weight":
+                    continue
+            shards[m % tp][name] = value
+    return shards
+
+
+class MasterFullState(LazyFullState):
+    """The full state dict of a checkpoint's fp32 master weights (see :func:`master_shards`), read at once
+    (4 bytes per parameter). An fp32 run has no separate master copy: its model weights are returned."""
+
+    def __init__(self, root: str | Path, tag: str | None = None):
+        super().__init__(root, tag)
+        if self.meta.get("weights_only", False):
+            raise CheckpointError(
+                f"{self.folder} is a weights-only checkpoint (no optimizer state): it holds no fp32 master weights"
+            )
+        self.precision = meta_config(self.meta).train.precision
+        self._master: list[dict[str, torch.Tensor]] | None = None
+
+    def _shards_for(self, name: str) -> list[dict[str, torch.Tensor]]:
+        if self.precision == "fp32":
+            return super()._shards_for(name)
+        if self._master is None:
+            self._master = master_shards(self.folder, self.meta, self.cfg)
+        return self._master
 
 
 # ------------------------------------------------------------------------------------------ writing

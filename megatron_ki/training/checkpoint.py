@@ -48,9 +48,17 @@ from megatron_ki.checkpoint_format import (
 from megatron_ki.config import Config
 from megatron_ki.errors import MegatronKIError, describe_os_error
 from megatron_ki.parallel import ParallelGroups
-from megatron_ki.training.deepspeed_compat import load_zero_state_at_other_dp
+from megatron_ki.training.deepspeed_compat import (
+    load_zero_state_at_other_dp,
+    mark_bf16_zero_stage,
+    replace_recovery_scripts,
+    universal_checkpoint_info,
+    universal_param_kinds,
+)
 
 logger = logging.getLogger("megatron_ki")
+UNIVERSAL_CHECKPOINT_INFO = "universal_checkpoint_info"  # deepspeed.checkpoint.constants' name
+LATEST_UNIVERSAL_FILE = "latest_universal"  # written by DeepSpeed's ds_to_universal beside its output folder
 TAG_RE = re.compile(r"^step(\d{8})$")
 
 
@@ -134,7 +142,9 @@ def _save(engine, cfg, groups, root, step, consumed_samples, extra_meta, tp_trac
         for stale in root.glob("*.tmp"):  # an earlier save that did not finish
             shutil.rmtree(stale, ignore_errors=True)
     _barrier()
-    engine.save_checkpoint(str(root), tag=tmp_tag, client_state={"step": step}, save_latest=False)
+    client_state = _client_state(engine, cfg, groups, step, consumed_samples)
+    mark_bf16_zero_stage(engine)  # so that DeepSpeed's zero_to_fp32.py reads a bf16 checkpoint (tp = pp = 1)
+    engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client_state, save_latest=False)
     rng_dir = root / tmp_tag / "rng"
     rng_dir.mkdir(parents=True, exist_ok=True)
     torch.save(rng_state(tp_tracker), rng_dir / f"rank{groups.rank:05d}.pt")
@@ -153,6 +163,7 @@ def _save(engine, cfg, groups, root, step, consumed_samples, extra_meta, tp_trac
             **(extra_meta or {}),
         }
         write_meta(root / tmp_tag, meta)
+        replace_recovery_scripts(root, topo.tp, topo.pp)
         final = root / tag
         if final.exists():
             shutil.rmtree(final)
@@ -163,6 +174,30 @@ def _save(engine, cfg, groups, root, step, consumed_samples, extra_meta, tp_trac
                 shutil.rmtree(root / old, ignore_errors=True)
         logger.info("saved checkpoint %s (step %d, %d samples)", final, step, consumed_samples)
     _barrier()
+
+
+def _client_state(
+    engine, cfg: Config, groups: ParallelGroups, step: int, consumed_samples: int
+) -> dict[str, Any]:
+    """What DeepSpeed stores beside its own state in every model-states file: the step (``iteration`` is the
+    name DeepSpeed's converters read), the samples consumed (a resume from a universal checkpoint, which has no
+    ``meta.json``, reads them here) and ``universal_checkpoint_info``, without which DeepSpeed's
+    ``ds_to_universal`` refuses the checkpoint. Collective: the info covers every pipeline stage's parameters."""
+    module = getattr(engine, "module", None)  # None: an engine stand-in without a model (tests)
+    own = universal_param_kinds(module, groups.topology.tp) if module is not None else {}
+    kinds: dict[str, tuple] = {}
+    for share in _gather(own):
+        kinds.update(share)
+    topo = groups.topology
+    info = universal_checkpoint_info(kinds, cfg.model.vocab_size, cfg.model.padded_vocab_size(topo.tp))
+    layout = {"tp": topo.tp, "pp": topo.pp, "dp": topo.dp, "zero_stage": cfg.train.zero_stage}
+    return {
+        "step": step,
+        "iteration": step,
+        "consumed_samples": consumed_samples,
+        "layout": layout,
+        UNIVERSAL_CHECKPOINT_INFO: info,
+    }
 
 
 # ------------------------------------------------------------------------------------------- resume
@@ -280,8 +315,11 @@ def load_checkpoint(engine, cfg: Config, groups: ParallelGroups, tp_tracker=None
     Returns the metadata (``step``, ``consumed_samples``), or None when the directory is missing or holds no
     checkpoint and ``checkpoint.load_if_exists`` is set (without it, that is an error). A different
     data-parallel size is accepted (ZeRO 1/2 optimizer state is re-partitioned, see ``deepspeed_compat.load_zero_state_at_other_dp``); a
-    different tp/pp is refused (use tools/convert_checkpoint.py).
+    different tp/pp is refused (use tools/convert_checkpoint.py, or DeepSpeed's universal checkpoints:
+    ``checkpoint.load_universal``, see :func:`load_universal_checkpoint`).
     """
+    if cfg.checkpoint.load_universal:
+        return load_universal_checkpoint(engine, cfg, groups)
     root = Path(cfg.checkpoint.load)  # type: ignore[arg-type]
     found = _resume_tag(root, cfg, groups.rank)
     if found is None:
@@ -362,10 +400,10 @@ def _check_layout(folder: Path, layout: dict[str, Any], topo, weights_only: bool
         )
 
 
-def _load_engine(engine, root: Path, tag: str, weights_only: bool, repartition: bool) -> None:
-    """DeepSpeed's load of ``tag``; its failures become one line naming the tag."""
+def _load_engine(engine, root: Path, tag: str, weights_only: bool, repartition: bool) -> dict[str, Any]:
+    """DeepSpeed's load of ``tag``; its failures become one line naming the tag. Returns the client state."""
     try:
-        load_path, _ = engine.load_checkpoint(
+        load_path, client_state = engine.load_checkpoint(
             str(root),
             tag=tag,
             load_module_only=weights_only,
@@ -395,3 +433,38 @@ def _load_engine(engine, root: Path, tag: str, weights_only: bool, repartition: 
         raise CheckpointError(
             f"checkpoint.load: DeepSpeed could not load {root / tag}: it found no model states file for this rank"
         )
+    return client_state or {}
+
+
+def load_universal_checkpoint(engine, cfg: Config, groups: ParallelGroups) -> dict[str, Any]:
+    """Resume from a DeepSpeed universal checkpoint (made by ``python -m deepspeed.checkpoint.ds_to_universal
+    --input_folder CKPT/stepNNN --output_folder U/stepNNN``; ``checkpoint.load`` is ``U``, whose
+    ``latest_universal`` names the tag) at this run's tp and dp: fp32 master weights, Adam moments and the LR
+    schedule. The universal files are named after the engine's parameters, which differ between pp = 1 and
+    pp > 1 (pipeline layers): a pp = 1 checkpoint loads at pp = 1 only (tested: tp=2 -> tp=1, dp=1 -> dp=2;
+    pipeline checkpoints are untested). RNG states are not restored (they belong to ranks of the old layout)."""
+    root = Path(cfg.checkpoint.load)  # type: ignore[arg-type]
+    latest = root / LATEST_UNIVERSAL_FILE
+    if not latest.is_file():
+        raise CheckpointError(
+            f"checkpoint.load {root}: no '{LATEST_UNIVERSAL_FILE}' file, but checkpoint.load_universal is set: "
+            "expected the parent of the --output_folder given to deepspeed.checkpoint.ds_to_universal"
+        )
+    tag = latest.read_text(encoding="utf-8").strip()
+    folder = root / tag
+    missing = [n for n, p in engine.module.named_parameters() if p.requires_grad]
+    missing = [n for n in missing if not (folder / "zero" / n / "fp32.pt").is_file()]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint.load {folder}: not a universal checkpoint of this model: no zero/{missing[0]}/fp32.pt "
+            f"(and {len(missing) - 1} more missing); parameter names differ between pipeline_parallel 1 and > 1, "
+            "so a checkpoint loads only on the same side"
+        )
+    client = _load_engine(engine, root, tag, weights_only=False, repartition=False)
+    meta = {k: client.get(k, 0) for k in ("step", "consumed_samples")}
+    meta.update(layout=client.get("layout", {}), weights_only=False, universal=True)
+    if groups.rank == 0:
+        logger.info(
+            "resumed from universal checkpoint %s at step %d (RNG states not restored)", folder, meta["step"]
+        )
+    return meta

@@ -18,6 +18,12 @@ refuses another major version with a clear message and logs a warning for anothe
   constants: :func:`load_zero_state_at_other_dp` resumes ZeRO state at another data-parallel size.
 - The name of DeepSpeed's CPU all-reduce workspace in ``/dev/shm`` (:func:`release_deepspeed_shm`): DeepSpeed
   creates one per rank and never removes it.
+- The ``universal_checkpoint_info`` client state DeepSpeed's ``ds_to_universal`` reads (its pattern keys from
+  ``deepspeed.checkpoint.constants``), built from the model's tensor-parallel flags
+  (:func:`universal_checkpoint_info`).
+- The BF16 optimizer's ``state_dict`` (:func:`mark_bf16_zero_stage` adds the ``zero_stage`` key
+  ``zero_to_fp32.py`` looks for) and the names of the recovery scripts DeepSpeed copies beside a checkpoint
+  (:func:`replace_recovery_scripts`, at tp or pp > 1, where they cannot work).
 """
 
 from __future__ import annotations
@@ -319,3 +325,146 @@ def load_zero_state_at_other_dp(engine, ckpt_dir: Path, saved_dp: int) -> None:
         saved_dp,
         engine.dp_world_size,
     )
+
+
+# ---------------------------------------------------------------------------------- universal checkpoint
+# DeepSpeed's ``ds_to_universal`` turns per-rank ZeRO files into one file per parameter and state, which any
+# tp/pp/dp layout can load (``"checkpoint": {"load_universal": true}``). It merges the tensor-parallel slices
+# of a parameter as the ``universal_checkpoint_info`` client state of the model-states files says: replicated
+# (all slices equal), concatenated on dim 0 (the default) or 1 (row parallel), a fused weight whose per-rank
+# slice holds a piece of each sub-parameter ([q_r, k_r, v_r]), and vocabulary tensors whose padding is
+# stripped. Megatron-DeepSpeed writes hand-made regexes per model; here every entry is derived from the model's
+# own tensor-parallel flags (``megatron_ki.models.partition_info``), so no second table of names can drift.
+
+_VOCAB_SUFFIXES = ("word_embeddings.weight", "head.output.weight")
+
+
+def universal_param_kinds(module: nn.Module, tp: int) -> dict[str, tuple]:
+    """``{parameter name: kind}`` of this rank's ``module`` for the universal checkpoint: ``("replicated",)``,
+    ``("column",)``, ``("row",)``, ``("vocab",)`` or ``("sub_params", dim, shape, widths)``."""
+    from megatron_ki.models import partition_info
+
+    info = partition_info(module)
+    kinds: dict[str, tuple] = {}
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name not in info:
+            kinds[name] = ("replicated",)
+            continue
+        dim, sizes = info[name]
+        if len(sizes) > 1:  # a fused weight: every rank holds [piece of sub-param 0, piece of 1, ...]
+            shape = tuple(tuple(sizes) if d == dim else int(s) for d, s in enumerate(p.shape))
+            kinds[name] = ("sub_params", dim, shape, tuple(tuple([s // tp] * tp) for s in sizes))
+        elif p.dim() == 2 and dim == 0 and name.endswith(_VOCAB_SUFFIXES):
+            kinds[name] = ("vocab",)
+        else:
+            kinds[name] = ("row",) if dim == 1 else ("column",)
+    return kinds
+
+
+def _name_patterns(kinds: dict[str, tuple]) -> dict[str, tuple]:
+    """``{regex: kind}``: numeric name parts (layer and pipeline indices) generalised to ``\\d+`` where every
+    name so generalised has the same kind, else the exact name; anchored at both ends."""
+    import re
+
+    def general(name: str) -> str:
+        return r"\.".join(r"\d+" if part.isdigit() else re.escape(part) for part in name.split("."))
+
+    groups: dict[str, set[tuple]] = {}
+    for name, kind in kinds.items():
+        groups.setdefault(general(name), set()).add(kind)
+    out: dict[str, tuple] = {}
+    for name, kind in kinds.items():
+        pattern = general(name)
+        out[f"^{pattern if len(groups[pattern]) == 1 else re.escape(name)}$"] = kind
+    return out
+
+
+def universal_checkpoint_info(
+    kinds: dict[str, tuple], vocab_size: int, padded_vocab_size: int
+) -> dict[str, Any]:
+    """The ``universal_checkpoint_info`` client state for parameters of ``kinds`` (every pipeline stage's,
+    see :func:`universal_param_kinds`); ``vocab_size`` rows of vocabulary tensors are kept, the rest is padding."""
+    from deepspeed.checkpoint import constants as c
+
+    patterns = _name_patterns(kinds)
+    by_kind: dict[str, list[str]] = {}
+    for pattern, kind in patterns.items():
+        by_kind.setdefault(kind[0], []).append(pattern)
+    sub_params = [(p, k) for p, k in patterns.items() if k[0] == "sub_params"]
+    info: dict[str, Any] = {
+        c.UNIVERSAL_CHECKPOINT_VERSION_KEY: c.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        c.ORIGINAL_VOCAB_SIZE: vocab_size,
+        c.PADDED_VOCAB_SIZE: padded_vocab_size,
+        c.TP_REPLICATED_PARAMETER_PATTERNS: by_kind.get("replicated", []),
+        c.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: by_kind.get("row", []),
+        c.VOCABULARY_PARAMETER_PATTERNS: by_kind.get("vocab", []),
+        c.PARAMETER_TO_AVERAGE_PATTERNS: [],
+        c.PIPELINE_REPLICATED_PARAMETER_PATTERNS: [],  # the tied head copy has its own name, kept as such
+        c.PARAMETER_WITH_2_SUB_PARAMS_CAT_DIM_0: [],
+        c.PARAMETER_WITH_SUB_PARAMS: [
+            {"patterns": [p], "shape": k[2], "partition_dim": k[1]} for p, k in sub_params
+        ],
+    }
+    if hasattr(c, "SUB_PARAM_SHARD_WIDTHS"):  # DeepSpeed >= 0.18 (universal version 0.4) requires the widths
+        info[c.SUB_PARAM_SHARD_WIDTHS] = {p: [list(w) for w in k[3]] for p, k in sub_params}
+    return info
+
+
+# ----------------------------------------------------------------------------------- zero_to_fp32.py
+# DeepSpeed copies its ``zero_to_fp32.py`` (and ``zero_to_torch.py``, built on it) beside every ZeRO or bf16
+# checkpoint. It merges data-parallel partitions only, and recognises a ZeRO state by its ``zero_stage`` key.
+
+
+def mark_bf16_zero_stage(engine) -> None:
+    """Add ``zero_stage: 1`` to what DeepSpeed's BF16 optimizer (bf16 with ZeRO 0/1) saves.
+
+    It partitions its fp32 master weights over the data-parallel ranks exactly as ZeRO-1 does (the same flat
+    groups, padding and ``single_partition_of_fp32_groups``), but its state lacks the key, so
+    ``zero_to_fp32.py`` refuses the checkpoint ("is not a zero checkpoint"). Loaders ignore the extra key."""
+    from deepspeed.checkpoint.constants import ZERO_STAGE
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
+    opt = getattr(engine, "optimizer", None)
+    if not isinstance(opt, BF16_Optimizer) or getattr(opt, "_megatron_ki_marked", False):
+        return
+    state_dict = opt.state_dict
+
+    def marked(*args, **kwargs):
+        sd = state_dict(*args, **kwargs)
+        sd.setdefault(ZERO_STAGE, 1)
+        return sd
+
+    opt.state_dict = marked
+    opt._megatron_ki_marked = True
+
+
+RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
+
+_REFUSING_SCRIPT = '''#!/usr/bin/env python
+"""Put here by megatron_ki in place of DeepSpeed's {name}, which cannot read this checkpoint."""
+import sys
+
+sys.exit(
+    "{name}: this checkpoint is tensor/pipeline parallel (tensor_parallel={tp}, pipeline_parallel={pp}); "
+    "DeepSpeed's {name} merges data-parallel ZeRO partitions only. Export the fp32 master weights with "
+    "megatron_ki's tools/convert_checkpoint.py --weights master --load {root} and --to hf --save OUT "
+    "(Hugging Face) or --target-tp 1 --target-pp 1 --save OUT (a framework checkpoint)"
+)
+'''
+
+
+def replace_recovery_scripts(root: Path, tp: int, pp: int) -> None:
+    """At tp or pp > 1, replace DeepSpeed's recovery scripts in ``root`` by ones that exit with a message
+    naming ``tools/convert_checkpoint.py --weights master``: DeepSpeed's fail with a misleading error (a
+    file count "possibly due to an overwrite") or would merge tensor-parallel shards as data-parallel ones."""
+    from megatron_ki.fileio import write_text_atomic
+
+    if tp * pp == 1:
+        return
+    for name in RECOVERY_SCRIPTS:
+        path = root / name
+        if path.is_file():
+            write_text_atomic(path, _REFUSING_SCRIPT.format(name=name, tp=tp, pp=pp, root=root.resolve()))
+            path.chmod(0o755)

@@ -36,6 +36,15 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if cfg.checkpoint.load_universal:
+        if train.zero_stage == 0:
+            # DeepSpeed restores universal checkpoints through the ZeRO optimizer only; at stage 0 it would
+            # load nothing and say nothing.
+            raise ConfigError(
+                "checkpoint.load_universal",
+                "needs train.zero_stage 1 or 2 (DeepSpeed loads them through ZeRO)",
+            )
+        ds["checkpoint"] = {"load_universal": True}
     if cfg.ki.enabled and cfg.parallel.pipeline_parallel > 1:
         # The KI activation changes shape when the teacher is released (dynamic shapes); DeepSpeed caches the
         # metadata of TP-partitioned pipeline activations once, so send them whole.
