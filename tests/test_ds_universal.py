@@ -29,12 +29,13 @@ VOCAB = 500
 STEPS = 2
 
 
-def _cfg(tp: int, ckpt: str, run_dir: str, universal: bool = False):
+def _cfg(tp: int, ckpt: str, run_dir: str, universal: bool = False, pp: int = 1):
     return load_config(
         str(ROOT / "launch/configs/models/tiny_llama.yaml"),
         [
             "--model.vocab_size", str(VOCAB),
             "--parallel.tensor_parallel", str(tp),
+            "--parallel.pipeline_parallel", str(pp),
             "--train.zero_stage", "1",
             "--train.micro_batch_size", "1",
             "--train.global_batch_size", "2",
@@ -73,13 +74,13 @@ def _full_weights(module, groups, cfg) -> dict[str, torch.Tensor]:
     return {n: t[: cfg.model.vocab_size] if _is_vocab(n) else t for n, t in full.items()}
 
 
-def _save_worker(rank, world, ckpt, run_dir):
+def _save_worker(rank, world, ckpt, run_dir, pp=1):
     os.environ["DS_ACCELERATOR"] = "cpu"
     from megatron_ki.training.checkpoint import save_checkpoint
     from megatron_ki.training.loop import Trainer
     from megatron_ki.training.run import build_run
 
-    cfg = _cfg(2, ckpt, run_dir)
+    cfg = _cfg(2 // pp, ckpt, run_dir, pp=pp)
     cfg.checkpoint.load = None
     run = build_run(cfg, world, data=False)
     trainer = Trainer(run)
@@ -87,7 +88,24 @@ def _save_worker(rank, world, ckpt, run_dir):
     for _ in range(STEPS):
         trainer.train_step(data)
     save_checkpoint(run.engine, cfg, run.groups, STEPS, STEPS * 2)
-    return _full_weights(run.engine.module, run.groups, cfg)
+    if pp == 1:
+        return _full_weights(run.engine.module, run.groups, cfg)
+    # tp = 1: this stage's parameters under the names the pipeline module gives them, padding stripped
+    local = {n: p.detach().float().clone() for n, p in run.engine.module.named_parameters()}
+    vocab = ("word_embeddings.weight", "head.output.weight")  # behind the stage's layer index
+    return {n: t[: cfg.model.vocab_size] if n.endswith(vocab) else t for n, t in local.items()}
+
+
+def _to_universal(ckpt: Path, out: Path) -> subprocess.CompletedProcess:
+    tag = f"step{STEPS:08d}"
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt / tag)]
+    return subprocess.run(
+        [*cmd, "--output_folder", str(out / tag)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DS_ACCELERATOR": "cpu"},
+        timeout=300,
+    )
 
 
 def _load_worker(rank, world, ckpt, run_dir):
@@ -107,16 +125,23 @@ def converted(tmp_path_factory):
     root = tmp_path_factory.mktemp("universal")
     ckpt, universal = root / "ckpt", root / "universal"
     saved = run_distributed(_save_worker, 2, args=(str(ckpt), str(root / "run")))[0]
-    tag = f"step{STEPS:08d}"
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt / tag)]
-    done = subprocess.run(
-        [*cmd, "--output_folder", str(universal / tag)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "DS_ACCELERATOR": "cpu"},
-        timeout=300,
-    )
-    return root, saved, done
+    return root, saved, _to_universal(ckpt, universal)
+
+
+@pytest.mark.distributed
+def test_ds_to_universal_converts_a_pipeline_checkpoint(tmp_path: Path):
+    """pp=2: each stage's parameters (the tied embedding's last-stage copy included) come out exactly."""
+    ckpt, universal = tmp_path / "ckpt", tmp_path / "universal"
+    stages = run_distributed(_save_worker, 2, args=(str(ckpt), str(tmp_path / "run"), 2))
+    done = _to_universal(ckpt, universal)
+    assert done.returncode == 0, done.stderr[-3000:]
+    names = set()
+    for stage in stages:
+        for name, want in stage.items():
+            got = torch.load(universal / f"step{STEPS:08d}" / "zero" / name / "fp32.pt", weights_only=False)
+            assert got["param"].shape == want.shape and torch.equal(got["param"], want), name
+            names.add(name)
+    assert len(names) == sum(len(s) for s in stages) and any("qkv" in n for n in names)
 
 
 @pytest.mark.distributed
