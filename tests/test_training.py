@@ -365,6 +365,25 @@ def test_resume_is_exact(ws):
     assert [m["consumed_samples"] for m in second.metrics() if "split" not in m] == [24, 32]
 
 
+def test_checkpoint_records_the_separator_and_the_export_stops_there(ws, tmp_path):
+    """The corpus ends documents with '<eod>' (--eod-token, not the tokenizer's eos): the run records that id
+    in its checkpoint and the Hugging Face export writes it as eos_token_id, for generate() to stop at."""
+    import transformers
+
+    from megatron_ki.data import build_tokenizer, recorded_eod
+    from tests.test_convert import cc
+
+    _, ckpt = first_half(ws)
+    tok = build_tokenizer("SentencePieceTokenizer", ws.corpus.tokenizer)
+    eod = tok.piece_to_id("<eod>")
+    assert eod != tok.eos and recorded_eod([ws.corpus.prefix]) == eod
+    meta = json.loads((ckpt / f"step{N:08d}" / "meta.json").read_text())
+    assert meta["eod_token_id"] == eod
+    out = cc.export_hf(ckpt, tmp_path / "hf", progress=False)
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == eod
+    assert transformers.GenerationConfig.from_pretrained(str(out)).eos_token_id == eod
+
+
 def test_resume_with_other_data_parallel_size(ws):
     """A dp=1 checkpoint resumed on 2 data-parallel ranks continues the same trajectory (parity tolerance)."""
     first_half(ws)

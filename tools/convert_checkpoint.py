@@ -168,7 +168,7 @@ def export_hf(
                 raise ConversionError(
                     f"tokenizer {source} has {len(tok)} tokens, more than model.vocab_size={cfg.vocab_size}"
                 )
-        hf_cfg = hfc.hf_config_for(cfg, out_dtype, tok)
+        hf_cfg = hfc.hf_config_for(cfg, out_dtype, tok, state.meta.get("eod_token_id"))
         hf_cfg.save_pretrained(str(tmp))
         if cfg.causal:
             transformers.GenerationConfig.from_model_config(hf_cfg).save_pretrained(str(tmp))
@@ -201,6 +201,9 @@ def import_hf(
         raise ConversionError(f"--target-pp {pp} is more than the model's {cfg.num_layers} layers")
     data = DataConfig()
     extra: dict[str, Any] = {"source": {"huggingface": str(load.resolve())}}
+    eos = getattr(hfc.read_hf_config(load), "eos_token_id", None)
+    if isinstance(eos, int) and not isinstance(eos, bool):  # its document end, as far as the model says
+        extra["eod_token_id"] = eos
     if has_hf_tokenizer(load):
         data = DataConfig(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(load.resolve()))
         extra["tokenizer"] = {"type": data.tokenizer_type, "model": data.tokenizer_model}
@@ -229,7 +232,7 @@ def reshard(
     meta = state.meta
     config = meta_config(meta)
     config.parallel.tensor_parallel, config.parallel.pipeline_parallel = tp, pp
-    keep = {k: meta[k] for k in ("step", "consumed_samples", "tokenizer") if k in meta}
+    keep = {k: meta[k] for k in ("step", "consumed_samples", "tokenizer", "eod_token_id") if k in meta}
     keep["source"] = {"checkpoint": str(state.folder.resolve()), "layout": meta["layout"]}
     save = Path(save)
     if save.resolve() == Path(load).resolve():

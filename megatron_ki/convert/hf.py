@@ -967,8 +967,14 @@ def write_hf_weights(
     return names
 
 
-def hf_config_for(cfg: ModelConfig, dtype: torch.dtype, tokenizer: Any | None = None) -> Any:
-    """config.json contents: the architecture, the dtype written, and the tokenizer's special ids."""
+def hf_config_for(
+    cfg: ModelConfig, dtype: torch.dtype, tokenizer: Any | None = None, eod_token_id: int | None = None
+) -> Any:
+    """config.json contents: the architecture, the dtype written, and the tokenizer's special ids.
+
+    ``eod_token_id``, the document separator the model was trained with (recorded beside its data), becomes
+    ``eos_token_id``, so ``generate()`` stops where the model learned that documents end, whatever the
+    tokenizer calls its eos."""
     hf_cfg = config_to_hf(cfg)
     hf_cfg.architectures = [CAUSAL_ARCHITECTURE.get(cfg.family) or MASKED_ARCHITECTURE[cfg.family]]
     hf_cfg.dtype = str(dtype).removeprefix("torch.")
@@ -981,4 +987,6 @@ def hf_config_for(cfg: ModelConfig, dtype: torch.dtype, tokenizer: Any | None = 
             value = getattr(tokenizer, key, None)
             if value is not None and not (key == "pad_token_id" and cfg.pad_token_id is not None):
                 setattr(hf_cfg, key, int(value))
+    if eod_token_id is not None and 0 <= eod_token_id < cfg.vocab_size:
+        hf_cfg.eos_token_id = int(eod_token_id)
     return hf_cfg
