@@ -108,15 +108,17 @@ def _to_universal(ckpt: Path, out: Path) -> subprocess.CompletedProcess:
     )
 
 
-def _load_worker(rank, world, ckpt, run_dir):
+def _load_worker(rank, world, ckpt, run_dir, pp=1):
     os.environ["DS_ACCELERATOR"] = "cpu"
     from megatron_ki.training.run import build_run
 
-    cfg = _cfg(1, ckpt, run_dir, universal=True)
+    cfg = _cfg(1, ckpt, run_dir, universal=True, pp=pp)
     run = build_run(cfg, world, data=False)
     assert run.resumed is not None and run.resumed["step"] == STEPS
     assert run.resumed["consumed_samples"] == STEPS * 2
-    return _full_weights(run.engine.module, run.groups, cfg)
+    if pp == 1:
+        return _full_weights(run.engine.module, run.groups, cfg)
+    return {n: p.detach().float().clone() for n, p in run.engine.module.named_parameters()}
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +144,11 @@ def test_ds_to_universal_converts_a_pipeline_checkpoint(tmp_path: Path):
             assert got["param"].shape == want.shape and torch.equal(got["param"], want), name
             names.add(name)
     assert len(names) == sum(len(s) for s in stages) and any("qkv" in n for n in names)
+    loaded = run_distributed(_load_worker, 2, args=(str(universal), str(tmp_path / "run2"), 2))
+    for stage, got in zip(stages, loaded, strict=True):  # resumed at pp=2: the same weights, padding restored
+        assert set(got) == set(stage)
+        for name, want in stage.items():
+            assert torch.equal(got[name][: want.shape[0]], want), name
 
 
 @pytest.mark.distributed
