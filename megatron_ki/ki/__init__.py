@@ -9,6 +9,7 @@ from .loss import (
     per_token_divergence,
 )
 from .schedule import SCHEDULES, KISchedule, build_schedule
+from .sparse_loss import sparse_kd_loss, sparse_ki_loss, sparse_per_token_divergence
 
 __all__ = [
     "DIVERGENCES",
@@ -20,4 +21,7 @@ __all__ = [
     "ki_loss",
     "loss_positions",
     "per_token_divergence",
+    "sparse_kd_loss",
+    "sparse_ki_loss",
+    "sparse_per_token_divergence",
 ]
