@@ -49,6 +49,33 @@ def test_one_epoch_covers_every_token_once(data, tmp_path):
     assert sorted(ds.shuffle_idx.tolist()) == list(range(len(ds)))
 
 
+@pytest.mark.parametrize("seq", [SEQ, 5, 64])
+def test_sample_positions_index_the_bin_and_carry_aligned_targets(data, tmp_path, seq):
+    """Each sample's positions are the .bin token indices of its tokens, whatever the sequence length, so
+    per-token data aligned with the dataset (row r after token r) arrives beside the right inputs."""
+    prefix, _ = data
+    ds = GPTDataset(prefix, np.arange(3, 70), seq, 40, seed=2, cache_dir=str(tmp_path))
+    flat = np.fromfile(f"{prefix}.bin", dtype=ds.indexed.dtype).astype(np.int64)
+
+    class RowIsPosition:  # a stand-in targets file whose row r holds r, so alignment is visible
+        def rows(self, positions):
+            return (
+                positions[..., None] * 10,
+                positions[..., None].astype(np.float32),
+                -positions.astype(np.float32),
+            )
+
+    ds.targets = RowIsPosition()
+    for i in range(len(ds)):
+        j = int(ds.shuffle_idx[i])
+        positions = ds.sample_positions(j)
+        np.testing.assert_array_equal(flat[positions], ds.sample_tokens(j))
+        item = ds[i]
+        np.testing.assert_array_equal(item["t_ids"][:, 0], positions[:-1] * 10)
+        np.testing.assert_array_equal(item["t_tail"], -positions[:-1])
+        assert item["t_logp"].shape == (seq, 1)
+
+
 @pytest.mark.parametrize("factor", [2.5, 2.95])
 def test_several_epochs(data, tmp_path, factor):
     prefix, docs = data

@@ -339,19 +339,36 @@ class KIConfig:
     """a_0, the initial weight of the KD loss."""
     decay_steps: int = 1000
     """T_ki: steps after which a_t is 0 and the teacher is released (linear and step schedules)."""
+    teacher_targets: list[str] = field(default_factory=list)
+    """Offline teacher targets instead of a teacher (``tools/precompute_teacher.py``): one targets path per
+    dataset of ``data.data_path``, in its order. The KD term is then over the stored top-K ids plus a tail
+    bucket, at the temperature they were computed at; no teacher runs (causal models)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.teacher, dict):
             self.teacher = build(ModelConfig, self.teacher, "ki.teacher")
+        self.teacher_targets = [str(p) for p in self.teacher_targets]
         check(self.temperature > 0, "ki.temperature", f"must be positive, got {self.temperature}")
         check(0.0 <= self.alpha0 <= 1.0, "ki.alpha0", f"must be in [0, 1], got {self.alpha0}")
         check(self.decay_steps >= 0, "ki.decay_steps", f"must be >= 0, got {self.decay_steps}")
-        if self.enabled:
-            check(
-                self.teacher_path is not None or self.teacher is not None,
-                "ki.teacher_path",
-                "is required when ki.enabled is true (or give ki.teacher for a randomly initialised teacher)",
-            )
+        if not self.enabled:
+            return
+        check(
+            not (self.teacher_targets and (self.teacher_path or self.teacher is not None)),
+            "ki.teacher_targets",
+            "replaces the teacher: give either ki.teacher_targets or ki.teacher_path / ki.teacher, not both",
+        )
+        check(
+            self.teacher_path is not None or self.teacher is not None or bool(self.teacher_targets),
+            "ki.teacher_path",
+            "is required when ki.enabled is true (or ki.teacher_targets for precomputed targets, or ki.teacher for "
+            "a randomly initialised teacher)",
+        )
+
+    @property
+    def offline(self) -> bool:
+        """KI from precomputed targets: no teacher model in the run."""
+        return self.enabled and bool(self.teacher_targets)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -644,6 +661,8 @@ class Config:
         check_positions(self.model, self.data.seq_length)
         if self.ki.enabled and self.ki.teacher is not None:
             check_teacher(self.model, self.ki.teacher, tp, self.data.seq_length, pp)
+        if self.ki.offline:
+            check_offline_targets(self)
 
     def gradient_accumulation_steps(self, world_size: int) -> int:
         dp = world_size // (self.parallel.tensor_parallel * self.parallel.pipeline_parallel)
@@ -654,6 +673,25 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def check_offline_targets(cfg: Config) -> None:
+    """``ki.teacher_targets`` fits the run: one path per dataset, a causal model (an MLM teacher's targets
+    depend on the student's random mask, which a per-document pass cannot know)."""
+    prefixes = parse_data_path(cfg.data.data_path)[1] if cfg.data.data_path else []
+    n = len(cfg.ki.teacher_targets)
+    check(
+        not prefixes or n == len(prefixes),
+        "ki.teacher_targets",
+        f"{n} path(s) for {len(prefixes)} dataset(s) of data.data_path: expected one targets path per dataset, "
+        "in the same order",
+    )
+    check(
+        cfg.model.causal,
+        "ki.teacher_targets",
+        f"offline targets are for causal models; model.family {cfg.model.family!r} is masked (MLM): the online "
+        "teacher sees the student's masked input, which targets computed once per document cannot know",
+    )
 
 
 def check_positions(model: ModelConfig, seq_length: int, prefix: str = "model") -> None:

@@ -80,8 +80,12 @@ class GPTDataset(torch.utils.data.Dataset):
     """Fixed-length causal-LM samples over the sequences ``documents`` of one indexed dataset.
 
     ``ds[i]`` is ``{"text": int64[seq_length + 1]}``; inputs are ``text[:-1]`` and labels ``text[1:]``.
-    ``len(ds)`` is at least ``num_samples`` (whole epochs are indexed); None means one epoch.
+    ``len(ds)`` is at least ``num_samples`` (whole epochs are indexed); None means one epoch. With
+    ``targets`` (offline teacher targets aligned with the dataset, ``data/teacher_targets.py``) items also
+    hold ``t_ids``, ``t_logp`` and ``t_tail`` for the ``seq_length`` input positions.
     """
+
+    targets = None
 
     def __init__(
         self,
@@ -135,5 +139,29 @@ class GPTDataset(torch.utils.data.Dataset):
         parts.append(ds.get(int(self.doc_idx[l_pos]), 0, l_off + 1))
         return np.concatenate(parts).astype(np.int64)
 
+    def sample_positions(self, j: int) -> np.ndarray:
+        """Global token indices (into the ``.bin``, in tokens) of unshuffled sample ``j``'s tokens: what
+        per-token data aligned with the dataset (offline teacher targets) is looked up by, whatever the
+        sequence length, shuffle or data-parallel layout that made the sample."""
+        f_pos, f_off = (int(x) for x in self.sample_idx[j])
+        l_pos, l_off = (int(x) for x in self.sample_idx[j + 1])
+        ds = self.indexed
+        starts = ds.pointers // ds.dtype.itemsize
+
+        def span(pos: int, first: int, last: int) -> np.ndarray:
+            return np.arange(first, last, dtype=np.int64) + int(starts[int(self.doc_idx[pos])])
+
+        if f_pos == l_pos:
+            return span(f_pos, f_off, l_off + 1)
+        parts = [span(f_pos, f_off, int(ds.sizes[int(self.doc_idx[f_pos])]))]
+        parts += [span(p, 0, int(ds.sizes[int(self.doc_idx[p])])) for p in range(f_pos + 1, l_pos)]
+        parts.append(span(l_pos, 0, l_off + 1))
+        return np.concatenate(parts)
+
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        return {"text": self.sample_tokens(int(self.shuffle_idx[i]))}
+        j = int(self.shuffle_idx[i])
+        item = {"text": self.sample_tokens(j)}
+        if self.targets is not None:  # the teacher's targets after each input token (not the last one)
+            t_ids, t_logp, t_tail = self.targets.rows(self.sample_positions(j)[:-1])
+            item.update(t_ids=t_ids, t_logp=t_logp, t_tail=t_tail)
+        return item

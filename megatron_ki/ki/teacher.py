@@ -20,6 +20,7 @@ from megatron_ki.errors import MegatronKIError
 from megatron_ki.models import build_model
 
 from .loss import KILossOutput, ki_loss
+from .sparse_loss import sparse_ki_loss
 
 
 class TeacherError(MegatronKIError, ValueError):
@@ -83,9 +84,13 @@ class KILossFunction:
     alpha: float = 0.0
     records: list[KILossOutput] = field(default_factory=list)
     teacher_forward_calls: int = 0
+    vocab_size: int | None = None
+    """The student's real vocabulary: offline target ids must lie below it."""
     __name__ = "ki_loss"
 
-    def __call__(self, outputs, labels: torch.Tensor) -> torch.Tensor:
+    def __call__(self, outputs, labels) -> torch.Tensor:
+        if isinstance(labels, tuple | list):  # (labels, t_ids, t_logp, t_tail): offline teacher targets
+            return self._offline(outputs, *labels)
         if isinstance(outputs, tuple):
             student_logits, teacher_logits = outputs
             self.teacher_forward_calls += 1
@@ -100,6 +105,26 @@ class KILossFunction:
             divergence=self.ki.divergence,
             tp_group=self.tp_group,
         )
+        self.records.append(out)
+        return out.loss
+
+    def _offline(self, logits, labels, t_ids, t_logp, t_tail) -> torch.Tensor:
+        """The KD term over the stored top-K ids and the tail bucket (``ki/sparse_loss.py``); the targets are
+        at the temperature they were computed at, which the run checked equals ``ki.temperature``."""
+        if self.alpha == 0.0:
+            out = ki_loss(logits, None, labels, 0.0, tp_group=self.tp_group)
+        else:
+            out = sparse_ki_loss(
+                logits,
+                t_ids,
+                t_logp,
+                t_tail,
+                labels,
+                self.alpha,
+                temperature=self.ki.temperature,
+                tp_group=self.tp_group,
+                vocab_size=self.vocab_size,
+            )
         self.records.append(out)
         return out.loss
 

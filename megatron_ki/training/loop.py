@@ -37,10 +37,15 @@ class TrainingAborted(MegatronKIError, RuntimeError):
     """Training cannot continue (too many consecutive non-finite steps)."""
 
 
+TARGET_KEYS = ("t_ids", "t_logp", "t_tail")
+"""Offline teacher targets of a sample: top-K ids, their log-probabilities, the tail's log-mass."""
+
+
 def model_inputs(
     sample: dict[str, torch.Tensor], causal: bool
-) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-    """A collated data sample -> ``((input_ids, attention_mask, token_type_ids), labels)``.
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | tuple[torch.Tensor, ...]]:
+    """A collated data sample -> ``((input_ids, attention_mask, token_type_ids), labels)``; with offline
+    teacher targets, labels is ``(labels, t_ids, t_logp, t_tail)``.
 
     Causal: ``text`` holds seq + 1 tokens; inputs are the first seq, labels the next-token targets.
     MLM: ``text`` is the masked input, ``labels`` holds the targets (-100 elsewhere), ``padding_mask`` 1 = token.
@@ -54,6 +59,8 @@ def model_inputs(
     else:
         ids, labels = text, sample["labels"].long()
         mask = sample.get("padding_mask", torch.ones_like(ids)).long()
+    if "t_ids" in sample:  # offline teacher targets travel with the labels (at pp > 1: to the last stage)
+        return (ids, mask, torch.zeros_like(ids)), (labels, *(sample[k] for k in TARGET_KEYS))
     return (ids, mask, torch.zeros_like(ids)), labels
 
 
@@ -105,27 +112,33 @@ class Trainer:
             self.state.flops = meta.get("flops", 0.0)
             self.state.train_time_s = meta.get("train_time_s", 0.0)
         self.tokens_per_sample = cfg.data.seq_length
+        self.targets_active = cfg.ki.offline
         self.teacher_valid_loss: float | None = None
         """The teacher's LM loss on the fixed validation samples, kept after the teacher is released."""
 
     # -------------------------------------------------------------------------------- teacher
     @property
     def teacher_active(self) -> bool:
+        """The KD term can be computed: a teacher runs, or offline targets are read and not yet released."""
         if self.pipe_teacher is not None:
             return self.pipe_teacher.active
-        return self.teacher is not None
+        return self.teacher is not None or self.targets_active
 
     def release_teacher(self) -> None:
-        """a_t is 0 from now on: stop running the teacher and free it."""
+        """a_t is 0 from now on: stop running the teacher and free it (offline: stop using the targets)."""
         if self.pipe_teacher is not None and self.pipe_teacher.active:
             self.pipe_teacher.release()
         self.teacher = None
+        self.targets_active = False
         logger.info("KI: alpha is 0 from step %d on; teacher released", self.state.step)
 
     # ----------------------------------------------------------------------------------- steps
-    def _forward_loss(self, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
+    def _forward_loss(self, inputs: tuple[torch.Tensor, ...], labels) -> torch.Tensor:
         ids, mask, types = (t.to(self.engine.device) for t in inputs)
-        labels = labels.to(self.engine.device)
+        if isinstance(labels, tuple | list):
+            labels = tuple(t.to(self.engine.device) for t in labels)
+        else:
+            labels = labels.to(self.engine.device)
         typed = self.cfg.model.type_vocab_size > 0
         logits = self.engine(ids, attention_mask=mask, token_type_ids=types if typed else None)
         if self.teacher is not None and self.teacher_active:

@@ -108,7 +108,7 @@ def load_teacher_weights(cfg: Config, groups: ParallelGroups) -> tuple[ModelConf
     from megatron_ki.convert.reshard import load_full_state, shard_state_dict
     from megatron_ki.ki.teacher import check_teacher_fits
 
-    if not cfg.ki.enabled:
+    if not cfg.ki.enabled or cfg.ki.offline:
         return None, None
     teacher_cfg, full, source = cfg.ki.teacher, None, None
     if cfg.ki.teacher_path and cfg.ki.teacher_path.startswith("hf:"):
@@ -155,7 +155,7 @@ def build_student_and_teacher(
     from megatron_ki.training.flops import pipeline_layer_costs
 
     teacher_cfg, teacher_state = load_teacher_weights(cfg, groups)
-    loss_fn = KILossFunction(cfg.ki, groups.tp_group)
+    loss_fn = KILossFunction(cfg.ki, groups.tp_group, vocab_size=cfg.model.vocab_size)
     seed = cfg.train.seed
     if cfg.parallel.pipeline_parallel == 1:
         model = build_model(cfg.model, groups.tp_group, seed=seed, rng_tracker=tracker).to(device)
@@ -353,8 +353,58 @@ def data_eod(cfg: Config) -> tuple[int, str] | None:
     return eod, stats_path(source)
 
 
-def build_loaders(cfg: Config, groups: ParallelGroups, consumed_samples: int, tokenizer=None) -> list:
-    """Train/valid/test DataLoaders of this data-parallel rank (train resumes at ``consumed_samples``)."""
+def open_teacher_targets(cfg: Config, tokenizer=None) -> dict[str, Any]:
+    """The offline targets of each dataset of ``data.data_path`` (``ki.teacher_targets``, in its order),
+    checked before any process group exists: computed for that very dataset (its .idx hash and token count),
+    with the student's tokenizer, at ``ki.temperature``. A mismatch is a configuration error naming both sides."""
+    from megatron_ki.data.teacher_targets import TeacherTargets, TeacherTargetsError
+    from megatron_ki.data.token_range import dataset_prefixes
+
+    if not cfg.ki.offline:
+        return {}
+    out = {}
+    for prefix, path in zip(dataset_prefixes(cfg.data), cfg.ki.teacher_targets, strict=True):
+        try:
+            targets = TeacherTargets(path, prefix)
+            if tokenizer is not None:
+                targets.check_compatible(
+                    tokenizer.vocab_size,
+                    tokenizer_type=cfg.data.tokenizer_type,
+                    tokenizer_model=cfg.data.tokenizer_model,
+                )
+            else:
+                targets.check_compatible(cfg.model.vocab_size)
+        except (TeacherTargetsError, OSError) as e:
+            raise ConfigError("ki.teacher_targets", " ".join(str(e).split())) from None
+        if abs(targets.temperature - cfg.ki.temperature) > 1e-6 * cfg.ki.temperature:
+            raise ConfigError(
+                "ki.temperature",
+                f"{cfg.ki.temperature} differs from the temperature {targets.temperature} the teacher targets "
+                f"{path} were computed at: set ki.temperature {targets.temperature} or precompute at "
+                f"{cfg.ki.temperature}",
+            )
+        out[prefix] = targets
+    return out
+
+
+def attach_targets(dataset: Any, targets: dict[str, Any]) -> None:
+    """Give every GPT dataset (inside blends too) the targets of its own .bin."""
+    if dataset is None:
+        return
+    for inner in getattr(dataset, "datasets", ()):
+        attach_targets(inner, targets)
+    indexed = getattr(dataset, "indexed", None)
+    if indexed is not None and indexed.prefix in targets:
+        dataset.targets = targets[indexed.prefix]
+
+
+def build_loaders(
+    cfg: Config, groups: ParallelGroups, consumed_samples: int, tokenizer=None, targets: dict | None = None
+) -> list:
+    """Train/valid/test DataLoaders of this data-parallel rank (train resumes at ``consumed_samples``).
+
+    ``targets`` (offline teacher targets by dataset prefix) are read only where the loss is computed: at
+    pp = 1, or on the last pipeline stage (DeepSpeed's first stage reads the inputs and ignores the labels)."""
     from megatron_ki.data import PretrainingSampler, build_datasets_from_config
 
     if tokenizer is None and cfg.data.tokenizer_type != "none":
@@ -367,6 +417,9 @@ def build_loaders(cfg: Config, groups: ParallelGroups, consumed_samples: int, to
     sizes = (train.train_steps * gbs, evals * train.eval_iters * gbs, train.eval_iters * gbs)
     kind = "gpt" if cfg.model.causal else "mlm"
     datasets = build_datasets_from_config(cfg.data, sizes, kind=kind, tokenizer=tokenizer)
+    if targets and getattr(groups, "pp_rank", 0) == groups.topology.pp - 1:
+        for ds in datasets:
+            attach_targets(ds, targets)
     dp, dp_rank = groups.topology.dp, groups.dp_rank
 
     def loader(ds, consumed: int):
@@ -395,8 +448,10 @@ def batches(loader, causal: bool) -> Iterator[Batch]:
             yield model_inputs(sample, causal)
 
 
-def build_data(cfg: Config, groups: ParallelGroups, consumed_samples: int, tokenizer=None) -> RunData:
-    train_loader, valid_loader, test_loader = build_loaders(cfg, groups, consumed_samples, tokenizer)
+def build_data(
+    cfg: Config, groups: ParallelGroups, consumed_samples: int, tokenizer=None, targets: dict | None = None
+) -> RunData:
+    train_loader, valid_loader, test_loader = build_loaders(cfg, groups, consumed_samples, tokenizer, targets)
     causal = cfg.model.causal
     valid = None
     if valid_loader is not None:
@@ -422,6 +477,7 @@ def build_run(cfg: Config, world: int | None = None, data: bool = True) -> Run:
     tokenizer = check_data(cfg, rank) if data else None
     eod = data_eod(cfg) if data else None
     check_teacher_source(cfg, world or int(os.environ.get("WORLD_SIZE", "1")), eod)
+    targets = open_teacher_targets(cfg, tokenizer) if data else {}
     init_distributed(cfg)
     world = dist.get_world_size() if world is None else world
     topology = Topology.from_world(world, cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel)
@@ -450,5 +506,5 @@ def build_run(cfg: Config, world: int | None = None, data: bool = True) -> Run:
             run.resumed = meta
     if data:
         consumed = run.resumed["consumed_samples"] if run.resumed else 0
-        run.data = build_data(cfg, groups, consumed, tokenizer)
+        run.data = build_data(cfg, groups, consumed, tokenizer, targets)
     return run
