@@ -32,6 +32,9 @@ _EXPORTS = {
     "check_token_range": "token_range",
     "dataset_prefixes": "token_range",
     "max_token_id": "token_range",
+    "TargetsWriter": "teacher_targets",
+    "TeacherTargets": "teacher_targets",
+    "TeacherTargetsError": "teacher_targets",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,0 +1,152 @@
+"""KI from offline teacher targets (``ki.teacher_targets``): precompute once with tools/precompute_teacher.py,
+train students from the files, no teacher in the run.
+
+- The samples carry the targets of their own tokens, whatever the sequence length (rows are looked up by the
+  tokens' positions in the .bin), and a pairing with another dataset or temperature is refused up front.
+- With the K largest of a 512-token vocabulary kept, offline KI gives the same per-step losses at tp=2 and at
+  pp=2 as at tp=pp=1 (the parity tolerance of tests/test_training.py), a KD term that falls with a_t, and no
+  teacher FLOPs.
+- Slow: a second student of another shape, sequence length and data-parallel size trains from the same files.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from tests.training_utils import CONFIGS, ROOT, build_corpus, launch, quiet_args, write_teacher
+
+pytestmark = pytest.mark.distributed  # launches
+TOOL = ROOT / "tools" / "precompute_teacher.py"
+K, TAU, STEPS = 16, 2.0, 3
+PARITY = {"rel_tol": 1e-5, "abs_tol": 1e-6}
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    """The test corpus, a tiny GPT teacher and its targets, precomputed once (one rank)."""
+    root = tmp_path_factory.mktemp("offline_ki")
+    corpus = build_corpus(root / "corpus")
+    teacher = write_teacher(root / "teacher", "tiny_gpt2.yaml")
+    targets = root / "targets" / "synth"
+    args = [
+        "--config", str(CONFIGS / "tiny_gpt2.yaml"),
+        "--output", str(targets),
+        "--top-k", str(K),
+        "--temperature", str(TAU),
+        "--ki.teacher_path", str(teacher),
+        "--data.data_path", corpus.prefix,
+        "--data.tokenizer_type", "SentencePieceTokenizer",
+        "--data.tokenizer_model", corpus.tokenizer,
+    ]  # fmt: skip
+    result = launch(1, args, root / "precompute", entry=TOOL, timeout=300)
+    assert result.returncode == 0, result.tail()
+    return root, corpus, targets
+
+
+def student_args(ws, name: str, *extra: str) -> list[str]:
+    root, corpus, targets = ws
+    run_dir = root / "runs" / name
+    return [
+        "--config", str(CONFIGS / "tiny_gpt2.yaml"),
+        "--train.train_steps", str(STEPS),
+        "--train.micro_batch_size", "4",
+        "--train.global_batch_size", "8",
+        *corpus.data_args(run_dir / "index-cache"),
+        *quiet_args(run_dir),
+        "--ki.enabled", "true",
+        "--ki.teacher_targets", str(targets),
+        "--ki.temperature", str(TAU),
+        "--ki.alpha0", "0.5",
+        "--ki.decay_steps", "100",
+        *extra,
+    ]  # fmt: skip
+
+
+def train(ws, name: str, ranks: int, *extra: str):
+    result = launch(ranks, student_args(ws, name, *extra), ws[0] / "runs" / name, timeout=300)
+    assert result.returncode == 0, f"{name}: launch failed (rc {result.returncode}):\n{result.tail()}"
+    return result
+
+
+def test_samples_carry_the_targets_of_their_tokens(ws):
+    from megatron_ki.data.gpt_dataset import GPTDataset
+    from megatron_ki.data.teacher_targets import TeacherTargets
+
+    root, corpus, targets_path = ws
+    targets = TeacherTargets(str(targets_path), corpus.prefix)
+    assert (targets.k, targets.temperature) == (K, TAU)
+    seen: dict[int, np.ndarray] = {}
+    for seq in (16, 37):  # two students' sequence lengths read the same rows for the same tokens
+        ds = GPTDataset(corpus.prefix, None, seq, 30, seed=seq, cache_dir=str(root / "cache"))
+        ds.targets = targets
+        for i in range(len(ds)):
+            item, positions = ds[i], ds.sample_positions(int(ds.shuffle_idx[i]))[:-1]
+            ids, logp, tail = targets.rows(positions)
+            np.testing.assert_array_equal(item["t_ids"], ids)
+            np.testing.assert_array_equal(item["t_logp"], logp)
+            np.testing.assert_array_equal(item["t_tail"], tail)
+            for p, row in zip(positions.tolist(), item["t_ids"], strict=True):
+                np.testing.assert_array_equal(seen.setdefault(p, row), row)
+    assert len(seen) > 100
+
+
+def test_mismatched_targets_are_refused_before_start(ws, tmp_path):
+    from megatron_ki.config import ConfigError, parse_args
+    from megatron_ki.data.indexed import IndexedDataset, IndexedDatasetBuilder
+    from megatron_ki.training.run import open_teacher_targets
+
+    _, corpus, targets = ws
+    cfg = parse_args(student_args(ws, "refused", "--ki.temperature", "1.0"))
+    with pytest.raises(ConfigError, match=rf"ki.temperature.*1.0 differs from the temperature {TAU}"):
+        open_teacher_targets(cfg)
+    other = tmp_path / "other"
+    src = IndexedDataset(corpus.prefix)
+    with IndexedDatasetBuilder(other, dtype=src.dtype) as b:
+        for s in range(5):
+            b.add_document(src[s])
+    cfg = parse_args(student_args(ws, "refused", "--data.data_path", str(other)))
+    with pytest.raises(ConfigError, match=rf"ki.teacher_targets.*{targets}.*computed for dataset.*{other}"):
+        open_teacher_targets(cfg)
+
+
+def test_offline_ki_tp2_and_pp2_equal_single_rank(ws):
+    single = train(ws, "tp1_pp1", 1)
+    steps = [m for m in single.metrics() if "split" not in m]
+    assert [m["step"] for m in steps] == list(range(1, STEPS + 1))
+    assert all(m["kd_loss"] is not None and math.isfinite(m["kd_loss"]) and m["kd_loss"] > 0 for m in steps)
+    assert all(m["teacher_lm_loss"] is None for m in steps)  # no teacher in the run
+    student_only = train(ws, "scratch", 1, "--ki.enabled", "false")
+    flops = [m["flops"] for m in single.metrics() if "split" not in m]
+    assert flops == [m["flops"] for m in student_only.metrics() if "split" not in m]  # no teacher FLOPs
+    for name, extra in (
+        ("tp2", ("--parallel.tensor_parallel", "2")),
+        ("pp2", ("--parallel.pipeline_parallel", "2")),
+    ):
+        other = train(ws, name, 2, *extra)
+        for key in ("loss", "lm_loss", "kd_loss"):
+            got, want = other.losses(key), single.losses(key)
+            assert all(math.isclose(a, b, **PARITY) for a, b in zip(got, want, strict=True)), (
+                name,
+                key,
+                got,
+                want,
+            )
+
+
+@pytest.mark.slow
+def test_a_student_of_another_shape_trains_from_the_same_files(ws):
+    other = train(
+        ws,
+        "other_shape_dp2",
+        2,
+        "--model.num_layers", "3",
+        "--model.hidden_size", "48",
+        "--model.num_attention_heads", "4",
+        "--model.ffn_hidden_size", "96",
+        "--data.seq_length", "24",
+    )  # fmt: skip
+    kd = [m["kd_loss"] for m in other.metrics() if "split" not in m]
+    assert len(kd) == STEPS and all(math.isfinite(x) and x > 0 for x in kd)

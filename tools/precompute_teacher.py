@@ -1,0 +1,295 @@
+#!/usr/bin/env python
+"""Precompute a frozen teacher's top-K next-token targets for every token of a preprocessed dataset.
+
+Run it under the launcher like a training run (the run config supplies the teacher, the data, the tokenizer
+and the tensor-parallel size; the options below are this tool's own)::
+
+    ENTRY=tools/precompute_teacher.py CONFIG=run.yaml CPU_RANKS=4 bash launch/pretrain_ki.sh \\
+        --output targets/books_k32 --top-k 32 [--values fp16|int8] [--temperature 2.0] [--window 1024] \\
+        [--parallel.tensor_parallel 2] [--ki.teacher_path hf:/models/llama] [--data.data_path PREFIX]
+
+or without the launcher on one process: ``python tools/precompute_teacher.py --config run.yaml --output ...``.
+
+- Teacher: ``ki.teacher_path``: a framework checkpoint saved at any tp/pp, or ``hf:/dir``; run in
+  ``ki.teacher_dtype``, sharded over ``parallel.tensor_parallel`` ranks; the other ranks split the work
+  (data parallel). Pipeline-parallel execution (``parallel.pipeline_parallel`` > 1) is refused: the teacher
+  runs whole on each tensor-parallel group (a checkpoint saved at pp > 1 loads fine).
+- Data: ``data.data_path`` names one prefix. For a blend, run the tool once per prefix (targets follow a
+  dataset's tokens, so the blend's weights and split do not matter).
+- Causal teachers only: a BERT/RoBERTa teacher is refused, because the online KI teacher sees the student's
+  masked input and an offline target computed once per document cannot know that mask.
+- Temperature: ``--temperature`` or ``ki.temperature``. Output: ``OUTPUT.idx`` (JSON header) and ``OUTPUT.bin``
+  (rows), format in ``megatron_ki/data/teacher_targets.py``, windows and chunks in ``megatron_ki/ki/precompute.py``.
+- Resumable: a killed run rerun with the same options computes only the chunks not yet recorded and gives the
+  same files; the pair appears (by renames) only when complete. Rerunning a finished precompute does nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_ki.config import Config, ConfigError, ModelConfig, parse_args, parse_data_path
+from megatron_ki.errors import add_debug_argument, debug_requested, exit_code_for, run_main
+
+PROG = "precompute_teacher.py"
+logger = logging.getLogger("megatron_ki")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        allow_abbrev=False,
+        description=__doc__.splitlines()[0],
+        epilog="Other arguments: [--config FILE ...] [--group.key VALUE ...] as for pretrain_ki.py.",
+    )
+    p.add_argument("--output", required=True, help="targets path: writes OUTPUT.idx and OUTPUT.bin")
+    p.add_argument("--top-k", type=int, default=32, help="log-probabilities kept per token [32]")
+    p.add_argument("--values", choices=("fp16", "int8"), default="fp16", help="value encoding [fp16]")
+    p.add_argument("--temperature", type=float, default=None, help="softmax temperature [ki.temperature]")
+    p.add_argument("--window", type=int, default=None, help="teacher context [max_position_embeddings]")
+    p.add_argument("--chunk-tokens", type=int, default=65536, help="rows per unit of work and resume [65536]")
+    p.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per teacher forward [8192]")
+    p.add_argument("--overwrite", action="store_true", help="replace existing or unfinished targets")
+    add_debug_argument(p)
+    return p
+
+
+@dataclasses.dataclass
+class Settings:
+    args: argparse.Namespace
+    cfg: Config
+    prefix: str
+    teacher_path: str
+    teacher: ModelConfig
+    teacher_rows: int
+    tokenizer: dict
+    temperature: float
+    window: int
+
+
+def check_options(args: argparse.Namespace) -> None:
+    for name in ("top_k", "chunk_tokens", "batch_tokens"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')}", f"must be positive, got {getattr(args, name)}")
+    if args.temperature is not None and not args.temperature > 0:
+        raise ConfigError("--temperature", f"must be positive, got {args.temperature}")
+    if args.window is not None and args.window < 2:
+        raise ConfigError("--window", f"must be at least 2, got {args.window}")
+
+
+def tokenizer_of(cfg: Config, teacher_vocab: int) -> dict:
+    """The tokenizer the header records (the data's); without one (type none) the teacher's vocabulary."""
+    if cfg.data.tokenizer_type in (None, "none"):
+        return {"type": None, "model": None, "vocab_size": teacher_vocab}
+    from megatron_ki.data import build_tokenizer
+
+    tok = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model, option="data.tokenizer_model")
+    model = os.path.abspath(cfg.data.tokenizer_model) if cfg.data.tokenizer_model else None
+    return {"type": cfg.data.tokenizer_type, "model": model, "vocab_size": int(tok.vocab_size)}
+
+
+def resolve(argv: list[str]) -> Settings:
+    """Options and config -> what to run; every refusal is one line naming the option or file."""
+    from megatron_ki.training.run import check_teacher_eod, data_eod, teacher_config_of, teacher_eos_ids
+
+    args, rest = build_parser().parse_known_args(argv)
+    check_options(args)
+    cfg = parse_args(rest)
+    path = cfg.ki.teacher_path
+    if not path:
+        raise ConfigError("ki.teacher_path", "is required: the teacher (a framework checkpoint or hf:/dir)")
+    if not cfg.data.data_path:
+        raise ConfigError("data.data_path", "is required: the preprocessed dataset prefix")
+    _, prefixes = parse_data_path(cfg.data.data_path)
+    if len(prefixes) != 1:
+        raise ConfigError(
+            "data.data_path",
+            f"names {len(prefixes)} datasets; run the tool once per prefix (--data.data_path P)",
+        )
+    if cfg.parallel.pipeline_parallel != 1:
+        raise ConfigError(
+            "parallel.pipeline_parallel",
+            f"{cfg.parallel.pipeline_parallel}: the precompute runs the teacher whole on each tensor-parallel "
+            "group (pp = 1); use parallel.tensor_parallel to shard a large teacher (a checkpoint saved at any "
+            "tp/pp loads)",
+        )
+    teacher = teacher_config_of(path, cfg.model.make_vocab_size_divisible_by)
+    if not teacher.causal:
+        raise ConfigError(
+            "ki.teacher_path",
+            f"{path} is a {teacher.family} (masked LM) teacher: online KI gives it the student's masked input, "
+            "which a per-document offline target cannot know; offline targets need a causal teacher",
+        )
+    tokenizer = tokenizer_of(cfg, teacher.vocab_size)
+    rows, vocab = teacher.vocab_size, tokenizer["vocab_size"]
+    if rows < vocab:
+        raise ConfigError(
+            "ki.teacher_path", f"{path} has {rows} embedding rows, fewer than the tokenizer's {vocab} tokens"
+        )
+    teacher = dataclasses.replace(teacher, vocab_size=vocab)  # extra rows (Qwen) are never predicted
+    eod = data_eod(cfg)
+    if eod is not None:
+        check_teacher_eod(path, teacher_eos_ids(path), *eod)
+    temperature = cfg.ki.temperature if args.temperature is None else args.temperature
+    window = min(args.window or teacher.max_position_embeddings, teacher.max_position_embeddings)
+    return Settings(args, cfg, prefixes[0], path, teacher, rows, tokenizer, temperature, window)
+
+
+def load_teacher(s: Settings, groups, device):
+    """This tensor-parallel rank's shard of the frozen teacher, as a training run loads it."""
+    from megatron_ki.convert.reshard import load_full_state, shard_state_dict
+    from megatron_ki.ki.teacher import frozen_teacher
+
+    if s.teacher_path.startswith("hf:"):
+        from megatron_ki.convert.hf import open_hf_model
+        from megatron_ki.convert.tokenizer import check_teacher_tokenizer
+
+        source = s.teacher_path[len("hf:") :]
+        if s.tokenizer["type"] is not None:
+            check_teacher_tokenizer(
+                s.cfg.data.tokenizer_type, s.cfg.data.tokenizer_model, source, teacher_rows=s.teacher_rows
+            )
+        saved, full = open_hf_model(
+            source, s.cfg.model.make_vocab_size_divisible_by, hidden_dropout=0.0, attention_dropout=0.0
+        )
+    else:
+        _, saved, full = load_full_state(s.teacher_path)
+    running = dataclasses.replace(saved, vocab_size=s.teacher.vocab_size)
+    from megatron_ki.config import check_split
+
+    check_split(running, groups.topology.tp, 1, prefix="teacher")
+    state = shard_state_dict(full, running, groups.topology.tp, groups.tp_rank)
+    return frozen_teacher(running, s.cfg.ki, groups.tp_group, state, seed=0, device=device)
+
+
+def prepare_output(s: Settings, header: dict, rank: int) -> str:
+    """Rank 0 creates or resumes the temporary files; every rank gets its answer (or its error)."""
+    import torch.distributed as dist
+
+    from megatron_ki.data.teacher_targets import TargetsWriter, TeacherTargetsError
+
+    answer: list = [None]
+    if rank == 0:
+        try:
+            answer = [TargetsWriter.prepare(s.args.output, header, overwrite=s.args.overwrite)]
+        except (TeacherTargetsError, OSError) as e:
+            answer = [e]
+    if dist.is_initialized():
+        dist.broadcast_object_list(answer, src=0)
+    if isinstance(answer[0], BaseException):
+        if rank == 0:
+            raise answer[0]
+        error = TeacherTargetsError(str(answer[0]))
+        error.all_ranks = True  # rank 0 says it
+        raise error
+    return answer[0]
+
+
+def plan_and_header(s: Settings):
+    """``(dataset, plan, header)``: the windows and chunks of the data, and the header they will be written
+    under (every rank computes the same)."""
+    from megatron_ki.data.indexed import IndexedDataset
+    from megatron_ki.data.teacher_targets import dataset_identity
+    from megatron_ki.data.token_range import check_token_range
+    from megatron_ki.ki.precompute import make_plan, targets_header
+
+    check_token_range([s.prefix], s.teacher.vocab_size, s.cfg.data.cache_dir)
+    dataset = IndexedDataset(s.prefix)
+    plan = make_plan(dataset, s.window, s.args.chunk_tokens)
+    header = targets_header(
+        teacher_path=s.teacher_path,
+        teacher_cfg=s.teacher,
+        teacher_rows=s.teacher_rows,
+        dataset=dataset_identity(s.prefix),
+        tokenizer=s.tokenizer,
+        k=s.args.top_k,
+        temperature=s.temperature,
+        values=s.args.values,
+        plan=plan,
+        chunk_tokens=s.args.chunk_tokens,
+        batch_tokens=s.args.batch_tokens,
+    )
+    return dataset, plan, header
+
+
+def precompute(argv: list[str], on_chunk_written: Callable[[int], None] | None = None) -> int:
+    """Resolve, set up the ranks, load the teacher, compute the chunks left, publish."""
+    import torch.distributed as dist
+
+    from megatron_ki.data.teacher_targets import TargetsWriter
+    from megatron_ki.ki.precompute import Engine, run_chunks
+    from megatron_ki.parallel import ParallelGroups, Topology
+    from megatron_ki.training.run import collective_timeout, default_device, init_distributed
+
+    s = resolve(argv)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    topology = Topology.from_world(world, s.cfg.parallel.tensor_parallel, 1)
+    dataset, plan, header = plan_and_header(s)
+    if "MASTER_ADDR" in os.environ:  # started by a launcher
+        init_distributed(s.cfg)
+    state = prepare_output(s, header, rank)
+    if state == "published":
+        if rank == 0:
+            print(f"{PROG}: {s.args.output}.idx/.bin are complete for these settings; nothing to do")
+        return 0
+    groups = (
+        ParallelGroups.build(topology, timeout=collective_timeout(s.cfg)) if dist.is_initialized() else None
+    )
+    groups = groups or ParallelGroups.single()
+    device = default_device()
+    local_vocab = s.teacher.padded_vocab_size(topology.tp) // topology.tp
+    engine = Engine(
+        load_teacher(s, groups, device), dataset, plan, s.args.top_k, s.temperature, s.args.batch_tokens,
+        groups.tp_group, groups.tp_rank * local_vocab, device,
+    )  # fmt: skip
+    writer = TargetsWriter(s.args.output, header)
+    started = time.monotonic()
+    computed = run_chunks(engine, writer, groups, on_chunk_written)
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        writer.publish(len(plan.chunks))
+        print(
+            f"{PROG}: wrote {s.args.output}.idx/.bin: {header['num_rows']} tokens x K={s.args.top_k} "
+            f"({header['row_bytes']} bytes/token, {s.args.values}), {state} run, {computed} chunks on rank 0 in "
+            f"{time.monotonic() - started:.1f} s"
+        )
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+def main(argv: list[str] | None = None, on_chunk_written: Callable[[int], None] | None = None) -> int:
+    """Every rank runs; an expected failure is printed once (rank 0, or the rank it is its own)."""
+    import torch.distributed as dist
+
+    from megatron_ki.training.resilience import report_failure
+
+    argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING, format=f"[%(asctime)s rank{rank}] %(message)s"
+    )
+    try:
+        return precompute([a for a in argv if a != "--debug"], on_chunk_written)
+    except BaseException as e:
+        code = exit_code_for(e)
+        if rank == 0 or code is None or isinstance(e, SystemExit) or debug_requested(argv):
+            raise
+        return report_failure(PROG, e, rank, code, distributed=dist.is_initialized())
+
+
+if __name__ == "__main__":
+    code = run_main(PROG, main)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # as pretrain_ki.exit_now: no teardown of the communication threads
