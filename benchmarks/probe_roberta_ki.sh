@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# RoBERTa KI at CPU scale, the follow-up to bench_ki_convergence.py's RoBERTa arm (issue 11): does a stronger
+# teacher, a_0 = 0.5 or temperature 2 let the KI student leave the MLM plateau as the scratch run does?
+#
+#   bash benchmarks/probe_roberta_ki.sh DATA_DIR OUT_DIR
+#
+# DATA_DIR is bench_ki_convergence.py's workdir/data (corpus_text_document, tokenizer.model: the books corpus,
+# sentencepiece 4,000); the scratch reference is that benchmark's roberta/scratch_seed1 run (same data order,
+# seed 1). Runs: a teacher trained 3,200 steps (4x the benchmark's), then three KI students of 400 steps
+# (a_t linear over 200): a_0 1 at tau 1, a_0 0.5 at tau 1, a_0 1 at tau 2. Everything else as in the benchmark.
+set -euo pipefail
+data="${1:?DATA_DIR}"
+out="${2:?OUT_DIR}"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+mkdir -p "$out"
+common=(
+    --config "$here/launch/configs/models/tiny_roberta.yaml"
+    --data.data_path "$data/corpus_text_document" --data.tokenizer_model "$data/tokenizer.model"
+    --data.tokenizer_type SentencePieceTokenizer --model.vocab_size 4000 --model.pad_token_id 4
+    --data.seq_length 128 --data.split 960,40,0 --model.max_position_embeddings 128
+    --train.micro_batch_size 8 --train.global_batch_size 16 --train.eval_iters 8 --train.eval_samples fixed
+    --train.seed 1 --optim.lr 0.001 --optim.lr_warmup_fraction 0.05
+    --logging.tensorboard false --logging.progress_bar false
+)
+teacher=(--model.num_layers 3 --model.hidden_size 128 --model.num_attention_heads 4 --model.ffn_hidden_size 512)
+student=(--model.num_layers 4 --model.hidden_size 256 --model.num_attention_heads 4 --model.ffn_hidden_size 1024)
+run() { CPU_RANKS=2 bash "$here/launch/pretrain_ki.sh" "${common[@]}" "$@"; }
+if [[ ! -f "$out/teacher_ckpt/latest" ]]; then
+    run "${teacher[@]}" --train.train_steps 3200 --train.eval_interval 100 \
+        --checkpoint.save "$out/teacher_ckpt" --logging.run_dir "$out/teacher" > "$out/teacher.log" 2>&1
+fi
+ki=("${student[@]}" --train.train_steps 400 --train.eval_interval 25 --ki.enabled true --ki.teacher_dtype float32
+    --ki.decay_steps 200 --ki.teacher_path "$out/teacher_ckpt")
+run "${ki[@]}" --ki.temperature 1.0 --logging.run_dir "$out/ki_seed1" > "$out/ki_seed1.log" 2>&1
+run "${ki[@]}" --ki.temperature 1.0 --ki.alpha0 0.5 --logging.run_dir "$out/ki_a05" > "$out/ki_a05.log" 2>&1
+run "${ki[@]}" --ki.temperature 2.0 --logging.run_dir "$out/ki_t2" > "$out/ki_t2.log" 2>&1
