@@ -53,3 +53,20 @@ def timed_train_steps(run_dir: Path, skip: int, who: str) -> list[dict[str, Any]
     if not timed:
         raise RuntimeError(f"{who}: no train step after step {skip} in {path}")
     return timed
+
+
+def status_bytes(field: str) -> int:
+    """A byte count from /proc/self/status (VmRSS, VmHWM, ...), which reports kB."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        line = next(x for x in f if x.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS; False where not permitted."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False

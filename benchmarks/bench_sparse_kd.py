@@ -26,25 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_common import table
+from bench_common import reset_peak_rss, status_bytes, table
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status", encoding="ascii") as f:
-        line = next(x for x in f if x.startswith(field + ":"))
-    return int(line.split()[1]) * 1024  # reported in kB
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS; False where not permitted."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def run_case(impl: str, k: int, args: argparse.Namespace) -> dict:
@@ -78,11 +62,11 @@ def run_case(impl: str, k: int, args: argparse.Namespace) -> dict:
         return float(loss)
 
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back so the baseline RSS is tight
-    if not _reset_peak_rss():
+    if not reset_peak_rss():
         raise RuntimeError("bench_sparse_kd: cannot reset the peak RSS through /proc/self/clear_refs")
-    base = _status_bytes("VmRSS")
+    base = status_bytes("VmRSS")
     value = step()
-    extra = max(0, _status_bytes("VmHWM") - base)
+    extra = max(0, status_bytes("VmHWM") - base)
     times = []
     for _ in range(args.reps):
         t0 = time.perf_counter()

@@ -10,7 +10,6 @@ missing, is refused with one line on stderr and exit code 1.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -23,21 +22,11 @@ import torch
 from megatron_ki.config import load_config
 from megatron_ki.convert.reshard import load_full_state
 from tests.distributed import run_distributed
+from tests.test_convert import cc
 
 ROOT = Path(__file__).resolve().parents[1]
-TOOL = ROOT / "tools" / "convert_checkpoint.py"
 VOCAB = 500
 STEPS = 2
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("convert_checkpoint", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cc = _tool()
 
 
 def _save_worker(rank, world, ckpt, run_dir):
