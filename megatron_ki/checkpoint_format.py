@@ -198,3 +198,19 @@ def write_failure(e: BaseException, directory: Path, written: int) -> str:
     if is_serialization_error(e) and free is not None:  # torch's message gives no cause: is the disk full?
         return f"{first_line(e)} ({free / 2**20:.0f} MiB free on its disk)"
     return first_line(e)
+
+
+def zero_partition_files(folder: Path, mp_rank: int, dp: int) -> list[Path]:
+    """The optimizer partitions DeepSpeed saved for model-parallel rank ``mp_rank``, one per data-parallel rank
+    (ZeRO's ``zero_pp_rank_*``, the BF16 optimizer's ``bf16_zero_pp_rank_*``, fp16's ``fp16_...``)."""
+    for prefix in ("", "bf16_", "fp16_"):
+        files = [
+            Path(folder) / f"{prefix}zero_pp_rank_{d}_mp_rank_{mp_rank:02d}_optim_states.pt"
+            for d in range(dp)
+        ]
+        if all(f.is_file() for f in files):
+            return files
+    raise CheckpointError(
+        f"{folder}: no ZeRO/BF16 optimizer partitions of model-parallel rank {mp_rank} for its {dp} data-parallel "
+        f"ranks (expected [bf16_]zero_pp_rank_0..{dp - 1}_mp_rank_{mp_rank:02d}_optim_states.pt)"
+    )

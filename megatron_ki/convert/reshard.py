@@ -29,6 +29,7 @@ from megatron_ki.checkpoint_format import (
     read_meta,
     write_latest,
     write_meta,
+    zero_partition_files,
 )
 from megatron_ki.config import Config, ModelConfig
 from megatron_ki.fileio import atomic_dir
@@ -243,19 +244,6 @@ _OPTIM_KEY, _SLICES_KEY, _FP32_KEY = (
 )
 
 
-def _zero_files(folder: Path, mp_rank: int, dp: int) -> list[Path]:
-    for prefix in ("", "bf16_", "fp16_"):
-        files = [
-            folder / f"{prefix}zero_pp_rank_{d}_mp_rank_{mp_rank:02d}_optim_states.pt" for d in range(dp)
-        ]
-        if all(f.is_file() for f in files):
-            return files
-    raise CheckpointError(
-        f"{folder}: no ZeRO/BF16 optimizer partitions of model-parallel rank {mp_rank} for its {dp} data-parallel "
-        f"ranks (expected [bf16_]zero_pp_rank_0..{dp - 1}_mp_rank_{mp_rank:02d}_optim_states.pt)"
-    )
-
-
 def _master_of_mp_rank(folder: Path, mp_rank: int, dp: int) -> dict[str, torch.Tensor]:
     """``{engine parameter name: fp32 master}`` of one model-parallel rank, gathered over its dp ranks."""
     shapes: dict[str, Any] = {}
@@ -263,7 +251,7 @@ def _master_of_mp_rank(folder: Path, mp_rank: int, dp: int) -> dict[str, torch.T
     for group in model_states.get("param_shapes") or []:
         shapes.update(group)
     pieces: dict[str, list[torch.Tensor]] = {}
-    for path in _zero_files(folder, mp_rank, dp):
+    for path in zero_partition_files(folder, mp_rank, dp):
         osd = load_torch_file(path, mmap=True).get(_OPTIM_KEY, {})
         if _SLICES_KEY not in osd or _FP32_KEY not in osd:
             raise CheckpointError(

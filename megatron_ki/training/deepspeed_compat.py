@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megatron_ki.checkpoint_format import CheckpointError, load_torch_file
+from megatron_ki.checkpoint_format import CheckpointError, load_torch_file, zero_partition_files
 from megatron_ki.errors import MegatronKIError
 
 logger = logging.getLogger("megatron_ki")
@@ -244,20 +244,6 @@ ZERO_RESTORE_METHODS = (
 """The ZeRO 1/2 optimizer's private restore routines behind DeepSpeed's ``elastic_checkpoint``."""
 
 
-def zero_shard_files(ckpt_dir: Path, mp_rank: int, dp: int) -> list[Path]:
-    """The ZeRO optimizer files of model-parallel rank ``mp_rank`` saved by ``dp`` data-parallel ranks."""
-    for prefix in ("", "bf16_"):
-        files = [
-            ckpt_dir / f"{prefix}zero_pp_rank_{r}_mp_rank_{mp_rank:02d}_optim_states.pt" for r in range(dp)
-        ]
-        if all(f.is_file() for f in files):
-            return files
-    raise CheckpointError(
-        f"{ckpt_dir} lacks the ZeRO optimizer files of model-parallel rank {mp_rank} for its {dp} data-parallel "
-        f"ranks (expected zero_pp_rank_0..{dp - 1}_mp_rank_{mp_rank:02d}_optim_states.pt)"
-    )
-
-
 def elastic_form(sd: dict[str, Any]) -> dict[str, Any]:
     """One rank's ZeRO state dict in the padding-free, per-group form of DeepSpeed's elastic checkpoints.
 
@@ -299,7 +285,7 @@ def load_zero_state_at_other_dp(engine, ckpt_dir: Path, saved_dp: int) -> None:
             f"{missing or ['engine.checkpoint_mp_rank']}, needed to re-partition the optimizer state saved at "
             f"data_parallel={saved_dp}: resume with {saved_dp} data-parallel ranks"
         )
-    files = zero_shard_files(ckpt_dir, engine.checkpoint_mp_rank, saved_dp)
+    files = zero_partition_files(ckpt_dir, engine.checkpoint_mp_rank, saved_dp)
     # Memory-mapped: the files' pages are read while DeepSpeed merges them, not all held as well as the merge.
     rigid = [load_torch_file(f, mmap=True)[OPTIMIZER_STATE_DICT] for f in files]
     saved = [elastic_form(sd) for sd in rigid]
