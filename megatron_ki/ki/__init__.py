@@ -1,5 +1,6 @@
 """Knowledge Inheritance: the vocab-parallel KD loss and the schedule of its weight a_t."""
 
+from .fused_head import fused_head_ki_loss
 from .loss import (
     DIVERGENCES,
     KILossOutput,
@@ -18,6 +19,7 @@ __all__ = [
     "KISchedule",
     "all_reduce_kl_stats",
     "build_schedule",
+    "fused_head_ki_loss",
     "ki_loss",
     "loss_positions",
     "per_token_divergence",
