@@ -1,6 +1,7 @@
 """tools/precompute_teacher.py on a tiny GPT teacher over the synthetic test corpus: rows equal a dense
 in-process reference (the teacher's log-softmax at the temperature over each sequence, windowed as the
-header states), dp = 2 equals dp = 1 byte for byte, tp = 2 equals tp = 1 to float rounding, and a run killed
+header states), dp = 2 equals dp = 1 byte for byte, tp = 2 equals tp = 1 to float rounding, pp = 2 (and
+tp = 2 x pp = 2) equals pp = 1 with each stage holding and reading only its layers, and a run killed
 (SIGKILL) between writing a chunk and recording it resumes to the same bytes."""
 
 from __future__ import annotations
@@ -184,7 +185,7 @@ def test_bad_options_are_one_line_naming_the_option(setup, tmp_path, capsys):
     cases = [
         (["--top-k", "0"], "--top-k"),
         (["--top-k", "600"], "--top-k 600"),
-        (["--parallel.pipeline_parallel", "2"], "parallel.pipeline_parallel"),
+        (["--parallel.pipeline_parallel", "3"], "3 pipeline stages are more than the 2 layers"),
         (["--data.data_path", "0.5", corpus.prefix, "0.5", corpus.prefix], "once per prefix"),
     ]
     for extra, words in cases:
@@ -202,6 +203,77 @@ def test_an_mlm_teacher_is_refused_with_the_reason(setup, tmp_path, capsys):
     code = tool.run_main(tool.PROG, tool.main, tool_args(corpus, bert, tmp_path / "t"))
     err = capsys.readouterr().err
     assert code == 2 and "masked" in err and "causal teacher" in err
+
+
+# ------------------------------------------------------------------------------------- pipeline stages
+def resharded_teacher(teacher: Path, out: Path, tp: int, pp: int) -> Path:
+    """The test teacher saved again at ``tp`` x ``pp`` (a pipeline checkpoint: one file per layer and rank)."""
+    from megatron_ki.config import Config
+    from megatron_ki.convert.reshard import load_full_state, write_checkpoint
+
+    _, cfg, full = load_full_state(teacher)
+    write_checkpoint(full, Config(model=cfg), out, tp=tp, pp=pp, tag="teacher")
+    return out
+
+
+def hf_teacher(teacher: Path, out: Path, tokenizer: str) -> str:
+    spec = importlib.util.spec_from_file_location(
+        "convert_checkpoint_tool", ROOT / "tools" / "convert_checkpoint.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.export_hf(teacher, out, tokenizer_model=tokenizer, dtype="float32", progress=False)
+    return f"hf:{out}"
+
+
+@pytest.mark.parametrize("source", ["pp1", "tp2pp2", "hf"])
+def test_a_stage_builds_and_reads_only_its_layers(setup, tmp_path, monkeypatch, source):
+    """At pp = 2 each stage builds only its modules (every model built on a stage counted) and reads only its
+    tensors from the teacher's files; stage 0 then stage 1 give the whole teacher's logits."""
+    from megatron_ki.models import stage as stage_module
+    from megatron_ki.parallel import ParallelGroups, Topology
+
+    _, _, teacher, corpus = setup
+    path = {
+        "pp1": lambda: str(teacher),
+        "tp2pp2": lambda: str(resharded_teacher(teacher, tmp_path / "ckpt", 2, 2)),
+        "hf": lambda: hf_teacher(teacher, tmp_path / "hf", corpus.tokenizer),
+    }[source]()
+    tool = tool_module()
+    s = tool.resolve(tool_args(corpus, path, tmp_path / "t", "--parallel.pipeline_parallel", "2"))
+    whole = tool.load_teacher(s, ParallelGroups.single(), torch.device("cpu"))
+    whole_count = sum(p.numel() for p in whole.parameters())
+    built, read, stages = [], [], []
+    real_build, real_source = stage_module.build_model, tool.teacher_source
+
+    def counting_build(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        built.append(sum(p.numel() for p in model.parameters()))
+        return model
+
+    def recording_source(settings):
+        cfg, state = real_source(settings)
+        state.on_load = read.append
+        return cfg, state
+
+    monkeypatch.setattr(stage_module, "build_model", counting_build)
+    monkeypatch.setattr(tool, "teacher_source", recording_source)
+    for stage in range(2):
+        built.clear(), read.clear()
+        model = tool.load_teacher(s, ParallelGroups(Topology(1, 2, 1), stage), torch.device("cpu"))
+        stages.append(model)
+        assert model.layer_range == ((0, 1) if stage == 0 else (1, 2))
+        assert (model.embedding is not None, model.head is not None) == (stage == 0, stage == 1)
+        assert sum(built) == sum(p.numel() for p in model.parameters()) < whole_count
+        layers = {n.split(".")[1] for n in read if n.startswith("layers.")}
+        assert layers == {str(stage)}, read  # only this stage's block
+        assert any(n.startswith("embedding.word_embeddings") for n in read)  # stage 1: the tied head's copy
+        assert stage == 1 or not any(n.startswith("head.") for n in read)
+    ids = torch.from_numpy(IndexedDataset(corpus.prefix)[0][:WINDOW].astype(np.int64))[None]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            stages[1](hidden_states=stages[0](input_ids=ids)), whole(input_ids=ids), rtol=0, atol=0
+        )
 
 
 def _precompute_on_ranks(rank: int, world: int, args: list[str]) -> int:
@@ -276,6 +348,40 @@ def test_launcher_tp2_equals_tp1_to_float_rounding(setup, reference, launched_dp
     tp2, tp1 = TeacherTargets(str(out)), TeacherTargets(str(launched_dp1))
     assert tp2.header == tp1.header
     assert_rows_match(tp2, reference, rtol=2 * FP16_RELATIVE_ERROR)
+
+
+@pytest.mark.distributed
+def test_launcher_pp2_equals_pp1(setup, launched_dp1):
+    """Two stages of one layer each, hidden states sent stage to stage: the same operations in the same order
+    as pp = 1 on the same shapes, so the same header and rows byte for byte (stated tolerance: float
+    rounding; on this CPU it is none, as for dp = 2)."""
+    root, corpus, teacher, _ = setup
+    out = root / "pp2" / "t"
+    out.parent.mkdir()
+    run = launch_tool(2, corpus, teacher, out, "--parallel.pipeline_parallel", "2")
+    assert run.returncode == 0, run.tail()
+    assert TeacherTargets(str(out)).header == TeacherTargets(str(launched_dp1)).header
+    assert files_of(out) == files_of(launched_dp1)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_launcher_tp2_pp2_from_a_pipeline_checkpoint_equals_pp1(setup, reference, launched_dp1):
+    """Four ranks (tp = 2 x pp = 2) over the teacher saved at tp = 2 x pp = 2; the header names the teacher's
+    path, so only it differs from pp = 1's."""
+    root, corpus, teacher, _ = setup
+    saved = resharded_teacher(teacher, root / "teacher_tp2pp2", 2, 2)
+    out = root / "tp2pp2" / "t"
+    out.parent.mkdir()
+    run = launch_tool(
+        4, corpus, saved, out, "--parallel.tensor_parallel", "2", "--parallel.pipeline_parallel", "2"
+    )
+    assert run.returncode == 0, run.tail()
+    got, want = TeacherTargets(str(out)), TeacherTargets(str(launched_dp1))
+    assert got.header["teacher"]["path"] == str(saved)
+    assert {**got.header, "teacher": None} == {**want.header, "teacher": None}
+    assert got.header["teacher"]["config_sha256"] == want.header["teacher"]["config_sha256"]
+    assert_rows_match(got, reference, rtol=2 * FP16_RELATIVE_ERROR)
 
 
 @pytest.mark.distributed

@@ -6,14 +6,15 @@ and the tensor-parallel size; the options below are this tool's own)::
 
     ENTRY=tools/precompute_teacher.py CONFIG=run.yaml CPU_RANKS=4 bash launch/pretrain_ki.sh \\
         --output targets/books_k32 --top-k 32 [--values fp16|int8] [--temperature 2.0] [--window 1024] \\
-        [--parallel.tensor_parallel 2] [--ki.teacher_path hf:/models/llama] [--data.data_path PREFIX]
+        [--parallel.tensor_parallel 2] [--parallel.pipeline_parallel 2] [--ki.teacher_path hf:/models/llama] \\
+        [--data.data_path PREFIX]
 
 or without the launcher on one process: ``python tools/precompute_teacher.py --config run.yaml --output ...``.
 
 - Teacher: ``ki.teacher_path``: a framework checkpoint saved at any tp/pp, or ``hf:/dir``; run in
-  ``ki.teacher_dtype``, sharded over ``parallel.tensor_parallel`` ranks; the other ranks split the work
-  (data parallel). Pipeline-parallel execution (``parallel.pipeline_parallel`` > 1) is refused: the teacher
-  runs whole on each tensor-parallel group (a checkpoint saved at pp > 1 loads fine).
+  ``ki.teacher_dtype``, sharded over ``parallel.tensor_parallel`` ranks and split over
+  ``parallel.pipeline_parallel`` stages (each builds and reads only its layers: embedding on the first,
+  final norm and head on the last); the other ranks split the work (data parallel).
 - Data: ``data.data_path`` names one prefix. For a blend, run the tool once per prefix (targets follow a
   dataset's tokens, so the blend's weights and split do not matter).
 - Causal teachers only: a BERT/RoBERTa teacher is refused, because the online KI teacher sees the student's
@@ -32,11 +33,11 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_ki.config import Config, ConfigError, ModelConfig, parse_args, parse_data_path
+from megatron_ki.config import Config, ConfigError, ModelConfig, check_split, parse_args, parse_data_path
 from megatron_ki.errors import add_debug_argument, debug_requested, exit_code_for, run_main
 
 PROG = "precompute_teacher.py"
@@ -114,13 +115,6 @@ def resolve(argv: list[str]) -> Settings:
             "data.data_path",
             f"names {len(prefixes)} datasets; run the tool once per prefix (--data.data_path P)",
         )
-    if cfg.parallel.pipeline_parallel != 1:
-        raise ConfigError(
-            "parallel.pipeline_parallel",
-            f"{cfg.parallel.pipeline_parallel}: the precompute runs the teacher whole on each tensor-parallel "
-            "group (pp = 1); use parallel.tensor_parallel to shard a large teacher (a checkpoint saved at any "
-            "tp/pp loads)",
-        )
     teacher = teacher_config_of(path, cfg.model.make_vocab_size_divisible_by)
     if not teacher.causal:
         raise ConfigError(
@@ -135,6 +129,7 @@ def resolve(argv: list[str]) -> Settings:
             "ki.teacher_path", f"{path} has {rows} embedding rows, fewer than the tokenizer's {vocab} tokens"
         )
     teacher = dataclasses.replace(teacher, vocab_size=vocab)  # extra rows (Qwen) are never predicted
+    check_split(teacher, cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, prefix="teacher")
     eod = data_eod(cfg)
     if eod is not None:
         check_teacher_eod(path, teacher_eos_ids(path), *eod)
@@ -143,31 +138,56 @@ def resolve(argv: list[str]) -> Settings:
     return Settings(args, cfg, prefixes[0], path, teacher, rows, tokenizer, temperature, window)
 
 
-def load_teacher(s: Settings, groups, device):
-    """This tensor-parallel rank's shard of the frozen teacher, as a training run loads it."""
-    from megatron_ki.convert.reshard import load_full_state, shard_state_dict
-    from megatron_ki.ki.teacher import frozen_teacher
+def teacher_source(s: Settings) -> tuple[ModelConfig, Mapping]:
+    """``(saved config, whole-model state read tensor by tensor)``: a framework checkpoint at any tp/pp
+    (a pp > 1 one reads one pipeline layer's files at a time, a pp = 1 one is memory-mapped) or ``hf:``."""
+    from megatron_ki.convert.hf import LazyState, open_hf_model
+    from megatron_ki.convert.reshard import LazyFullState
 
-    if s.teacher_path.startswith("hf:"):
-        from megatron_ki.convert.hf import open_hf_model
-        from megatron_ki.convert.tokenizer import check_teacher_tokenizer
+    if not s.teacher_path.startswith("hf:"):
+        full = LazyFullState(s.teacher_path)
+        return full.cfg, LazyState(list(full), full.__getitem__)  # a name test that reads nothing
+    from megatron_ki.convert.tokenizer import check_teacher_tokenizer
 
-        source = s.teacher_path[len("hf:") :]
-        if s.tokenizer["type"] is not None:
-            check_teacher_tokenizer(
-                s.cfg.data.tokenizer_type, s.cfg.data.tokenizer_model, source, teacher_rows=s.teacher_rows
-            )
-        saved, full = open_hf_model(
-            source, s.cfg.model.make_vocab_size_divisible_by, hidden_dropout=0.0, attention_dropout=0.0
+    source = s.teacher_path[len("hf:") :]
+    if s.tokenizer["type"] is not None:
+        check_teacher_tokenizer(
+            s.cfg.data.tokenizer_type, s.cfg.data.tokenizer_model, source, teacher_rows=s.teacher_rows
         )
-    else:
-        _, saved, full = load_full_state(s.teacher_path)
-    running = dataclasses.replace(saved, vocab_size=s.teacher.vocab_size)
-    from megatron_ki.config import check_split
+    return open_hf_model(
+        source, s.cfg.model.make_vocab_size_divisible_by, hidden_dropout=0.0, attention_dropout=0.0
+    )
 
-    check_split(running, groups.topology.tp, 1, prefix="teacher")
-    state = shard_state_dict(full, running, groups.topology.tp, groups.tp_rank)
-    return frozen_teacher(running, s.cfg.ki, groups.tp_group, state, seed=0, device=device)
+
+def load_teacher(s: Settings, groups, device):
+    """This rank's pipeline stage of the frozen teacher, its tensor-parallel shard: only the stage's modules
+    are built and only their tensors read from the teacher's files."""
+    from megatron_ki.convert.reshard import shard_state_dict
+    from megatron_ki.ki.teacher import freeze
+    from megatron_ki.models.stage import build_stage, stage_source_names
+
+    saved, full = teacher_source(s)
+    running = dataclasses.replace(saved, vocab_size=s.teacher.vocab_size)
+    topology = groups.topology
+    model = build_stage(running, groups.tp_group, topology.pp, groups.pp_rank)
+    names = stage_source_names(model)
+    wanted = list(dict.fromkeys(names.values()))  # model order: a pp checkpoint reads each layer once
+    state = shard_state_dict(full, running, topology.tp, groups.tp_rank, names=wanted)
+    model.load_state_dict({n: state[source] for n, source in names.items()}, strict=True)
+    return freeze(model.to(device), s.cfg.ki.teacher_dtype)
+
+
+def stage_links(s: Settings, groups, dtype):
+    """Point-to-point neighbours of this rank: the same data and tensor rank on the adjacent stages."""
+    from megatron_ki.ki.precompute import StageLinks
+
+    topo, (pipe, data, tensor) = groups.topology, groups.coord
+    return StageLinks(
+        prev=topo.rank(pipe - 1, data, tensor) if pipe > 0 else None,
+        next=topo.rank(pipe + 1, data, tensor) if pipe < topo.pp - 1 else None,
+        hidden_size=s.teacher.hidden_size,
+        dtype=dtype,
+    )
 
 
 def prepare_output(s: Settings, header: dict, rank: int) -> str:
@@ -231,7 +251,7 @@ def precompute(argv: list[str], on_chunk_written: Callable[[int], None] | None =
 
     s = resolve(argv)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    topology = Topology.from_world(world, s.cfg.parallel.tensor_parallel, 1)
+    topology = Topology.from_world(world, s.cfg.parallel.tensor_parallel, s.cfg.parallel.pipeline_parallel)
     dataset, plan, header = plan_and_header(s)
     if "MASTER_ADDR" in os.environ:  # started by a launcher
         init_distributed(s.cfg)
@@ -246,9 +266,11 @@ def precompute(argv: list[str], on_chunk_written: Callable[[int], None] | None =
     groups = groups or ParallelGroups.single()
     device = default_device()
     local_vocab = s.teacher.padded_vocab_size(topology.tp) // topology.tp
+    teacher = load_teacher(s, groups, device)
+    links = stage_links(s, groups, next(teacher.parameters()).dtype)
     engine = Engine(
-        load_teacher(s, groups, device), dataset, plan, s.args.top_k, s.temperature, s.args.batch_tokens,
-        groups.tp_group, groups.tp_rank * local_vocab, device,
+        teacher, dataset, plan, s.args.top_k, s.temperature, s.args.batch_tokens,
+        groups.tp_group, groups.tp_rank * local_vocab, device, links,
     )  # fmt: skip
     writer = TargetsWriter(s.args.output, header)
     started = time.monotonic()

@@ -19,6 +19,12 @@ format is :mod:`megatron_ki.data.teacher_targets`.
   and the global top-K chosen (ties: lower id first), and the log-sum-exp and the tail mass are all-reduced
   over the group. Tensor-parallel results equal tp = 1 to float rounding (the row-parallel sums run in
   another order), not byte for byte.
+- Stages. At pp > 1 each stage holds its share of the teacher's layers (``models/stage.py``): the first runs
+  the embedding, every stage its blocks, and the hidden state of each micro-batch goes to the same tensor
+  rank of the next stage by point-to-point sends (:class:`StageLinks`; the shape follows from the
+  micro-batch, which every stage plans alike, so no shape message is sent). Only the last stage computes
+  logits and top-K; its tensor rank 0 writes. The operations and their order are those of pp = 1, so rows
+  equal pp = 1 to float rounding (byte for byte on the same hardware and thread count).
 """
 
 from __future__ import annotations
@@ -188,6 +194,45 @@ def vocab_parallel_topk(
     return ids, values - lse[:, None], torch.log(sums[1]) + m - lse
 
 
+# ---------------------------------------------------------------------------------------- the stages
+SEND_DEPTH = 2
+"""Hidden states a stage may have in flight to the next one: it runs ahead by this many micro-batches."""
+
+
+@dataclass
+class StageLinks:
+    """This rank's neighbours in the teacher's pipeline (global ranks; ``None`` at the first / last stage)
+    and the hidden state they exchange (``[batch, seq, hidden_size]`` in ``dtype``)."""
+
+    prev: int | None = None
+    next: int | None = None
+    hidden_size: int = 0
+    dtype: torch.dtype = torch.float32
+    pending: list[tuple[Any, torch.Tensor]] = field(default_factory=list)
+
+    @property
+    def is_last(self) -> bool:
+        return self.next is None
+
+    def recv(self, batch: int, seq: int, device: torch.device) -> torch.Tensor:
+        """The previous stage's hidden state of the next micro-batch (sent in micro-batch order)."""
+        hidden = torch.empty(batch, seq, self.hidden_size, dtype=self.dtype, device=device)
+        dist.recv(hidden, src=self.prev)
+        return hidden
+
+    def send(self, hidden: torch.Tensor) -> None:
+        """Start sending to the next stage; wait for the oldest send beyond :data:`SEND_DEPTH`."""
+        hidden = hidden.contiguous()
+        self.pending.append((dist.isend(hidden, dst=self.next), hidden))
+        while len(self.pending) > SEND_DEPTH:
+            self.pending.pop(0)[0].wait()
+
+    def flush(self) -> None:
+        """Wait for every send in flight (their buffers are then free)."""
+        while self.pending:
+            self.pending.pop(0)[0].wait()
+
+
 # ---------------------------------------------------------------------------------------- the forward
 @dataclass
 class Engine:
@@ -202,15 +247,22 @@ class Engine:
     tp_group: ProcessGroup | None = None
     vocab_start: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    stages: StageLinks = field(default_factory=StageLinks)
 
     def tokens(self, w: int) -> np.ndarray:
         p = self.plan
         return self.dataset.get(int(p.seq[w]), int(p.start[w]), int(p.end[w] - p.start[w]))
 
     @torch.no_grad()
-    def chunk(self, chunk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(ids, logp, tail)`` of every row of ``chunk``, in row order."""
+    def chunk(self, chunk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """``(ids, logp, tail)`` of every row of ``chunk``, in row order; ``None`` on a stage before the last
+        (it sends its hidden states on)."""
         p = self.plan
+        if not self.stages.is_last:
+            for batch in micro_batches(p, chunk, self.batch_tokens):
+                self.stages.send(self._stage_forward(self._inputs(batch)))
+            self.stages.flush()
+            return None
         row_lo, row_hi = p.rows_of(chunk)
         n = row_hi - row_lo
         ids, logp = np.zeros((n, self.k), np.int64), np.zeros((n, self.k), np.float32)
@@ -223,15 +275,26 @@ class Engine:
                 ids[at], logp[at], tail[at] = (t.cpu().numpy() for t in out)
         return ids, logp, tail
 
-    def _forward(self, batch: list[int]) -> tuple[torch.Tensor, np.ndarray]:
-        """Logits / temperature of the kept rows of ``batch`` (float32 ``[rows, V/tp]``) and their rows."""
+    def _inputs(self, batch: list[int]) -> torch.Tensor:
+        """The right-padded token ids ``[len(batch), longest]`` of ``batch`` (every stage knows the shape)."""
         p = self.plan
         longest = max(int(p.end[w] - p.start[w]) for w in batch)
         inputs = np.zeros((len(batch), longest), np.int64)
         for i, w in enumerate(batch):
             t = self.tokens(w)
             inputs[i, : len(t)] = t
-        logits = self.model(input_ids=torch.from_numpy(inputs).to(self.device))
+        return torch.from_numpy(inputs).to(self.device)
+
+    def _stage_forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """This stage's output: from the ids on the first stage, else from the previous stage's hidden."""
+        if self.stages.prev is None:
+            return self.model(input_ids=inputs)
+        return self.model(hidden_states=self.stages.recv(*inputs.shape, self.device))
+
+    def _forward(self, batch: list[int]) -> tuple[torch.Tensor, np.ndarray]:
+        """Logits / temperature of the kept rows of ``batch`` (float32 ``[rows, V/tp]``) and their rows."""
+        p = self.plan
+        logits = self._stage_forward(self._inputs(batch))
         parts, rows = [], []
         for i, w in enumerate(batch):
             lo, hi = int(p.keep[w] - p.start[w]), int(p.end[w] - p.start[w])
@@ -257,15 +320,16 @@ def run_chunks(
     groups: ParallelGroups,
     on_chunk_written: Callable[[int], None] | None = None,
 ) -> int:
-    """Compute this data-parallel group's share of the chunks left, write them (tensor rank 0) and record
-    them. ``on_chunk_written(chunk)`` runs between the write and the record (fault injection in tests).
+    """Compute this data-parallel group's share of the chunks left, write them (the last stage's tensor rank
+    0) and record them. ``on_chunk_written(chunk)`` runs between the write and the record (fault injection in tests).
     Returns how many chunks this rank computed."""
     todo = todo_chunks(writer, len(engine.plan.chunks))
     mine = todo[groups.dp_rank :: groups.topology.dp]
     started, done = time.monotonic(), 0
     for chunk in mine:
-        ids, logp, tail = engine.chunk(chunk)
-        if groups.tp_rank == 0:
+        rows = engine.chunk(chunk)
+        if rows is not None and groups.tp_rank == 0:
+            ids, logp, tail = rows
             lo, hi = engine.plan.rows_of(chunk)
             writer.write_rows(lo, ids, logp, tail)
             if on_chunk_written is not None:
