@@ -145,7 +145,8 @@ ROWS = [
     BadInput(
         "teacher_missing",
         teacher_run(None, missing=True),
-        ("checkpoint directory not found", "/teacher_missing/no_teacher"),
+        ("ki.teacher_path", "checkpoint directory not found", "/teacher_missing/no_teacher"),
+        2,  # found before any process group exists: a configuration error
         error_prefix=ENTRY,
     ),
     BadInput(
