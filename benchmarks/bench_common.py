@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,3 +70,25 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def measure_step(step: Callable[[], float], reps: int, who: str) -> dict[str, float]:
+    """Peak RSS above the baseline of one ``step()`` (its value kept), then the median of ``reps`` timed
+    calls: ``{"value", "extra_bytes", "median_s"}``. Run it in a fresh process per case, so one case's heap
+    does not hide another's peak."""
+    import ctypes
+    import statistics
+    import time
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back so the baseline RSS is tight
+    if not reset_peak_rss():
+        raise RuntimeError(f"{who}: cannot reset the peak RSS through /proc/self/clear_refs")
+    base = status_bytes("VmRSS")
+    value = step()
+    extra = max(0, status_bytes("VmHWM") - base)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return {"value": value, "extra_bytes": extra, "median_s": statistics.median(times)}

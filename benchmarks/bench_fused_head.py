@@ -14,15 +14,12 @@ temperature 2, every position counted (causal LM).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 
-from bench_common import reset_peak_rss, status_bytes
+from bench_common import measure_step
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
@@ -58,18 +55,8 @@ def run_case(impl: str, args: argparse.Namespace, vocab: int, dtype_name: str) -
         h.grad = w.grad = None
         return float(out.loss)
 
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    if not reset_peak_rss():
-        raise RuntimeError("bench_fused_head: cannot reset the peak RSS through /proc/self/clear_refs")
-    base = status_bytes("VmRSS")
-    value = step()
-    extra = max(0, status_bytes("VmHWM") - base)
-    times = []
-    for _ in range(args.reps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "extra_bytes": extra, "loss": value}
+    m = measure_step(step, args.reps, "bench_fused_head")
+    return {"median_s": m["median_s"], "extra_bytes": m["extra_bytes"], "loss": m["value"]}
 
 
 def measure(args: argparse.Namespace, vocab: int, dtype_name: str) -> dict:

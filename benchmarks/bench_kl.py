@@ -13,15 +13,12 @@ first forward+backward over the RSS once the inputs exist (it includes the gradi
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 
-from bench_common import reset_peak_rss, status_bytes
+from bench_common import measure_step
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -52,18 +49,8 @@ def run_case(impl: str, tokens: int, vocab: int, dtype_name: str, reps: int, tem
         student.grad = None
         return float(loss)
 
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back so the baseline RSS is tight
-    if not reset_peak_rss():
-        raise RuntimeError("bench_kl: cannot reset the peak RSS through /proc/self/clear_refs")
-    base = status_bytes("VmRSS")
-    value = step()
-    extra = max(0, status_bytes("VmHWM") - base)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "extra_bytes": extra, "loss": value}
+    m = measure_step(step, reps, "bench_kl")
+    return {"median_s": m["median_s"], "extra_bytes": m["extra_bytes"], "loss": m["value"]}
 
 
 def main() -> None:

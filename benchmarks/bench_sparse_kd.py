@@ -15,18 +15,15 @@ not counted in "extra". Time is the median of ``--reps`` further iterations.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_common import reset_peak_rss, status_bytes, table
+from bench_common import measure_step, table
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
@@ -61,22 +58,12 @@ def run_case(impl: str, k: int, args: argparse.Namespace) -> dict:
         student.grad = None
         return float(loss)
 
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back so the baseline RSS is tight
-    if not reset_peak_rss():
-        raise RuntimeError("bench_sparse_kd: cannot reset the peak RSS through /proc/self/clear_refs")
-    base = status_bytes("VmRSS")
-    value = step()
-    extra = max(0, status_bytes("VmHWM") - base)
-    times = []
-    for _ in range(args.reps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
+    m = measure_step(step, args.reps, "bench_sparse_kd")
     return {
-        "median_s": statistics.median(times),
-        "extra_bytes": extra,
+        "median_s": m["median_s"],
+        "extra_bytes": m["extra_bytes"],
         "teacher_bytes": teacher_bytes,
-        "kl_sum": value,
+        "kl_sum": m["value"],
     }
 
 
