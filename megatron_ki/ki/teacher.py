@@ -111,20 +111,17 @@ class KILossFunction:
     def _offline(self, logits, labels, t_ids, t_logp, t_tail) -> torch.Tensor:
         """The KD term over the stored top-K ids and the tail bucket (``ki/sparse_loss.py``); the targets are
         at the temperature they were computed at, which the run checked equals ``ki.temperature``."""
-        if self.alpha == 0.0:
-            out = ki_loss(logits, None, labels, 0.0, tp_group=self.tp_group)
-        else:
-            out = sparse_ki_loss(
-                logits,
-                t_ids,
-                t_logp,
-                t_tail,
-                labels,
-                self.alpha,
-                temperature=self.ki.temperature,
-                tp_group=self.tp_group,
-                vocab_size=self.vocab_size,
-            )
+        out = sparse_ki_loss(  # alpha 0 (targets released): the LM term alone, the targets unread
+            logits,
+            t_ids,
+            t_logp,
+            t_tail,
+            labels,
+            self.alpha,
+            temperature=self.ki.temperature,
+            tp_group=self.tp_group,
+            vocab_size=self.vocab_size,
+        )
         self.records.append(out)
         return out.loss
 
