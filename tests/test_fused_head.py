@@ -226,3 +226,69 @@ def test_second_backward_needs_recompute() -> None:
     out = fused(c, None, 0.5, 2.0, "forward_kl", 6, True)
     first = torch.autograd.grad(out.loss, c["w"], retain_graph=True)[0]
     torch.testing.assert_close(torch.autograd.grad(out.loss, c["w"])[0], first)
+
+
+# ----------------------------------------------------------------------------- through the models' heads
+def _model_pair(family: str, group=None):
+    from megatron_ki.config import ModelConfig, load_config
+    from megatron_ki.models import build_model
+
+    student_cfg = load_config(f"launch/configs/models/tiny_{family}.yaml").model
+    teacher_cfg = ModelConfig(
+        **{**student_cfg.__dict__, "num_layers": 1, "hidden_size": 24, "ffn_hidden_size": 48}
+    )
+    student = build_model(student_cfg, tp_group=group, seed=5)
+    teacher = build_model(teacher_cfg, tp_group=group, seed=9).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, student_cfg.vocab_size, (2, 10), generator=g)
+    labels = ids.clone()
+    if family in ("roberta", "bert"):  # MLM: a few positions carry the loss
+        labels = torch.full_like(ids, -100)
+        labels[:, 1:9:3] = ids[:, 1:9:3]
+    else:
+        labels[:, :2] = -100
+    return student, teacher, ids, labels
+
+
+def _loss_and_grads(family: str, fused: bool, alpha: float, group=None, chunk: int = 3) -> tuple[list, dict]:
+    from megatron_ki.config import KIConfig
+    from megatron_ki.ki.teacher import KILossFunction
+
+    student, teacher, ids, labels = _model_pair(family, group)
+    loss_fn = KILossFunction(KIConfig(temperature=2.0), group, alpha=alpha, chunk_tokens=chunk)
+    with torch.no_grad():
+        t_out = teacher(ids, head_inputs=fused)
+    loss = loss_fn((student(ids, head_inputs=fused), t_out), labels)
+    loss.backward()
+    rec = loss_fn.pop_records()[0]
+    values = [rec.loss.item(), rec.lm_loss.item(), rec.kd_loss.item(), rec.teacher_lm_loss.item()]
+    return values, {n: p.grad for n, p in student.named_parameters()}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "roberta"])
+def test_model_head_inputs_equal_the_logits_path(family: str) -> None:
+    """The models' ``head_inputs`` through ``KILossFunction`` give the logits path's loss, its parts and every
+    student gradient (tied GPT-2, untied Llama, RoBERTa's MLM head with its bias and dense transform)."""
+    ref_values, ref_grads = _loss_and_grads(family, fused=False, alpha=0.5)
+    values, grads = _loss_and_grads(family, fused=True, alpha=0.5)
+    assert values == pytest.approx(ref_values, rel=1e-5)
+    assert set(grads) == set(ref_grads)
+    for name, ref in ref_grads.items():
+        torch.testing.assert_close(grads[name], ref, **TOL, msg=name)
+
+
+def _model_tp_worker(rank: int, world: int) -> list[str]:
+    group = dist.new_group(list(range(world)))
+    bad = []
+    for family in ("gpt2", "roberta"):
+        ref_values, ref_grads = _loss_and_grads(family, False, 0.5, group)
+        values, grads = _loss_and_grads(family, True, 0.5, group)
+        if values != pytest.approx(ref_values, rel=1e-5):
+            bad.append(f"{family}: values {values} != {ref_values}")
+        bad += [f"{family}: {n}" for n, g in ref_grads.items() if not torch.allclose(grads[n], g, **TOL)]
+    return bad
+
+
+@pytest.mark.distributed
+def test_model_head_inputs_tp2() -> None:
+    assert run_distributed(_model_tp_worker, 2) == [[], []]

@@ -70,7 +70,7 @@ def _full_name(pipe_name: str, num_layers: int) -> str:
     return f"layers.{idx - 1}.{tail}"
 
 
-def _pipe_worker(rank, world, tp, pp, family, alphas, partition="parameters"):
+def _pipe_worker(rank, world, tp, pp, family, alphas, partition="parameters", fused=False):
     os.environ["DS_ACCELERATOR"] = "cpu"
     from megatron_ki.ki.teacher import KILossFunction
     from megatron_ki.models.pipe import PipelinedTeacher
@@ -126,6 +126,7 @@ def _pipe_worker(rank, world, tp, pp, family, alphas, partition="parameters"):
         pipe_teacher=pipe_teacher,
         partition_method=partition,
         layer_costs=costs,
+        head_inputs=fused,
     )
     engine = initialize_engine(cfg, module, groups, deepspeed_config(cfg, world))
 
@@ -186,19 +187,23 @@ def _assemble(results):
 
 @pytest.mark.distributed
 @pytest.mark.parametrize(
-    "world,tp,pp,family,partition",
+    "world,tp,pp,family,partition,fused",
     [
-        (2, 1, 2, "gpt2", "parameters"),
-        (2, 1, 2, "roberta", "parameters"),
-        (4, 2, 2, "gpt2", "parameters"),
-        (2, 1, 2, "gpt2", "compute"),
+        (2, 1, 2, "gpt2", "parameters", False),
+        (2, 1, 2, "roberta", "parameters", False),
+        (4, 2, 2, "gpt2", "parameters", False),
+        (2, 1, 2, "gpt2", "compute", False),
+        (2, 1, 2, "roberta", "parameters", True),
+        (4, 2, 2, "gpt2", "parameters", True),
     ],
 )
-def test_teacher_in_pipeline_stages(world, tp, pp, family, partition):
+def test_teacher_in_pipeline_stages(world, tp, pp, family, partition, fused):
     """Any split of the layers over the stages (DeepSpeed's by parameters, or by compute, where the head
-    and the teacher's work weigh in) gives the single-process loss and gradients."""
+    and the teacher's work weigh in) gives the single-process loss and gradients; so does the last stage
+    handing the loss the heads' inputs (``fused``: the chunked fused head + loss) instead of logits."""
     ref_loss, ref_teacher_loss, ref_grads = _reference(family)
-    results = run_distributed(_pipe_worker, world, args=(tp, pp, family, [ALPHA, ALPHA, 0.0, 0.0], partition))
+    alphas = [ALPHA, ALPHA, 0.0, 0.0]
+    results = run_distributed(_pipe_worker, world, args=(tp, pp, family, alphas, partition, fused))
     if partition == "compute":  # the head (with the teacher's head and the KL) gets a stage to itself
         student_cfg, _ = _configs(family)
         assert results[0]["parts"] == [0, student_cfg.num_layers + 1, student_cfg.num_layers + 2]

@@ -475,6 +475,17 @@ def test_bad_config_fails_before_training(ws):
     assert not (ws.run_dir("bad_config") / "deepspeed_config.json").exists()
 
 
+def test_unfused_head_switch(ws):
+    """``--train.fused_head_loss false`` runs the logits path and says so; its curves equal the default fused
+    head + loss (which the golden values, recorded on the logits path, also check at every layout)."""
+    result, reference = independent_run(ws, "unfused_head"), matrix_run(ws, Case("gpt2", True))
+    assert_ok(result)
+    assert_ok(reference)
+    assert "output head + loss: unfused (train.fused_head_loss is false)" in result.output
+    assert "output head + loss: fused (chunks of 512 loss positions" in reference.output
+    assert_curves_close(result, reference, PARITY, "unfused head")
+
+
 # ------------------------------------------------------------------------------------- scheduling
 def independent_launches(ws: Workspace) -> dict[str, tuple[int, list[str], dict[str, Any]]]:
     """Every launch that needs no other's output, ``{name: (world size, args, launch kwargs)}``, in queue
@@ -497,6 +508,8 @@ def independent_launches(ws: Workspace) -> dict[str, tuple[int, list[str], dict[
     out["eval_fixed_dp2"] = (2, eval_args(ws, "eval_fixed_dp2"), {})
     continuing = eval_args(ws, "eval_continuing_dp2", "--train.eval_samples", "continuing")
     out["eval_continuing_dp2"] = (2, continuing, {})
+    unfused = [*ws.base_args("gpt2", "unfused_head"), *ws.ki_args("gpt2"), "--train.fused_head_loss", "false"]
+    out["unfused_head"] = (1, unfused, {})
     return out
 
 
@@ -513,6 +526,8 @@ def needed_by(test: str) -> set[str]:
         return {"eval_fixed_dp1", "eval_fixed_dp2"}
     if test.startswith("test_continuing_evaluation"):
         return {"eval_continuing_dp2"}
+    if test.startswith("test_unfused_head"):
+        return {"unfused_head", Case("gpt2", True).name}
     return (
         {"crash"}
         if test.startswith("test_crashed")

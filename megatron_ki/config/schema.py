@@ -538,6 +538,14 @@ class TrainConfig:
     exit_interval: int = 0
     """Save and exit with code 75 after a step that is a multiple of this (0: never), to cut a long run into
     scheduler-sized pieces (Megatron-LM's --exit-interval)."""
+    fused_head_loss: bool = True
+    """Compute the output head(s) and the loss (LM, and KI's KD term) together in chunks of
+    fused_head_chunk_tokens loss positions, so no [tokens, vocab/tp] logits exist (ki/fused_head.py), at pp = 1 and
+    on the last pipeline stage. The same loss and gradients up to rounding; false: the logits, then the loss.
+    Runs that read offline teacher targets (ki.teacher_targets) use the unfused path."""
+    fused_head_chunk_tokens: int = 512
+    """Loss positions per chunk of the fused head: its extra memory grows with chunk x vocab/tp, not with the
+    number of tokens."""
 
     def __post_init__(self) -> None:
         check(
@@ -554,6 +562,11 @@ class TrainConfig:
         check(self.zero_stage in (0, 1, 2), "train.zero_stage", f"must be 0, 1 or 2, got {self.zero_stage}")
         check(self.eval_interval >= 0, "train.eval_interval", "must be >= 0")
         check(self.collective_timeout_s > 0, "train.collective_timeout_s", "must be positive")
+        check(
+            self.fused_head_chunk_tokens > 0,
+            "train.fused_head_chunk_tokens",
+            f"must be positive, got {self.fused_head_chunk_tokens}",
+        )
         check(
             self.exit_duration_mins is None or self.exit_duration_mins > 0,
             "train.exit_duration_mins",

@@ -18,7 +18,9 @@ from megatron_ki.config.schema import teacher_on_student_vocabulary
 from megatron_ki.dtypes import DTYPES
 from megatron_ki.errors import MegatronKIError
 from megatron_ki.models import build_model
+from megatron_ki.models.transformer import HeadInputs
 
+from .fused_head import DEFAULT_CHUNK_TOKENS, fused_head_ki_loss
 from .loss import KILossOutput, ki_loss
 from .sparse_loss import sparse_ki_loss
 
@@ -75,8 +77,10 @@ class KILossFunction:
     """``loss_fn(outputs, labels)`` for DeepSpeed's PipelineModule and for the pp = 1 loop.
 
     ``outputs`` is the student's vocab-sharded logits, or ``(student_logits, teacher_logits)`` while the
-    teacher runs. The loop sets :attr:`alpha` before each step; every call appends its
-    :class:`KILossOutput` to :attr:`records` so the loop can log lm_loss, kd_loss and the teacher's loss.
+    teacher runs; or the same with each head's :class:`HeadInputs` in place of its logits, which runs the
+    fused head + loss (``ki/fused_head.py``, chunks of :attr:`chunk_tokens` positions). The loop sets
+    :attr:`alpha` before each step; every call appends its :class:`KILossOutput` to :attr:`records` so the
+    loop can log lm_loss, kd_loss and the teacher's loss.
     """
 
     ki: KIConfig
@@ -86,6 +90,8 @@ class KILossFunction:
     teacher_forward_calls: int = 0
     vocab_size: int | None = None
     """The student's real vocabulary: offline target ids must lie below it."""
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    """Loss positions per chunk of the fused head + loss (``train.fused_head_chunk_tokens``)."""
     __name__ = "ki_loss"
 
     def __call__(self, outputs, labels) -> torch.Tensor:
@@ -96,6 +102,8 @@ class KILossFunction:
             self.teacher_forward_calls += 1
         else:
             student_logits, teacher_logits = outputs, None
+        if isinstance(student_logits, HeadInputs):
+            return self._fused(student_logits, teacher_logits, labels)
         out = ki_loss(
             student_logits,
             teacher_logits,
@@ -104,6 +112,30 @@ class KILossFunction:
             temperature=self.ki.temperature,
             divergence=self.ki.divergence,
             tp_group=self.tp_group,
+        )
+        self.records.append(out)
+        return out.loss
+
+    def _fused(self, student: HeadInputs, teacher: HeadInputs | None, labels: torch.Tensor) -> torch.Tensor:
+        """The heads' projections and the loss in one chunked pass: the same value as the logits path."""
+        if isinstance(teacher, torch.Tensor):
+            raise TypeError(
+                "KI loss: the student's head inputs came with the teacher's logits; give both or neither"
+            )
+        out = fused_head_ki_loss(
+            student.hidden,
+            student.weight,
+            labels,
+            self.alpha if teacher is not None else 0.0,
+            teacher_hidden=None if teacher is None else teacher.hidden,
+            teacher_weight=None if teacher is None else teacher.weight,
+            bias=student.bias,
+            teacher_bias=None if teacher is None else teacher.bias,
+            vocab_size=student.vocab_size,
+            temperature=self.ki.temperature,
+            divergence=self.ki.divergence,
+            tp_group=self.tp_group,
+            chunk_tokens=self.chunk_tokens,
         )
         self.records.append(out)
         return out.loss

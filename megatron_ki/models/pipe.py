@@ -200,7 +200,8 @@ class BlockPipe(nn.Module):
 
 
 class HeadPipe(nn.Module):
-    """Student head (vocab-sharded logits) and, while the teacher is active, the teacher's logits."""
+    """Student head (vocab-sharded logits) and, while the teacher is active, the teacher's logits; with
+    ``head_inputs`` each head's :class:`~megatron_ki.models.transformer.HeadInputs` instead (the fused loss)."""
 
     def __init__(
         self,
@@ -209,9 +210,10 @@ class HeadPipe(nn.Module):
         seed: int,
         pipe_teacher: PipelinedTeacher | None = None,
         device: torch.device | str | None = None,
+        head_inputs: bool = False,
     ):
         super().__init__()
-        self.cfg, self.pipe_teacher = cfg, pipe_teacher
+        self.cfg, self.pipe_teacher, self.head_inputs = cfg, pipe_teacher, head_inputs
         last = cfg.num_layers
         self.model = build_model(cfg, tp_group, seed=seed, layer_range=(last, last), pre_process=False)
         module = None
@@ -228,12 +230,12 @@ class HeadPipe(nn.Module):
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]):
         hidden, _ = inputs
         student, other = _split(hidden, self.cfg.hidden_size, self.pipe_teacher)
-        logits = self.model(hidden_states=student)
+        logits = self.model(hidden_states=student, head_inputs=self.head_inputs)
         if other is None:
             return logits
         c = self._teacher.module
         with torch.no_grad():
-            other_logits = c(hidden_states=other.to(next(c.parameters()).dtype))
+            other_logits = c(hidden_states=other.to(next(c.parameters()).dtype), head_inputs=self.head_inputs)
         return logits, other_logits
 
 
@@ -244,8 +246,10 @@ def pipeline_layers(
     rng_tracker: TPRngTracker | None = None,
     pipe_teacher: PipelinedTeacher | None = None,
     device: torch.device | str | None = None,
+    head_inputs: bool = False,
 ) -> list:
-    """LayerSpecs ``[EmbeddingPipe, BlockPipe x L, HeadPipe]``: DeepSpeed builds only this stage's layers."""
+    """LayerSpecs ``[EmbeddingPipe, BlockPipe x L, HeadPipe]``: DeepSpeed builds only this stage's layers.
+    ``head_inputs``: the last stage hands the loss the heads' inputs, not logits (``HeadPipe``)."""
     from deepspeed.pipe import LayerSpec
 
     beside = teacher_layers_for(cfg.num_layers, pipe_teacher.cfg.num_layers) if pipe_teacher else None
@@ -264,5 +268,5 @@ def pipeline_layers(
                 device,
             )
         )
-    specs.append(LayerSpec(HeadPipe, cfg, tp_group, seed, pipe_teacher, device))
+    specs.append(LayerSpec(HeadPipe, cfg, tp_group, seed, pipe_teacher, device, head_inputs))
     return specs

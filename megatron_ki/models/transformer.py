@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -487,6 +488,23 @@ class Embedding(nn.Module):
 
 
 # -------------------------------------------------------------------------------------------- heads
+@dataclass
+class HeadInputs:
+    """The output head's projection, not yet applied: ``logits = hidden @ weight.T + bias``, -inf on the
+    vocabulary columns at and past ``vocab_size``. A model returns this instead of the logits when asked
+    (``head_inputs=True``), so the loss can walk the vocabulary in chunks (``ki/fused_head.py``) and the
+    ``[tokens, V/tp]`` logits never exist. ``hidden`` is the same on every tensor-parallel rank."""
+
+    hidden: torch.Tensor
+    """``[b, s, H]``: after the final norm (LM head) or the dense/activation/norm transform (MLM head)."""
+    weight: torch.Tensor
+    """``[V_padded/tp, H]``: this rank's vocabulary rows, tied to the word embedding or not."""
+    bias: torch.Tensor | None
+    """``[V_padded/tp]`` (the MLM head's) or None."""
+    vocab_size: int
+    """The real vocabulary; the padded columns past it are -inf."""
+
+
 class _TiedOutput(nn.Module):
     """Output projection onto the (vocab-parallel) word embedding, or an untied column-parallel one.
 
@@ -498,6 +516,7 @@ class _TiedOutput(nn.Module):
         super().__init__()
         self.group = group
         self.tied = cfg.tie_word_embeddings
+        self.vocab_size = cfg.vocab_size
         tp = group_size(group)
         vp = cfg.padded_vocab_size(tp)
         # Padding rows (Megatron pads the vocabulary for TP) get -inf logits: the softmax, the LM loss and the
@@ -530,18 +549,27 @@ class _TiedOutput(nn.Module):
                     dtype=params_dtype(cfg),
                 )
 
-    def project(self, x: torch.Tensor, word_embeddings_weight: torch.Tensor | None) -> torch.Tensor:
+    def weight(self, word_embeddings_weight: torch.Tensor | None) -> torch.Tensor:
+        """This rank's ``[V/tp, H]`` output rows: the untied projection's, or the (given or own) embedding's."""
         if self.output is not None:
-            return self.output(x)
-        weight = word_embeddings_weight
-        if weight is None:
-            if self.word_embeddings is None:
-                raise ValueError("tied output head needs the word-embedding weight (none given, no own copy)")
-            weight = self.word_embeddings.weight
-        return F.linear(copy_to_tp_region(x, self.group), weight)
+            return self.output.weight
+        if word_embeddings_weight is not None:
+            return word_embeddings_weight
+        if self.word_embeddings is None:
+            raise ValueError("tied output head needs the word-embedding weight (none given, no own copy)")
+        return self.word_embeddings.weight
+
+    def project(self, x: torch.Tensor, word_embeddings_weight: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(copy_to_tp_region(x, self.group), self.weight(word_embeddings_weight))
 
     def mask_padding(self, logits: torch.Tensor) -> torch.Tensor:
         return logits if self.padding_bias is None else logits + self.padding_bias
+
+    def inputs(
+        self, x: torch.Tensor, word_embeddings_weight: torch.Tensor | None, bias: torch.Tensor | None = None
+    ) -> HeadInputs:
+        """What the projection would read, for a loss that never forms the logits."""
+        return HeadInputs(x, self.weight(word_embeddings_weight), bias, self.vocab_size)
 
 
 class LMHead(_TiedOutput):
@@ -557,10 +585,15 @@ class LMHead(_TiedOutput):
         )
 
     def forward(
-        self, hidden: torch.Tensor, word_embeddings_weight: torch.Tensor | None = None
-    ) -> torch.Tensor:
+        self,
+        hidden: torch.Tensor,
+        word_embeddings_weight: torch.Tensor | None = None,
+        head_inputs: bool = False,
+    ) -> torch.Tensor | HeadInputs:
         if self.final_norm is not None:
             hidden = self.final_norm(hidden)
+        if head_inputs:
+            return self.inputs(hidden, word_embeddings_weight)
         return self.mask_padding(self.project(hidden, word_embeddings_weight))
 
 
@@ -585,11 +618,16 @@ class MLMHead(_TiedOutput):
         self.bias.partition_dim = 0
 
     def forward(
-        self, hidden: torch.Tensor, word_embeddings_weight: torch.Tensor | None = None
-    ) -> torch.Tensor:
+        self,
+        hidden: torch.Tensor,
+        word_embeddings_weight: torch.Tensor | None = None,
+        head_inputs: bool = False,
+    ) -> torch.Tensor | HeadInputs:
         if self.final_norm is not None:
             hidden = self.final_norm(hidden)
         x = self.norm(self.act(self.dense(hidden)))
+        if head_inputs:
+            return self.inputs(x, word_embeddings_weight, self.bias)
         return self.mask_padding(self.project(x, word_embeddings_weight) + self.bias)
 
 
@@ -681,10 +719,12 @@ class TransformerLanguageModel(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         hidden_states: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        head_inputs: bool = False,
+    ) -> torch.Tensor | HeadInputs:
         """Vocab-sharded logits ``[b, s, V_padded/tp]`` (hidden ``[b, s, h]`` without the head).
 
         Without the embedding (later pipeline stage) pass ``hidden_states`` instead of ``input_ids``.
+        ``head_inputs``: return the head's :class:`HeadInputs` instead of the logits (the fused loss's input).
         """
         if self.embedding is not None:
             if input_ids is None:
@@ -714,7 +754,7 @@ class TransformerLanguageModel(nn.Module):
         if self.head is None:
             return hidden
         weight = self.embedding.word_embeddings.weight if self.embedding is not None else None
-        return self.head(hidden, weight)
+        return self.head(hidden, weight, head_inputs=head_inputs)
 
 
 # ------------------------------------------------------------------------------------------ helpers

@@ -113,6 +113,8 @@ class Trainer:
             self.state.train_time_s = meta.get("train_time_s", 0.0)
         self.tokens_per_sample = cfg.data.seq_length
         self.targets_active = cfg.ki.offline
+        self.fused_head = run.fused_head and not self.pipeline
+        """pp = 1: the models return their heads' inputs, and the loss runs the fused head + loss."""
         self.teacher_valid_loss: float | None = None
         """The teacher's LM loss on the fixed validation samples, kept after the teacher is released."""
 
@@ -140,11 +142,13 @@ class Trainer:
         else:
             labels = labels.to(self.engine.device)
         typed = self.cfg.model.type_vocab_size > 0
-        logits = self.engine(ids, attention_mask=mask, token_type_ids=types if typed else None)
+        heads = {"head_inputs": True} if self.fused_head else {}
+        logits = self.engine(ids, attention_mask=mask, token_type_ids=types if typed else None, **heads)
         if self.teacher is not None and self.teacher_active:
             with torch.no_grad():
                 t_typed = self.teacher.cfg.type_vocab_size > 0
-                t_logits = self.teacher(ids, attention_mask=mask, token_type_ids=types if t_typed else None)
+                t_types = types if t_typed else None
+                t_logits = self.teacher(ids, attention_mask=mask, token_type_ids=t_types, **heads)
             return self.loss_fn((logits, t_logits), labels)
         return self.loss_fn(logits, labels)
 

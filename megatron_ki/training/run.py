@@ -73,6 +73,9 @@ class Run:
     eod_token_id: int | None = None
     """The document separator recorded beside the training data (None: not recorded); saved in checkpoints,
     written as ``eos_token_id`` by the Hugging Face export."""
+    fused_head: bool = False
+    """The loss runs fused with the output head(s) (:func:`fused_head`): at pp = 1 the loop asks the models for
+    their heads' inputs; at pp > 1 the last stage gives them (``models/pipe.py:HeadPipe``)."""
 
 
 # ---------------------------------------------------------------------------------------- processes
@@ -145,6 +148,16 @@ def load_teacher_weights(cfg: Config, groups: ParallelGroups) -> tuple[ModelConf
     return teacher_cfg, shard_state_dict(full, teacher_cfg, groups.topology.tp, groups.tp_rank)
 
 
+def fused_head(cfg: Config) -> tuple[bool, str]:
+    """Whether the loss runs fused with the output head(s) (``train.fused_head_loss``), and the reason, for the
+    one log line that says which path runs."""
+    if not cfg.train.fused_head_loss:
+        return False, "train.fused_head_loss is false"
+    if cfg.ki.offline:
+        return False, "the sparse loss of offline teacher targets reads the logits"
+    return True, f"chunks of {cfg.train.fused_head_chunk_tokens} loss positions, no [tokens, vocab/tp] logits"
+
+
 def build_student_and_teacher(
     cfg: Config, groups: ParallelGroups, device: torch.device, tracker: TPRngTracker | None
 ) -> tuple[nn.Module, KILossFunction, ModelConfig | None, nn.Module | None, Any]:
@@ -155,7 +168,15 @@ def build_student_and_teacher(
     from megatron_ki.training.flops import pipeline_layer_costs
 
     teacher_cfg, teacher_state = load_teacher_weights(cfg, groups)
-    loss_fn = KILossFunction(cfg.ki, groups.tp_group, vocab_size=cfg.model.vocab_size)
+    fused, why = fused_head(cfg)
+    if groups.rank == 0:
+        logger.info("output head + loss: %s (%s)", "fused" if fused else "unfused", why)
+    loss_fn = KILossFunction(
+        cfg.ki,
+        groups.tp_group,
+        vocab_size=cfg.model.vocab_size,
+        chunk_tokens=cfg.train.fused_head_chunk_tokens,
+    )
     seed = cfg.train.seed
     if cfg.parallel.pipeline_parallel == 1:
         model = build_model(cfg.model, groups.tp_group, seed=seed, rng_tracker=tracker).to(device)
@@ -183,6 +204,7 @@ def build_student_and_teacher(
         pipe_teacher=pipe_teacher,
         device=device,
         layer_costs=costs,
+        head_inputs=fused,
     )
     return model, loss_fn, teacher_cfg, None, pipe_teacher
 
@@ -198,9 +220,11 @@ def build_pipeline_module(
     pipe_teacher: Any = None,
     device: torch.device | str | None = None,
     layer_costs: list[float] | None = None,
+    head_inputs: bool = False,
 ) -> nn.Module:
     """The student (and the teacher beside it, ``pipe_teacher``) as a DeepSpeed ``PipelineModule`` over
-    ``topology``; the tied embedding's gradients are all-reduced over ``groups.embedding``.
+    ``topology``; the tied embedding's gradients are all-reduced over ``groups.embedding``; ``head_inputs``:
+    the last stage gives ``loss_fn`` the heads' inputs, for the fused head + loss.
 
     ``partition_method`` "compute" splits the layers so each stage gets about the same ``layer_costs`` (one per
     pipeline layer, e.g. ``training.flops.pipeline_layer_costs``: the head and a teacher's work count); the
@@ -212,7 +236,7 @@ def build_pipeline_module(
             f"pipeline partition 'compute' needs one cost per pipeline layer ({cfg.num_layers + 2}), "
             f"got {None if layer_costs is None else len(layer_costs)}"
         )
-    layers = pipeline_layers(cfg, groups.tp_group, seed, rng_tracker, pipe_teacher, device)
+    layers = pipeline_layers(cfg, groups.tp_group, seed, rng_tracker, pipe_teacher, device, head_inputs)
     module = ki_pipeline_module(
         layers,
         topology,
@@ -500,6 +524,7 @@ def build_run(cfg: Config, world: int | None = None, data: bool = True) -> Run:
     run = Run(cfg, groups, device, engine, loss_fn, schedule, tracker, teacher_cfg, teacher, pipe_teacher)
     run.watchdog = watchdog
     run.eod_token_id = eod[0] if eod else None
+    run.fused_head = fused_head(cfg)[0]
     if cfg.checkpoint.load:
         meta = ckpt.load_checkpoint(engine, cfg, groups, tracker)
         if meta is not None and not meta.get("weights_only"):
