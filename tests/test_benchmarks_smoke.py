@@ -303,3 +303,16 @@ def test_bench_ki_overhead_tiny(tmp_path: Path) -> None:
     ratio = steps["ki"][-1]["flops_per_token"] / steps["scratch"][-1]["flops_per_token"]
     assert row["flop_share_pct"] == pytest.approx(100 * (ratio - 1)) and row["flop_share_pct"] > 0
     assert row["meets_goal"] == (row["overhead_pct"] <= row["flop_share_pct"] + 10)
+
+
+@pytest.mark.distributed
+def test_bench_sequence_parallel_quick(tmp_path: Path) -> None:
+    """--quick at tp=2: sequence parallelism halves what each rank saves outside the tensor-parallel regions
+    (norms, dropout masks, the projections' inputs) and leaves the rest (already split over heads) alone."""
+    out = tmp_path / "sp.json"
+    stdout = _run([str(BENCH / "bench_sequence_parallel.py"), "--quick", "--json", str(out)], timeout=200)
+    header, rows = _table(stdout)
+    assert header[:2] == ["tp", "sequence parallel"] and [r[:2] for r in rows] == [["2", "off"], ["2", "on"]]
+    off, on = json.loads(out.read_text())
+    assert on["outside"] * 2 == pytest.approx(off["outside"], rel=0.02)
+    assert on["inside"] == pytest.approx(off["inside"], rel=0.02)

@@ -159,6 +159,19 @@ def test_invalid_values(data, key, message):
         ),
         (["--parallel.tensor_parallel", "2"], 3, "parallel.tensor_parallel", "must divide the world size 3"),
         (["--data.seq_length", "4096"], 1, "data.seq_length", "longer than model.max_position_embeddings"),
+        (
+            [
+                "--parallel.sequence_parallel",
+                "true",
+                "--parallel.tensor_parallel",
+                "2",
+                "--data.seq_length",
+                "63",
+            ],
+            2,
+            "parallel.sequence_parallel",
+            "data.seq_length 63 is not divisible by parallel.tensor_parallel 2",
+        ),
     ],
 )
 def test_inconsistent_combinations(overrides, world, key, message):

@@ -122,3 +122,20 @@ def test_deepspeed_shm_workspaces_are_released():
         pytest.skip("DeepSpeed's shared-memory comm op is not active on this machine")
     left = sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     assert not left, f"left in /dev/shm: {left}"
+
+
+def test_sequence_parallel_keeps_deepspeed_from_splitting_the_chunks(tmp_path: Path) -> None:
+    """With sequence parallelism each TP rank's pipeline activation is its own sequence chunk: the generated
+    DeepSpeed config turns DeepSpeed's activation partitioning off, and a user JSON turning it on is refused."""
+    from megatron_ki.config import ConfigError, load_config
+
+    args = ["--parallel.tensor_parallel", "2", "--parallel.pipeline_parallel", "2"]
+    cfg = load_config("launch/configs/models/tiny_gpt2.yaml", [*args, "--parallel.sequence_parallel", "true"])
+    assert deepspeed_config(cfg, 4)["pipeline"] == {"pipe_partitioned": False, "grad_partitioned": False}
+    assert "pipeline" not in deepspeed_config(load_config("launch/configs/models/tiny_gpt2.yaml", args), 4)
+    user = tmp_path / "ds.json"
+    user.write_text('{"activation_checkpointing": {"partition_activations": true}}')
+    cfg.train.deepspeed_config = str(user)
+    with pytest.raises(ConfigError, match="partition_activations true, which does not go with") as info:
+        deepspeed_config(cfg, 4)
+    assert info.value.key == "train.deepspeed_config"

@@ -229,7 +229,7 @@ def test_second_backward_needs_recompute() -> None:
 
 
 # ----------------------------------------------------------------------------- through the models' heads
-def _model_pair(family: str, group=None):
+def _model_pair(family: str, group=None, sp: bool = False):
     from megatron_ki.config import ModelConfig, load_config
     from megatron_ki.models import build_model
 
@@ -237,24 +237,27 @@ def _model_pair(family: str, group=None):
     teacher_cfg = ModelConfig(
         **{**student_cfg.__dict__, "num_layers": 1, "hidden_size": 24, "ffn_hidden_size": 48}
     )
-    student = build_model(student_cfg, tp_group=group, seed=5)
-    teacher = build_model(teacher_cfg, tp_group=group, seed=9).eval().requires_grad_(False)
+    student = build_model(student_cfg, tp_group=group, seed=5, sequence_parallel=sp)
+    teacher = build_model(teacher_cfg, tp_group=group, seed=9, sequence_parallel=sp)
+    teacher.eval().requires_grad_(False)
     g = torch.Generator().manual_seed(2)
-    ids = torch.randint(3, student_cfg.vocab_size, (2, 10), generator=g)
+    ids = torch.randint(3, student_cfg.vocab_size, (2, 12), generator=g)
     labels = ids.clone()
     if family in ("roberta", "bert"):  # MLM: a few positions carry the loss
         labels = torch.full_like(ids, -100)
-        labels[:, 1:9:3] = ids[:, 1:9:3]
+        labels[:, 1:11:3] = ids[:, 1:11:3]
     else:
         labels[:, :2] = -100
     return student, teacher, ids, labels
 
 
-def _loss_and_grads(family: str, fused: bool, alpha: float, group=None, chunk: int = 3) -> tuple[list, dict]:
+def _loss_and_grads(
+    family: str, fused: bool, alpha: float, group=None, chunk: int = 3, sp: bool = False
+) -> tuple[list, dict]:
     from megatron_ki.config import KIConfig
     from megatron_ki.ki.teacher import KILossFunction
 
-    student, teacher, ids, labels = _model_pair(family, group)
+    student, teacher, ids, labels = _model_pair(family, group, sp)
     loss_fn = KILossFunction(KIConfig(temperature=2.0), group, alpha=alpha, chunk_tokens=chunk)
     with torch.no_grad():
         t_out = teacher(ids, head_inputs=fused)
@@ -280,15 +283,22 @@ def test_model_head_inputs_equal_the_logits_path(family: str) -> None:
 def _model_tp_worker(rank: int, world: int) -> list[str]:
     group = dist.new_group(list(range(world)))
     bad = []
-    for family in ("gpt2", "roberta"):
+    families = ("gpt2", "llama", "roberta") if world == 2 else ("gpt2", "roberta")  # tiny_llama: 2 kv heads
+    for family, fused, sp in itertools.product(families, (True, False), (False, True)):
+        if not (fused or sp):
+            continue
         ref_values, ref_grads = _loss_and_grads(family, False, 0.5, group)
-        values, grads = _loss_and_grads(family, True, 0.5, group)
+        values, grads = _loss_and_grads(family, fused, 0.5, group, sp=sp)
+        what = f"{family} fused={fused} sequence_parallel={sp}"
         if values != pytest.approx(ref_values, rel=1e-5):
-            bad.append(f"{family}: values {values} != {ref_values}")
-        bad += [f"{family}: {n}" for n, g in ref_grads.items() if not torch.allclose(grads[n], g, **TOL)]
+            bad.append(f"{what}: values {values} != {ref_values}")
+        bad += [f"{what}: {n}" for n, g in ref_grads.items() if not torch.allclose(grads[n], g, **TOL)]
     return bad
 
 
 @pytest.mark.distributed
-def test_model_head_inputs_tp2() -> None:
-    assert run_distributed(_model_tp_worker, 2) == [[], []]
+@pytest.mark.parametrize("tp", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_model_head_inputs_tp(tp: int) -> None:
+    """At tp > 1, KI through the models (student and teacher): the fused head, sequence parallelism and both
+    together give each rank the loss and gradient shards of the plain tensor-parallel logits path."""
+    assert run_distributed(_model_tp_worker, tp) == [[]] * tp

@@ -70,10 +70,10 @@ def _full_name(pipe_name: str, num_layers: int) -> str:
     return f"layers.{idx - 1}.{tail}"
 
 
-def _pipe_worker(rank, world, tp, pp, family, alphas, partition="parameters", fused=False):
+def _pipe_worker(rank, world, tp, pp, family, alphas, partition="parameters", fused=False, sp=False):
     os.environ["DS_ACCELERATOR"] = "cpu"
     from megatron_ki.ki.teacher import KILossFunction
-    from megatron_ki.models.pipe import PipelinedTeacher
+    from megatron_ki.models.pipe import HeadPipe, PipelinedTeacher
     from megatron_ki.parallel import ParallelGroups, Topology
     from megatron_ki.training.ds_config import deepspeed_config
     from megatron_ki.training.engine import initialize_engine
@@ -108,7 +108,7 @@ def _pipe_worker(rank, world, tp, pp, family, alphas, partition="parameters", fu
     )
     cfg.model = student_cfg
     groups = ParallelGroups.build(Topology.from_world(world, tp=tp, pp=pp))
-    pipe_teacher = PipelinedTeacher(teacher_cfg, seed=11, dtype="float32")
+    pipe_teacher = PipelinedTeacher(teacher_cfg, seed=11, dtype="float32", sequence_parallel=sp)
     loss_fn = KILossFunction(KIConfig(enabled=True, teacher=teacher_cfg, temperature=2.0), groups.tp_group)
     costs = pipeline_layer_costs(
         student_cfg,
@@ -127,9 +127,16 @@ def _pipe_worker(rank, world, tp, pp, family, alphas, partition="parameters", fu
         partition_method=partition,
         layer_costs=costs,
         head_inputs=fused,
+        sequence_parallel=sp,
     )
     engine = initialize_engine(cfg, module, groups, deepspeed_config(cfg, world))
 
+    seq_lens = (
+        set()
+    )  # the sequence length of what the stages pass on (a chunk of it with sequence parallelism)
+    for layer in module.forward_funcs:
+        if not isinstance(layer, HeadPipe):
+            layer.register_forward_hook(lambda _m, _args, out: seq_lens.add(out[0].shape[1]))
     grads = {}
     for name, p in module.named_parameters():
         p.register_post_accumulate_grad_hook(
@@ -165,6 +172,7 @@ def _pipe_worker(rank, world, tp, pp, family, alphas, partition="parameters", fu
         "tp_rank": groups.tp_rank,
         "pp_rank": groups.pp_rank,
         "parts": [int(x) for x in module.parts],
+        "seq_lens": seq_lens,
     }
 
 
@@ -187,27 +195,30 @@ def _assemble(results):
 
 @pytest.mark.distributed
 @pytest.mark.parametrize(
-    "world,tp,pp,family,partition,fused",
+    "world,tp,pp,family,partition,fused,sp",
     [
-        (2, 1, 2, "gpt2", "parameters", False),
-        (2, 1, 2, "roberta", "parameters", False),
-        (4, 2, 2, "gpt2", "parameters", False),
-        (2, 1, 2, "gpt2", "compute", False),
-        (2, 1, 2, "roberta", "parameters", True),
-        (4, 2, 2, "gpt2", "parameters", True),
+        (2, 1, 2, "gpt2", "parameters", False, False),
+        (2, 1, 2, "roberta", "parameters", False, False),
+        (4, 2, 2, "gpt2", "parameters", False, False),
+        (2, 1, 2, "gpt2", "compute", False, False),
+        (2, 1, 2, "roberta", "parameters", True, False),
+        (4, 2, 2, "gpt2", "parameters", True, True),
+        (4, 2, 2, "roberta", "parameters", False, True),
     ],
 )
-def test_teacher_in_pipeline_stages(world, tp, pp, family, partition, fused):
+def test_teacher_in_pipeline_stages(world, tp, pp, family, partition, fused, sp):
     """Any split of the layers over the stages (DeepSpeed's by parameters, or by compute, where the head
     and the teacher's work weigh in) gives the single-process loss and gradients; so does the last stage
-    handing the loss the heads' inputs (``fused``: the chunked fused head + loss) instead of logits."""
+    handing the loss the heads' inputs (``fused``: the chunked fused head + loss) instead of logits, and
+    sequence parallelism (``sp``: student and teacher send their sequence chunks between the stages)."""
     ref_loss, ref_teacher_loss, ref_grads = _reference(family)
     alphas = [ALPHA, ALPHA, 0.0, 0.0]
-    results = run_distributed(_pipe_worker, world, args=(tp, pp, family, alphas, partition, fused))
+    results = run_distributed(_pipe_worker, world, args=(tp, pp, family, alphas, partition, fused, sp))
     if partition == "compute":  # the head (with the teacher's head and the KL) gets a stage to itself
         student_cfg, _ = _configs(family)
         assert results[0]["parts"] == [0, student_cfg.num_layers + 1, student_cfg.num_layers + 2]
     for res in results:
+        assert res["seq_lens"] in ({SEQ // tp if sp else SEQ}, set())  # set(): a stage with the head alone
         assert res["losses"][0] == pytest.approx(ref_loss, rel=1e-5)
         assert res["losses"][2] != pytest.approx(res["losses"][1])
         assert not res["teacher_requires_grad"]

@@ -1,8 +1,8 @@
 """Tensor-parallel models equal the single-process model built with the same seed.
 
-For each family (gpt2, llama, bert, roberta) at tp=2 and tp=4: gathered logits and every parameter's
-gradient (unsharded with ``partition_info``) equal the tp=1 model's, fp32, atol 1e-5 / rtol 1e-4. One spawn
-per world size runs all families. Also: pipeline-style partial models (layer_range, pre/post_process) equal
+For each family (gpt2, llama, bert, roberta) at tp=2 and tp=4, with and without sequence parallelism: gathered
+logits and every parameter's gradient (unsharded with ``partition_info``) equal the tp=1 model's, fp32, atol
+1e-5 / rtol 1e-4. One spawn per world size runs all families. Also: pipeline-style partial models (layer_range, pre/post_process) equal
 slices of the full model; dropout masks differ across TP ranks on attention probabilities and agree on the
 residual stream; the attention backends agree.
 """
@@ -10,6 +10,7 @@ residual stream; the attention backends agree.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import sys
 import types
 
@@ -106,11 +107,20 @@ def _tp_worker(rank: int, world_size: int) -> dict:
     torch.manual_seed(0)
     group = dist.group.WORLD
     out: dict = {}
-    for family in FAMILIES:
+    for family, sp in itertools.product(FAMILIES, (False, True)):
         cfg = family_config(family)
-        model = build_model(cfg, tp_group=group, seed=7)
+        model = build_model(cfg, tp_group=group, seed=7, sequence_parallel=sp)
+        seen = []
+        model.layers[0].register_forward_hook(
+            lambda _m, args, _out, seen=seen: seen.append(tuple(args[0].shape))
+        )
         logits, grads = forward_backward(model, cfg, group)
-        out[family] = {"logits": logits, "grads": grads, "info": partition_info(model)}
+        out[(family, sp)] = {
+            "logits": logits,
+            "grads": grads,
+            "info": partition_info(model),
+            "block_in": seen,
+        }
     if world_size == 2:
         out["dropout"] = _dropout_masks(rank, group)
     return out
@@ -145,34 +155,37 @@ def _unshard(shards: list[np.ndarray], dim: int, sizes: list[int]) -> torch.Tens
 
 
 def _check_against_reference(results: list[dict], tp: int) -> None:
-    for family in FAMILIES:
+    for family, sp in itertools.product(FAMILIES, (False, True)):
         cfg = family_config(family)
         # the reference pads the vocabulary as the tp run does, so the (padded) embeddings have equal shapes
         ref_cfg = dataclasses.replace(cfg, make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by * tp)
         assert ref_cfg.padded_vocab_size(1) == cfg.padded_vocab_size(tp)
         ref = build_model(ref_cfg, seed=7)
         ref_logits, ref_grads = forward_backward(ref, ref_cfg, None)
-        info = results[0][family]["info"]
+        what = f"{family}{' sequence-parallel' if sp else ''}"
+        chunk = SEQ // tp if sp else SEQ  # what a block sees: this rank's chunk of the sequence, or all of it
+        assert results[0][(family, sp)]["block_in"] == [(BATCH, chunk, cfg.hidden_size)], what
+        info = results[0][(family, sp)]["info"]
         for rank, res in enumerate(results):
             np.testing.assert_allclose(
-                res[family]["logits"], ref_logits, atol=ATOL, rtol=RTOL, err_msg=f"{family} rank {rank}"
+                res[(family, sp)]["logits"], ref_logits, atol=ATOL, rtol=RTOL, err_msg=f"{what} rank {rank}"
             )
-        assert set(results[0][family]["grads"]) == set(ref_grads), family
+        assert set(results[0][(family, sp)]["grads"]) == set(ref_grads), what
         sharded = 0
         for name, ref_grad in ref_grads.items():
             if name in info:
                 dim, sizes = info[name]
-                got = _unshard([r[family]["grads"][name] for r in results], dim, sizes).numpy()
+                got = _unshard([r[(family, sp)]["grads"][name] for r in results], dim, sizes).numpy()
                 sharded += 1
             else:  # replicated: every rank holds the full gradient
-                got = results[0][family]["grads"][name]
+                got = results[0][(family, sp)]["grads"][name]
                 for r in results[1:]:
-                    np.testing.assert_allclose(r[family]["grads"][name], got, atol=ATOL, rtol=RTOL)
-            assert got.shape == ref_grad.shape, (family, name)
+                    np.testing.assert_allclose(r[(family, sp)]["grads"][name], got, atol=ATOL, rtol=RTOL)
+            assert got.shape == ref_grad.shape, (what, name)
             np.testing.assert_allclose(
-                got, ref_grad, atol=ATOL, rtol=RTOL, err_msg=f"{family} grad {name} tp={tp}"
+                got, ref_grad, atol=ATOL, rtol=RTOL, err_msg=f"{what} grad {name} tp={tp}"
             )
-        assert sharded >= 5, f"{family}: expected sharded parameters, found {sharded}"
+        assert sharded >= 5, f"{what}: expected sharded parameters, found {sharded}"
 
 
 @pytest.mark.distributed

@@ -159,10 +159,12 @@ class Case:
     pp: int = 1
     dp: int = 1
     zero: int = 0
+    sp: bool = False
 
     @property
     def name(self) -> str:
-        return f"{self.model}_{'ki' if self.ki else 'scratch'}_tp{self.tp}_pp{self.pp}_dp{self.dp}_zero{self.zero}"
+        sp = "_sp" if self.sp else ""
+        return f"{self.model}_{'ki' if self.ki else 'scratch'}_tp{self.tp}_pp{self.pp}_dp{self.dp}_zero{self.zero}{sp}"
 
     @property
     def world(self) -> int:
@@ -178,6 +180,7 @@ class Case:
             "--parallel.tensor_parallel", str(self.tp),
             "--parallel.pipeline_parallel", str(self.pp),
             "--train.zero_stage", str(self.zero),
+            "--parallel.sequence_parallel", str(self.sp).lower(),
         ]  # fmt: skip
         return args + (ws.ki_args(self.model) if self.ki else [])
 
@@ -192,7 +195,9 @@ LAYOUTS = [
     Case("roberta", True, dp=2, zero=2),
     Case("gpt2", True, tp=2, pp=2),
 ]
-ALL_CASES = REFERENCES + LAYOUTS
+GOLDEN_CASES = REFERENCES + LAYOUTS
+SP_LAYOUTS = [Case("gpt2", True, tp=2, pp=2, sp=True), Case("gpt2", False, tp=2, pp=2, sp=True)]
+ALL_CASES = GOLDEN_CASES + SP_LAYOUTS
 
 
 def matrix_run(ws: Workspace, case: Case) -> RunResult:
@@ -218,11 +223,13 @@ def test_reference_runs_train(ws, case):
         assert result.losses("kd_loss") == [None] * STEPS
 
 
-@pytest.mark.parametrize("case", LAYOUTS, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", LAYOUTS + SP_LAYOUTS, ids=lambda c: c.name)
 def test_layout_matches_single_rank(ws, case):
     """Same model, data and seed at another (tp, pp, dp, ZeRO): the same per-step losses."""
     result = matrix_run(ws, case)
     assert_ok(result)
+    if case.sp:
+        assert f"sequence parallelism: on over {case.tp} ranks" in result.output
     reference = matrix_run(ws, case.reference)
     assert_ok(reference)
     assert_curves_close(result, reference, PARITY, case.name)
@@ -235,7 +242,7 @@ def test_layout_matches_single_rank(ws, case):
     assert ds["gradient_accumulation_steps"] == 8 // (4 * case.dp)
 
 
-@pytest.mark.parametrize("case", ALL_CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", GOLDEN_CASES, ids=lambda c: c.name)
 def test_golden_losses(ws, case):
     """Per-step losses equal the stored golden values (regenerate: MEGATRON_KI_UPDATE_GOLDEN=1)."""
     result = matrix_run(ws, case)

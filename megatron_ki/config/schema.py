@@ -297,7 +297,11 @@ class ParallelConfig:
     compute: balance of each layer's FLOPs (forward + backward; a KI teacher's layers beside it, forward only;
     the head with the loss over the vocabulary), so the last stage is not the slowest."""
     sequence_parallel: bool = False
-    """Reserved for sequence parallelism (shard norms/dropout over the sequence); not implemented yet."""
+    """Megatron-LM's sequence parallelism, for the student and the teacher: outside the tensor-parallel regions
+    (norms, dropout, residual adds) each of the tensor_parallel ranks holds 1/tp of the sequence (all-gather
+    before the column-parallel layers, reduce-scatter after the row-parallel ones: the same traffic as without
+    it), so those activations take 1/tp of the memory. Between pipeline stages the sequence chunk travels.
+    data.seq_length must be divisible by tensor_parallel; no effect at tensor_parallel 1."""
 
     def __post_init__(self) -> None:
         check(
@@ -307,11 +311,6 @@ class ParallelConfig:
             self.pipeline_parallel >= 1,
             "parallel.pipeline_parallel",
             f"must be >= 1, got {self.pipeline_parallel}",
-        )
-        check(
-            not self.sequence_parallel,
-            "parallel.sequence_parallel",
-            "is not implemented yet; set it to false",
         )
 
 
@@ -672,6 +671,12 @@ class Config:
             f"{self.train.micro_batch_size} x {dp} = {per_step}",
         )
         check_positions(self.model, self.data.seq_length)
+        check(
+            not self.parallel.sequence_parallel or self.data.seq_length % tp == 0,
+            "parallel.sequence_parallel",
+            f"data.seq_length {self.data.seq_length} is not divisible by parallel.tensor_parallel {tp}: each "
+            "tensor-parallel rank holds an equal chunk of the sequence",
+        )
         if self.ki.enabled and self.ki.teacher is not None:
             check_teacher(self.model, self.ki.teacher, tp, self.data.seq_length, pp)
         if self.ki.offline:

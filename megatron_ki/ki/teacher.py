@@ -64,9 +64,10 @@ def frozen_teacher(
     state_dict: dict[str, torch.Tensor] | None = None,
     seed: int = 0,
     device: torch.device | str | None = None,
+    sequence_parallel: bool = False,
 ) -> nn.Module:
     """The whole teacher on this TP rank (pp = 1), weights from ``state_dict`` (this rank's shards)."""
-    model = build_model(cfg, tp_group=tp_group, seed=seed)
+    model = build_model(cfg, tp_group=tp_group, seed=seed, sequence_parallel=sequence_parallel)
     if state_dict is not None:
         model.load_state_dict(state_dict, strict=True)
     return freeze(model.to(device) if device is not None else model, ki.teacher_dtype)

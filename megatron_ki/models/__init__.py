@@ -41,8 +41,10 @@ def build_model(
     layer_range: tuple[int, int] | None = None,
     pre_process: bool = True,
     post_process: bool = True,
+    sequence_parallel: bool = False,
 ) -> TransformerLanguageModel:
-    """Build the model of ``cfg.family`` (or the part of it a pipeline stage holds) on this TP rank."""
+    """Build the model of ``cfg.family`` (or the part of it a pipeline stage holds) on this TP rank;
+    ``sequence_parallel``: Megatron-LM's sequence parallelism over ``tp_group`` (``parallel.sequence_parallel``)."""
     return model_class(cfg)(
         cfg,
         tp_group=tp_group,
@@ -51,6 +53,7 @@ def build_model(
         layer_range=layer_range,
         pre_process=pre_process,
         post_process=post_process,
+        sequence_parallel=sequence_parallel,
     )
 
 

@@ -58,6 +58,8 @@ class PipelinedTeacher:
     """Full (this TP rank's shards) state dict of the teacher; None keeps the seeded initialisation."""
     active: bool = True
     pieces: list[Any] = field(default_factory=list)
+    sequence_parallel: bool = False
+    """The teacher's activations are sequence chunks too, like the student's it travels with."""
 
     def build(
         self,
@@ -75,6 +77,7 @@ class PipelinedTeacher:
             layer_range=layer_range,
             pre_process=pre_process,
             post_process=post_process,
+            sequence_parallel=self.sequence_parallel,
         )
         if self.state_dict is not None:
             load_slice(model, self.state_dict, layer_range[0])
@@ -133,10 +136,20 @@ class EmbeddingPipe(nn.Module):
         seed: int,
         pipe_teacher: PipelinedTeacher | None = None,
         device: torch.device | str | None = None,
+        sequence_parallel: bool = False,
+        rng_tracker: TPRngTracker | None = None,
     ):
         super().__init__()
         self.cfg, self.pipe_teacher = cfg, pipe_teacher
-        self.model = build_model(cfg, tp_group, seed=seed, layer_range=(0, 0), post_process=False)
+        self.model = build_model(
+            cfg,
+            tp_group,
+            seed=seed,
+            rng_tracker=rng_tracker,
+            layer_range=(0, 0),
+            post_process=False,
+            sequence_parallel=sequence_parallel,
+        )
         self._teacher = _Unregistered(
             pipe_teacher.build(tp_group, (0, 0), True, False, device) if pipe_teacher else None
         )
@@ -170,6 +183,7 @@ class BlockPipe(nn.Module):
         pipe_teacher: PipelinedTeacher | None = None,
         teacher_layers: list[int] | None = None,
         device: torch.device | str | None = None,
+        sequence_parallel: bool = False,
     ):
         super().__init__()
         self.cfg, self.pipe_teacher = cfg, pipe_teacher
@@ -181,6 +195,7 @@ class BlockPipe(nn.Module):
             layer_range=(layer_number, layer_number + 1),
             pre_process=False,
             post_process=False,
+            sequence_parallel=sequence_parallel,
         )
         module = None
         if pipe_teacher is not None and teacher_layers:
@@ -211,11 +226,19 @@ class HeadPipe(nn.Module):
         pipe_teacher: PipelinedTeacher | None = None,
         device: torch.device | str | None = None,
         head_inputs: bool = False,
+        sequence_parallel: bool = False,
     ):
         super().__init__()
         self.cfg, self.pipe_teacher, self.head_inputs = cfg, pipe_teacher, head_inputs
         last = cfg.num_layers
-        self.model = build_model(cfg, tp_group, seed=seed, layer_range=(last, last), pre_process=False)
+        self.model = build_model(
+            cfg,
+            tp_group,
+            seed=seed,
+            layer_range=(last, last),
+            pre_process=False,
+            sequence_parallel=sequence_parallel,
+        )
         module = None
         if pipe_teacher is not None:
             n = pipe_teacher.cfg.num_layers
@@ -247,13 +270,18 @@ def pipeline_layers(
     pipe_teacher: PipelinedTeacher | None = None,
     device: torch.device | str | None = None,
     head_inputs: bool = False,
+    sequence_parallel: bool = False,
 ) -> list:
     """LayerSpecs ``[EmbeddingPipe, BlockPipe x L, HeadPipe]``: DeepSpeed builds only this stage's layers.
-    ``head_inputs``: the last stage hands the loss the heads' inputs, not logits (``HeadPipe``)."""
+    ``head_inputs``: the last stage hands the loss the heads' inputs, not logits (``HeadPipe``);
+    ``sequence_parallel``: the tensor between stages is this rank's chunk of the sequence."""
     from deepspeed.pipe import LayerSpec
 
     beside = teacher_layers_for(cfg.num_layers, pipe_teacher.cfg.num_layers) if pipe_teacher else None
-    specs = [LayerSpec(EmbeddingPipe, cfg, tp_group, seed, pipe_teacher, device)]
+    sp = {"sequence_parallel": sequence_parallel}
+    specs = [
+        LayerSpec(EmbeddingPipe, cfg, tp_group, seed, pipe_teacher, device, rng_tracker=rng_tracker, **sp)
+    ]
     for i in range(cfg.num_layers):
         specs.append(
             LayerSpec(
@@ -266,7 +294,8 @@ def pipeline_layers(
                 pipe_teacher,
                 beside[i] if beside else None,
                 device,
+                **sp,
             )
         )
-    specs.append(LayerSpec(HeadPipe, cfg, tp_group, seed, pipe_teacher, device, head_inputs))
+    specs.append(LayerSpec(HeadPipe, cfg, tp_group, seed, pipe_teacher, device, head_inputs, **sp))
     return specs

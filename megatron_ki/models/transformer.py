@@ -33,11 +33,13 @@ from megatron_ki.tensor_parallel import (
     VocabParallelEmbedding,
     copy_to_tp_region,
     divide,
+    gather_from_sequence_region,
     gather_from_tp_region,
     group_rank,
     group_size,
     normal_init,
     scaled_normal_init,
+    scatter_to_sequence_region,
 )
 
 from .norms import RMSNorm, build_norm
@@ -222,13 +224,7 @@ class HeadRMSNorm(RMSNorm):
     tp. Each rank normalises only its own heads, so the weight's gradient is all-reduced over the tp group."""
 
     def __init__(self, head_dim: int, eps: float, dtype: torch.dtype, group: ProcessGroup | None):
-        super().__init__(head_dim, eps, dtype)
-        self.group = group
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return copy_to_tp_region(self.weight, self.group) * xf.to(x.dtype)
+        super().__init__(head_dim, eps, dtype, grad_group=group)
 
 
 class SelfAttention(nn.Module):
@@ -239,6 +235,7 @@ class SelfAttention(nn.Module):
         cfg: ModelConfig,
         group: ProcessGroup | None = None,
         rng_tracker: TPRngTracker | None = None,
+        sequence_parallel: bool = False,
     ):
         super().__init__()
         tp = group_size(group)
@@ -261,6 +258,7 @@ class SelfAttention(nn.Module):
             init_method=normal_init(cfg.init_method_std),
             output_sizes=[q, kv, kv],
             dtype=dtype,
+            sequence_parallel=sequence_parallel,
         )
         self.dense = RowParallelLinear(
             q,
@@ -269,6 +267,7 @@ class SelfAttention(nn.Module):
             bias=cfg.add_bias_linear,
             init_method=scaled_normal_init(cfg.init_method_std, cfg.num_layers),
             dtype=dtype,
+            sequence_parallel=sequence_parallel,
         )
         self.q_norm = HeadRMSNorm(d, cfg.norm_eps, dtype, group) if cfg.qk_norm else None
         self.k_norm = HeadRMSNorm(d, cfg.norm_eps, dtype, group) if cfg.qk_norm else None
@@ -280,9 +279,10 @@ class SelfAttention(nn.Module):
         padding_mask: torch.Tensor | None = None,
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        b, s, _ = x.shape
+        qkv = self.qkv(x)  # the whole sequence, also when x is this rank's chunk of it (sequence parallel)
+        b, s, _ = qkv.shape
         nq, nkv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        q, k, v = self.qkv(x).split([nq * d, nkv * d, nkv * d], dim=-1)
+        q, k, v = qkv.split([nq * d, nkv * d, nkv * d], dim=-1)
         q = q.view(b, s, nq, d).transpose(1, 2)
         k = k.view(b, s, nkv, d).transpose(1, 2)
         v = v.view(b, s, nkv, d).transpose(1, 2)
@@ -318,7 +318,7 @@ class SelfAttention(nn.Module):
 class MLP(nn.Module):
     """Column-parallel up (fused gate/up for SwiGLU), activation, row-parallel down."""
 
-    def __init__(self, cfg: ModelConfig, group: ProcessGroup | None = None):
+    def __init__(self, cfg: ModelConfig, group: ProcessGroup | None = None, sequence_parallel: bool = False):
         super().__init__()
         h, f = cfg.hidden_size, cfg.ffn_size
         dtype = params_dtype(cfg)
@@ -332,6 +332,7 @@ class MLP(nn.Module):
             init_method=normal_init(cfg.init_method_std),
             output_sizes=sizes,
             dtype=dtype,
+            sequence_parallel=sequence_parallel,
         )
         self.fc2 = RowParallelLinear(
             f,
@@ -340,6 +341,7 @@ class MLP(nn.Module):
             bias=cfg.mlp_bias,
             init_method=scaled_normal_init(cfg.init_method_std, cfg.num_layers),
             dtype=dtype,
+            sequence_parallel=sequence_parallel,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -364,7 +366,13 @@ def activation_fn(name: str):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-LN (GPT-2, Llama) or post-LN (BERT, RoBERTa) block: ``block(hidden, attention_mask, rotary)``."""
+    """Pre-LN (GPT-2, Llama) or post-LN (BERT, RoBERTa) block: ``block(hidden, attention_mask, rotary)``.
+
+    ``sequence_parallel`` (Megatron-LM's scheme): ``hidden`` is this rank's chunk of the sequence; the norms,
+    dropout and residual adds run on it, the column-parallel projections all-gather it and the row-parallel
+    ones reduce-scatter back to it (the same traffic as the all-reduces they replace); the norms' weight
+    gradients are summed over the group, and the dropout draws each rank's own mask from the TP RNG tracker.
+    """
 
     def __init__(
         self,
@@ -372,17 +380,21 @@ class TransformerBlock(nn.Module):
         layer_number: int,
         group: ProcessGroup | None = None,
         rng_tracker: TPRngTracker | None = None,
+        sequence_parallel: bool = False,
     ):
         super().__init__()
         dtype = params_dtype(cfg)
         self.layer_number = layer_number
         self.pre_norm = cfg.pre_norm
         self.cfg = cfg
-        self.attn_norm = build_norm(cfg.normalization, cfg.hidden_size, cfg.norm_eps, dtype)
-        self.attention = SelfAttention(cfg, group, rng_tracker)
-        self.mlp_norm = build_norm(cfg.normalization, cfg.hidden_size, cfg.norm_eps, dtype)
-        self.mlp = MLP(cfg, group)
+        norm_group = group if sequence_parallel else None
+        self.attn_norm = build_norm(cfg.normalization, cfg.hidden_size, cfg.norm_eps, dtype, norm_group)
+        self.attention = SelfAttention(cfg, group, rng_tracker, sequence_parallel)
+        self.mlp_norm = build_norm(cfg.normalization, cfg.hidden_size, cfg.norm_eps, dtype, norm_group)
+        self.mlp = MLP(cfg, group, sequence_parallel)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.dropout_tracker = rng_tracker if sequence_parallel else None
+        self.sequence_chunks = group_size(group) if sequence_parallel else 1
 
     def forward(
         self,
@@ -393,14 +405,21 @@ class TransformerBlock(nn.Module):
         """``attention_mask`` ``[b, s]``: 1 = attend, 0 = padding. ``rotary`` defaults to positions 0..s-1."""
         pad = keep_mask(attention_mask)
         if rotary is None and self.cfg.position_embedding == "rope":
-            b, s = hidden.shape[:2]
+            b, s = hidden.shape[0], hidden.shape[1] * self.sequence_chunks
             pos = torch.arange(s, device=hidden.device).expand(b, s)
             rotary = rotary_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, hidden.dtype, self.cfg)
+        drop = self._dropout
         if self.pre_norm:
-            hidden = hidden + self.dropout(self.attention(self.attn_norm(hidden), pad, rotary))
-            return hidden + self.dropout(self.mlp(self.mlp_norm(hidden)))
-        hidden = self.attn_norm(hidden + self.dropout(self.attention(hidden, pad, rotary)))
-        return self.mlp_norm(hidden + self.dropout(self.mlp(hidden)))
+            hidden = hidden + drop(self.attention(self.attn_norm(hidden), pad, rotary))
+            return hidden + drop(self.mlp(self.mlp_norm(hidden)))
+        hidden = self.attn_norm(hidden + drop(self.attention(hidden, pad, rotary)))
+        return self.mlp_norm(hidden + drop(self.mlp(hidden)))
+
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dropout_tracker is None or not self.training or self.dropout.p == 0:
+            return self.dropout(x)
+        with self.dropout_tracker.fork():  # a chunk of the sequence per rank: each rank its own mask
+            return self.dropout(x)
 
 
 # --------------------------------------------------------------------------------------- embedding
@@ -424,11 +443,22 @@ class Embedding(nn.Module):
     """Vocab-parallel word embedding (+ learned positions, token types, norm) then dropout.
 
     The word embedding is created first so a head that must own a tied copy can redraw it identically.
+    ``sequence_parallel``: the sum is split over the sequence before the norm and the dropout, which then
+    run on this rank's chunk (the norm's weight gradients summed over the group, the dropout mask drawn from
+    the TP RNG tracker), and the chunk is returned.
     """
 
-    def __init__(self, cfg: ModelConfig, group: ProcessGroup | None = None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        group: ProcessGroup | None = None,
+        sequence_parallel: bool = False,
+        rng_tracker: TPRngTracker | None = None,
+    ):
         super().__init__()
         self.cfg = cfg
+        self.sequence_group = group if sequence_parallel and group_size(group) > 1 else None
+        self.dropout_tracker = rng_tracker if self.sequence_group is not None else None
         dtype = params_dtype(cfg)
         h = cfg.hidden_size
         self.word_embeddings = VocabParallelEmbedding(
@@ -462,7 +492,8 @@ class Embedding(nn.Module):
                 self.position_embeddings.weight[drawn:] = _normal_param(
                     (rows - drawn, h), cfg.init_method_std, dtype
                 )
-        self.norm = build_norm(cfg.normalization, h, cfg.norm_eps, dtype) if cfg.embedding_norm else None
+        norm = build_norm(cfg.normalization, h, cfg.norm_eps, dtype, self.sequence_group)
+        self.norm = norm if cfg.embedding_norm else None
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
     def forward(
@@ -482,9 +513,14 @@ class Embedding(nn.Module):
             x = x + self.token_type_embeddings(token_type_ids)
         elif token_type_ids is not None:
             raise ValueError("token_type_ids given but model.type_vocab_size is 0")
+        if self.sequence_group is not None:
+            x = scatter_to_sequence_region(x, self.sequence_group)
         if self.norm is not None:
             x = self.norm(x)
-        return self.dropout(x)
+        if self.dropout_tracker is None or not self.training or self.dropout.p == 0:
+            return self.dropout(x)
+        with self.dropout_tracker.fork():  # a chunk of the sequence per rank: each rank its own mask
+            return self.dropout(x)
 
 
 # -------------------------------------------------------------------------------------------- heads
@@ -512,9 +548,17 @@ class _TiedOutput(nn.Module):
     embedding's seed; models/pipe.py keeps the copies in sync (their gradients are all-reduced).
     """
 
-    def __init__(self, cfg: ModelConfig, group: ProcessGroup | None, seed: int, owns_tied_copy: bool):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        group: ProcessGroup | None,
+        seed: int,
+        owns_tied_copy: bool,
+        sequence_parallel: bool,
+    ):
         super().__init__()
         self.group = group
+        self.sequence_group = group if sequence_parallel and group_size(group) > 1 else None
         self.tied = cfg.tie_word_embeddings
         self.vocab_size = cfg.vocab_size
         tp = group_size(group)
@@ -565,6 +609,13 @@ class _TiedOutput(nn.Module):
     def mask_padding(self, logits: torch.Tensor) -> torch.Tensor:
         return logits if self.padding_bias is None else logits + self.padding_bias
 
+    def whole_sequence(self, x: torch.Tensor) -> torch.Tensor:
+        """Sequence parallel: all-gather the chunks; the projection's consumers (``project``'s
+        ``copy_to_tp_region``, the fused loss) make the gradient whole on every rank, so backward splits."""
+        if self.sequence_group is None:
+            return x
+        return gather_from_sequence_region(x, self.sequence_group, reduce_grad=False)
+
     def inputs(
         self, x: torch.Tensor, word_embeddings_weight: torch.Tensor | None, bias: torch.Tensor | None = None
     ) -> HeadInputs:
@@ -573,16 +624,21 @@ class _TiedOutput(nn.Module):
 
 
 class LMHead(_TiedOutput):
-    """Final norm (pre-LN models) + output projection -> vocab-sharded logits ``[b, s, V_padded/tp]``."""
+    """Final norm (pre-LN models) + output projection -> vocab-sharded logits ``[b, s, V_padded/tp]``.
+    Sequence parallel: the norm runs on this rank's chunk, then the sequence is gathered."""
 
     def __init__(
-        self, cfg: ModelConfig, group: ProcessGroup | None = None, seed: int = 0, owns_tied_copy: bool = False
+        self,
+        cfg: ModelConfig,
+        group: ProcessGroup | None = None,
+        seed: int = 0,
+        owns_tied_copy: bool = False,
+        sequence_parallel: bool = False,
     ):
-        super().__init__(cfg, group, seed, owns_tied_copy)
+        super().__init__(cfg, group, seed, owns_tied_copy, sequence_parallel)
         dtype = params_dtype(cfg)
-        self.final_norm = (
-            build_norm(cfg.normalization, cfg.hidden_size, cfg.norm_eps, dtype) if cfg.pre_norm else None
-        )
+        norm = build_norm(cfg.normalization, cfg.hidden_size, cfg.norm_eps, dtype, self.sequence_group)
+        self.final_norm = norm if cfg.pre_norm else None
 
     def forward(
         self,
@@ -592,22 +648,30 @@ class LMHead(_TiedOutput):
     ) -> torch.Tensor | HeadInputs:
         if self.final_norm is not None:
             hidden = self.final_norm(hidden)
+        hidden = self.whole_sequence(hidden)
         if head_inputs:
             return self.inputs(hidden, word_embeddings_weight)
         return self.mask_padding(self.project(hidden, word_embeddings_weight))
 
 
 class MLMHead(_TiedOutput):
-    """BERT/RoBERTa MLM head: dense + GELU + norm, decoder (tied to the word embedding) + vocab-sharded bias."""
+    """BERT/RoBERTa MLM head: dense + GELU + norm, decoder (tied to the word embedding) + vocab-sharded bias.
+    Sequence parallel: a pre-LN model's final norm runs on this rank's chunk, the transform on the sequence."""
 
     def __init__(
-        self, cfg: ModelConfig, group: ProcessGroup | None = None, seed: int = 0, owns_tied_copy: bool = False
+        self,
+        cfg: ModelConfig,
+        group: ProcessGroup | None = None,
+        seed: int = 0,
+        owns_tied_copy: bool = False,
+        sequence_parallel: bool = False,
     ):
-        super().__init__(cfg, group, seed, owns_tied_copy)
+        super().__init__(cfg, group, seed, owns_tied_copy, sequence_parallel)
         dtype = params_dtype(cfg)
         h = cfg.hidden_size
         tp = group_size(group)
-        self.final_norm = build_norm(cfg.normalization, h, cfg.norm_eps, dtype) if cfg.pre_norm else None
+        final_norm = build_norm(cfg.normalization, h, cfg.norm_eps, dtype, self.sequence_group)
+        self.final_norm = final_norm if cfg.pre_norm else None
         self.dense = nn.Linear(h, h, dtype=dtype)
         self.dense.weight = _normal_param((h, h), cfg.init_method_std, dtype)
         nn.init.zeros_(self.dense.bias)
@@ -625,7 +689,7 @@ class MLMHead(_TiedOutput):
     ) -> torch.Tensor | HeadInputs:
         if self.final_norm is not None:
             hidden = self.final_norm(hidden)
-        x = self.norm(self.act(self.dense(hidden)))
+        x = self.norm(self.act(self.dense(self.whole_sequence(hidden))))
         if head_inputs:
             return self.inputs(x, word_embeddings_weight, self.bias)
         return self.mask_padding(self.project(x, word_embeddings_weight) + self.bias)
@@ -661,7 +725,9 @@ class TransformerLanguageModel(nn.Module):
     """Embedding -> blocks -> head, any of which a pipeline stage may leave out.
 
     ``layer_range=(a, b)`` builds blocks a..b-1 (with the weights they have in the full model);
-    ``pre_process`` builds the embedding, ``post_process`` the head.
+    ``pre_process`` builds the embedding, ``post_process`` the head. ``sequence_parallel`` (tp > 1): between
+    the embedding and the head the activations are this rank's chunk of the sequence (``TransformerBlock``);
+    a model without the embedding takes, and one without the head returns, such a chunk.
     """
 
     head_class: type[nn.Module] = LMHead
@@ -676,6 +742,7 @@ class TransformerLanguageModel(nn.Module):
         layer_range: tuple[int, int] | None = None,
         pre_process: bool = True,
         post_process: bool = True,
+        sequence_parallel: bool = False,
     ):
         super().__init__()
         if self.families and cfg.family not in self.families:
@@ -689,21 +756,28 @@ class TransformerLanguageModel(nn.Module):
             )
         self.cfg = cfg
         self.tp_group = tp_group
+        self.sequence_parallel = sequence_parallel and group_size(tp_group) > 1
         self.layer_range = (start, end)
         self.pre_process, self.post_process = pre_process, post_process
         self.embedding: Embedding | None = None
         if pre_process:
             with seeded_init(seed, INIT_KEY_EMBEDDING):
-                self.embedding = Embedding(cfg, tp_group)
+                self.embedding = Embedding(cfg, tp_group, self.sequence_parallel, rng_tracker)
         blocks = []
         for i in range(start, end):
             with seeded_init(seed, layer_init_key(i)):
-                blocks.append(TransformerBlock(cfg, i, tp_group, rng_tracker))
+                blocks.append(TransformerBlock(cfg, i, tp_group, rng_tracker, self.sequence_parallel))
         self.layers = nn.ModuleList(blocks)
         self.head: nn.Module | None = None
         if post_process:
             with seeded_init(seed, INIT_KEY_HEAD):
-                self.head = self.head_class(cfg, tp_group, seed=seed, owns_tied_copy=not pre_process)
+                self.head = self.head_class(
+                    cfg,
+                    tp_group,
+                    seed=seed,
+                    owns_tied_copy=not pre_process,
+                    sequence_parallel=self.sequence_parallel,
+                )
 
     def rotary(self, position_ids: torch.Tensor | None, batch: int, seq: int, device, dtype) -> tuple | None:
         if self.cfg.position_embedding != "rope":
@@ -736,7 +810,7 @@ class TransformerLanguageModel(nn.Module):
                     "hidden_states are required by a model without the embedding (pre_process=False)"
                 )
             hidden = hidden_states
-        b, s = hidden.shape[:2]
+        b, s = hidden.shape[0], hidden.shape[1] * (group_size(self.tp_group) if self.sequence_parallel else 1)
         rotary = self.rotary(position_ids, b, s, hidden.device, hidden.dtype)
         recompute = self.cfg.recompute_granularity == "full" and self.training and torch.is_grad_enabled()
         for layer in self.layers:

@@ -13,10 +13,13 @@ from .layers import (
 )
 from .mappings import (
     copy_to_tp_region,
+    gather_from_sequence_region,
     gather_from_tp_region,
     group_rank,
     group_size,
     reduce_from_tp_region,
+    reduce_scatter_to_sequence_region,
+    scatter_to_sequence_region,
     scatter_to_tp_region,
 )
 from .random import TPRngTracker, seed_everything
@@ -28,12 +31,15 @@ __all__ = [
     "VocabParallelEmbedding",
     "copy_to_tp_region",
     "divide",
+    "gather_from_sequence_region",
     "gather_from_tp_region",
     "group_rank",
     "group_size",
     "normal_init",
     "reduce_from_tp_region",
+    "reduce_scatter_to_sequence_region",
     "scaled_normal_init",
+    "scatter_to_sequence_region",
     "scatter_to_tp_region",
     "seed_everything",
     "shard_rows",

@@ -16,11 +16,14 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from .mappings import (
+    _gather_seq,
+    _reduce_scatter_seq,
     copy_to_tp_region,
     gather_from_tp_region,
     group_rank,
     group_size,
     reduce_from_tp_region,
+    reduce_scatter_to_sequence_region,
     scatter_to_tp_region,
 )
 
@@ -77,11 +80,33 @@ def _init_sharded(
         param.copy_(shard_rows(full, sizes, tp, rank, dim=dim))
 
 
+class _SequenceGatherLinear(torch.autograd.Function):
+    """``F.linear(all_gather_seq(x), w, b)`` that saves the sequence chunk ``x``, not the gathered input, and
+    gathers it again in backward (Megatron-LM's sequence-parallel linear): the activation memory stays 1/tp."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, group):
+        ctx.group, ctx.has_bias = group, bias is not None
+        ctx.save_for_backward(x, weight)
+        return F.linear(_gather_seq(x, group), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        total = _gather_seq(x, ctx.group)
+        grad_x = _reduce_scatter_seq(grad.matmul(weight), ctx.group)
+        g2, t2 = grad.reshape(-1, grad.shape[-1]), total.reshape(-1, total.shape[-1])
+        grad_w = g2.t().matmul(t2)
+        grad_b = g2.sum(0) if ctx.has_bias else None
+        return grad_x, grad_w, grad_b, None
+
+
 class ColumnParallelLinear(nn.Module):
     """``Y = X A^T + b`` with A split along its output rows: each rank computes its slice of Y.
 
     ``output_sizes`` describes a fused weight (e.g. ``[q, k, v]``): each segment is split over the ranks
-    separately so a rank holds ``[q_r, k_r, v_r]``.
+    separately so a rank holds ``[q_r, k_r, v_r]``. ``sequence_parallel``: the input is this rank's chunk of
+    the sequence, all-gathered before the product (its gradient reduce-scattered), as in Megatron-LM.
     """
 
     def __init__(
@@ -95,10 +120,14 @@ class ColumnParallelLinear(nn.Module):
         output_sizes: Sequence[int] | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        sequence_parallel: bool = False,
     ):
         super().__init__()
+        if sequence_parallel and gather_output:
+            raise ValueError("ColumnParallelLinear: sequence_parallel and gather_output do not go together")
         self.group = group
         self.gather_output = gather_output
+        self.sequence_parallel = sequence_parallel
         self.input_size, self.output_size = input_size, output_size
         self.output_sizes = list(output_sizes) if output_sizes is not None else [output_size]
         if sum(self.output_sizes) != output_size:
@@ -130,6 +159,8 @@ class ColumnParallelLinear(nn.Module):
             self.bias.partition_dim = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel and group_size(self.group) > 1:
+            return _SequenceGatherLinear.apply(x, self.weight, self.bias, self.group)
         x = copy_to_tp_region(x, self.group)
         y = F.linear(x, self.weight, self.bias)
         if not self.gather_output:
@@ -147,7 +178,9 @@ class ColumnParallelLinear(nn.Module):
 class RowParallelLinear(nn.Module):
     """``Y = X A^T + b`` with A split along its input columns; partial products are all-reduced.
 
-    The bias is added once, after the reduction, and is replicated on every rank.
+    The bias is added once, after the reduction, and is replicated on every rank. ``sequence_parallel``: the
+    partial products are reduce-scattered over the sequence instead (each rank keeps its chunk), and the
+    bias's gradient, now from one chunk per rank, is all-reduced over the group.
     """
 
     def __init__(
@@ -160,10 +193,14 @@ class RowParallelLinear(nn.Module):
         init_method: InitMethod | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        sequence_parallel: bool = False,
     ):
         super().__init__()
+        if sequence_parallel and not input_is_parallel:
+            raise ValueError("RowParallelLinear: sequence_parallel needs input_is_parallel")
         self.group = group
         self.input_is_parallel = input_is_parallel
+        self.sequence_parallel = sequence_parallel
         self.input_size, self.output_size = input_size, output_size
         tp, rank = group_size(group), group_rank(group)
         self.input_size_per_partition = divide(input_size, tp, "row-parallel input size")
@@ -187,6 +224,9 @@ class RowParallelLinear(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel:
+            y = reduce_scatter_to_sequence_region(F.linear(x, self.weight), self.group)
+            return y if self.bias is None else y + copy_to_tp_region(self.bias, self.group)
         if not self.input_is_parallel:
             x = scatter_to_tp_region(x, self.group)
         y = reduce_from_tp_region(F.linear(x, self.weight), self.group)

@@ -2,7 +2,9 @@
 
 Each function is the identity when ``group`` is None or has one rank, so the same model code runs
 single-process. Forward/backward pairs follow Megatron-LM's ``mappings.py``: copy <-> all-reduce,
-scatter <-> gather along the last dimension.
+scatter <-> gather along the last dimension; for sequence parallelism, along the sequence dimension
+(``SEQ_DIM`` of ``[batch, seq, hidden]``): scatter <-> all-gather, all-gather <-> reduce-scatter,
+reduce-scatter <-> all-gather.
 """
 
 from __future__ import annotations
@@ -113,3 +115,82 @@ def all_reduce_no_grad(x: torch.Tensor, group: ProcessGroup | None, op=dist.Redu
     if group_size(group) > 1:
         dist.all_reduce(x, op=op, group=group)
     return x
+
+
+# ------------------------------------------------------------------------------ sequence parallelism
+SEQ_DIM = 1
+"""Activations are ``[batch, seq, hidden]``: the sequence-parallel collectives split and join dimension 1."""
+
+
+def _split_seq(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    return x.chunk(group_size(group), dim=SEQ_DIM)[group_rank(group)].contiguous()
+
+
+def _gather_seq(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(group_size(group))]
+    dist.all_gather(parts, x, group=group)
+    return torch.cat(parts, dim=SEQ_DIM)
+
+
+def _reduce_scatter_seq(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    parts = [c.contiguous() for c in x.chunk(group_size(group), dim=SEQ_DIM)]
+    out = torch.empty_like(parts[group_rank(group)])
+    dist.reduce_scatter(out, parts, group=group)
+    return out
+
+
+class _ScatterToSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_seq(grad, ctx.group), None
+
+
+class _GatherFromSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, reduce_grad):
+        ctx.group, ctx.reduce_grad = group, reduce_grad
+        return _gather_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.reduce_grad:
+            return _reduce_scatter_seq(grad, ctx.group), None, None
+        return _split_seq(grad, ctx.group), None, None
+
+
+class _ReduceScatterToSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_seq(grad, ctx.group), None
+
+
+def scatter_to_sequence_region(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    """Keep this rank's chunk of the sequence forward; all-gather the gradient backward (entering the
+    sequence-parallel region from a replicated tensor, e.g. the embedding's output)."""
+    return x if group_size(group) == 1 else _ScatterToSeq.apply(x, group)
+
+
+def gather_from_sequence_region(
+    x: torch.Tensor, group: ProcessGroup | None, reduce_grad: bool = True
+) -> torch.Tensor:
+    """All-gather the sequence forward. Backward: reduce-scatter (the input of a column-parallel layer, whose
+    ranks each hold a partial gradient), or with ``reduce_grad=False`` keep this rank's chunk (the consumer
+    already made the gradient whole on every rank)."""
+    return x if group_size(group) == 1 else _GatherFromSeq.apply(x, group, reduce_grad)
+
+
+def reduce_scatter_to_sequence_region(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    """Sum the ranks' partial results and keep this rank's chunk of the sequence forward (the output of a
+    row-parallel layer); all-gather the gradient backward."""
+    return x if group_size(group) == 1 else _ReduceScatterToSeq.apply(x, group)

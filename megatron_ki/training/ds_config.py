@@ -45,9 +45,10 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
                 "needs train.zero_stage 1 or 2 (DeepSpeed loads them through ZeRO)",
             )
         ds["checkpoint"] = {"load_universal": True}
-    if cfg.ki.enabled and cfg.parallel.pipeline_parallel > 1:
+    if (cfg.ki.enabled or cfg.parallel.sequence_parallel) and cfg.parallel.pipeline_parallel > 1:
         # The KI activation changes shape when the teacher is released (dynamic shapes); DeepSpeed caches the
-        # metadata of TP-partitioned pipeline activations once, so send them whole.
+        # metadata of TP-partitioned pipeline activations once, so send them whole. With sequence parallelism
+        # each TP rank's activation is its own chunk of the sequence, not a copy DeepSpeed may split and regather.
         ds["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
     if train.zero_stage > 0:
         ds["zero_optimization"].update(
@@ -80,7 +81,37 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
                     "set batch sizes with train.micro_batch_size / train.global_batch_size",
                 )
         ds = deep_merge(ds, user)
+        _check_user_overrides(cfg, ds, path)
     return ds
+
+
+def _check_user_overrides(cfg: Config, ds: dict[str, Any], path: Path) -> None:
+    """A user DeepSpeed JSON must not split what sequence parallelism already split: DeepSpeed's partitioning
+    of pipeline activations and its activation-checkpoint partitioning assume every TP rank holds the same
+    tensor, while each holds its own chunk of the sequence."""
+    if not (cfg.parallel.sequence_parallel and cfg.parallel.tensor_parallel > 1):
+        return
+    pipe = ds.get("pipeline", {})
+    for key, on in (
+        (
+            "pipeline.pipe_partitioned",
+            pipe.get("pipe_partitioned", False) and cfg.parallel.pipeline_parallel > 1,
+        ),
+        (
+            "pipeline.grad_partitioned",
+            pipe.get("grad_partitioned", False) and cfg.parallel.pipeline_parallel > 1,
+        ),
+        (
+            "activation_checkpointing.partition_activations",
+            ds.get("activation_checkpointing", {}).get("partition_activations", False),
+        ),
+    ):
+        if on:
+            raise ConfigError(
+                "train.deepspeed_config",
+                f"{path} sets {key} true, which does not go with parallel.sequence_parallel (each tensor-parallel "
+                "rank already holds only its chunk of the sequence); remove it",
+            )
 
 
 def write_deepspeed_config(ds: dict[str, Any], run_dir: str | Path) -> Path:

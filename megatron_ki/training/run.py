@@ -169,8 +169,13 @@ def build_student_and_teacher(
 
     teacher_cfg, teacher_state = load_teacher_weights(cfg, groups)
     fused, why = fused_head(cfg)
+    sp = cfg.parallel.sequence_parallel and groups.topology.tp > 1
     if groups.rank == 0:
         logger.info("output head + loss: %s (%s)", "fused" if fused else "unfused", why)
+        if cfg.parallel.sequence_parallel:
+            logger.info(
+                "sequence parallelism: %s", f"on over {groups.topology.tp} ranks" if sp else "off (tp = 1)"
+            )
     loss_fn = KILossFunction(
         cfg.ki,
         groups.tp_group,
@@ -179,15 +184,21 @@ def build_student_and_teacher(
     )
     seed = cfg.train.seed
     if cfg.parallel.pipeline_parallel == 1:
-        model = build_model(cfg.model, groups.tp_group, seed=seed, rng_tracker=tracker).to(device)
+        model = build_model(cfg.model, groups.tp_group, seed, tracker, sequence_parallel=sp).to(device)
         teacher = None
         if teacher_cfg is not None:
-            teacher = frozen_teacher(teacher_cfg, cfg.ki, groups.tp_group, teacher_state, seed + 1, device)
+            teacher = frozen_teacher(
+                teacher_cfg, cfg.ki, groups.tp_group, teacher_state, seed + 1, device, sp
+            )
         return model, loss_fn, teacher_cfg, teacher, None
     pipe_teacher = None
     if teacher_cfg is not None:
         pipe_teacher = PipelinedTeacher(
-            teacher_cfg, seed=seed + 1, dtype=cfg.ki.teacher_dtype, state_dict=teacher_state
+            teacher_cfg,
+            seed=seed + 1,
+            dtype=cfg.ki.teacher_dtype,
+            state_dict=teacher_state,
+            sequence_parallel=sp,
         )
     carried = teacher_layers_for(cfg.model.num_layers, teacher_cfg.num_layers) if teacher_cfg else None
     costs = pipeline_layer_costs(
@@ -205,6 +216,7 @@ def build_student_and_teacher(
         device=device,
         layer_costs=costs,
         head_inputs=fused,
+        sequence_parallel=sp,
     )
     return model, loss_fn, teacher_cfg, None, pipe_teacher
 
@@ -221,10 +233,12 @@ def build_pipeline_module(
     device: torch.device | str | None = None,
     layer_costs: list[float] | None = None,
     head_inputs: bool = False,
+    sequence_parallel: bool = False,
 ) -> nn.Module:
     """The student (and the teacher beside it, ``pipe_teacher``) as a DeepSpeed ``PipelineModule`` over
     ``topology``; the tied embedding's gradients are all-reduced over ``groups.embedding``; ``head_inputs``:
-    the last stage gives ``loss_fn`` the heads' inputs, for the fused head + loss.
+    the last stage gives ``loss_fn`` the heads' inputs, for the fused head + loss; ``sequence_parallel``: stages
+    exchange sequence chunks (``parallel.sequence_parallel``).
 
     ``partition_method`` "compute" splits the layers so each stage gets about the same ``layer_costs`` (one per
     pipeline layer, e.g. ``training.flops.pipeline_layer_costs``: the head and a teacher's work count); the
@@ -236,7 +250,9 @@ def build_pipeline_module(
             f"pipeline partition 'compute' needs one cost per pipeline layer ({cfg.num_layers + 2}), "
             f"got {None if layer_costs is None else len(layer_costs)}"
         )
-    layers = pipeline_layers(cfg, groups.tp_group, seed, rng_tracker, pipe_teacher, device, head_inputs)
+    layers = pipeline_layers(
+        cfg, groups.tp_group, seed, rng_tracker, pipe_teacher, device, head_inputs, sequence_parallel
+    )
     module = ki_pipeline_module(
         layers,
         topology,
