@@ -21,6 +21,8 @@ import sys
 
 from bench_common import measure_step
 
+from megatron_ki.ki.fused_head import DEFAULT_CHUNK_TOKENS
+
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
@@ -83,7 +85,12 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256])
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
-    parser.add_argument("--chunk", type=int, default=1024, help="fused: tokens per chunk")
+    parser.add_argument(
+        "--chunk",
+        type=int,
+        default=DEFAULT_CHUNK_TOKENS,
+        help="fused: tokens per chunk [the framework's default]",
+    )
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument(
         "--quick", action="store_true", help="tokens 1024, hidden 256, vocab 8000, fp32, 1 rep"

@@ -65,23 +65,27 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     if train.precision == "bf16":
         # Gradients are accumulated and reduced in fp32: bf16 sums over many micro-batches lose bits.
         ds["data_types"] = {"grad_accum_dtype": "fp32"}
-    if train.deepspeed_config:
-        path = Path(train.deepspeed_config)
-        if not path.is_file():
-            raise ConfigError("train.deepspeed_config", f"file not found: {path}")
-        try:
-            user = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ConfigError("train.deepspeed_config", f"{path} is not valid JSON: {e}") from None
-        for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
-            if key in user and user[key] != ds[key]:
-                raise ConfigError(
-                    "train.deepspeed_config",
-                    f"{path} sets {key}={user[key]} but the framework config gives {ds[key]}; "
-                    "set batch sizes with train.micro_batch_size / train.global_batch_size",
-                )
-        ds = deep_merge(ds, user)
-        _check_user_overrides(cfg, ds, path)
+    return _with_user_config(cfg, ds) if train.deepspeed_config else ds
+
+
+def _with_user_config(cfg: Config, ds: dict[str, Any]) -> dict[str, Any]:
+    """``ds`` with the user's ``train.deepspeed_config`` JSON merged over it, once it agrees with the framework."""
+    path = Path(cfg.train.deepspeed_config)
+    if not path.is_file():
+        raise ConfigError("train.deepspeed_config", f"file not found: {path}")
+    try:
+        user = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError("train.deepspeed_config", f"{path} is not valid JSON: {e}") from None
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        if key in user and user[key] != ds[key]:
+            raise ConfigError(
+                "train.deepspeed_config",
+                f"{path} sets {key}={user[key]} but the framework config gives {ds[key]}; "
+                "set batch sizes with train.micro_batch_size / train.global_batch_size",
+            )
+    ds = deep_merge(ds, user)
+    _check_user_overrides(cfg, ds, path)
     return ds
 
 

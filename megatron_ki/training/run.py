@@ -158,6 +158,19 @@ def fused_head(cfg: Config) -> tuple[bool, str]:
     return True, f"chunks of {cfg.train.fused_head_chunk_tokens} loss positions, no [tokens, vocab/tp] logits"
 
 
+def _paths(cfg: Config, groups: ParallelGroups) -> tuple[bool, bool]:
+    """``(fused head + loss, sequence parallelism)`` for this run; rank 0 logs which paths run."""
+    fused, why = fused_head(cfg)
+    sp = cfg.parallel.sequence_parallel and groups.topology.tp > 1
+    if groups.rank == 0:
+        logger.info("output head + loss: %s (%s)", "fused" if fused else "unfused", why)
+        if cfg.parallel.sequence_parallel:
+            logger.info(
+                "sequence parallelism: %s", f"on over {groups.topology.tp} ranks" if sp else "off (tp = 1)"
+            )
+    return fused, sp
+
+
 def build_student_and_teacher(
     cfg: Config, groups: ParallelGroups, device: torch.device, tracker: TPRngTracker | None
 ) -> tuple[nn.Module, KILossFunction, ModelConfig | None, nn.Module | None, Any]:
@@ -168,14 +181,7 @@ def build_student_and_teacher(
     from megatron_ki.training.flops import pipeline_layer_costs
 
     teacher_cfg, teacher_state = load_teacher_weights(cfg, groups)
-    fused, why = fused_head(cfg)
-    sp = cfg.parallel.sequence_parallel and groups.topology.tp > 1
-    if groups.rank == 0:
-        logger.info("output head + loss: %s (%s)", "fused" if fused else "unfused", why)
-        if cfg.parallel.sequence_parallel:
-            logger.info(
-                "sequence parallelism: %s", f"on over {groups.topology.tp} ranks" if sp else "off (tp = 1)"
-            )
+    fused, sp = _paths(cfg, groups)
     loss_fn = KILossFunction(
         cfg.ki,
         groups.tp_group,
