@@ -204,6 +204,7 @@ def _assemble(results):
         (2, 1, 2, "roberta", "parameters", True, False),
         (4, 2, 2, "gpt2", "parameters", True, True),
         (4, 2, 2, "roberta", "parameters", False, True),
+        pytest.param(8, 4, 2, "gpt2", "parameters", True, True, marks=pytest.mark.slow),
     ],
 )
 def test_teacher_in_pipeline_stages(world, tp, pp, family, partition, fused, sp):
