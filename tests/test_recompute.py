@@ -3,7 +3,8 @@
 With dropout on the residual stream (default generator) and on attention probabilities (the tensor-parallel
 tracker's generator), a model with ``recompute_granularity: full`` must equal the same model without it
 bitwise on CPU: the recomputed forward draws the same masks. Both generators must also end where the plain
-run leaves them, so later steps are unaffected. At tp=2 the same holds per rank.
+run leaves them, so later steps are unaffected. At tp=2 the same holds per rank, also with sequence
+parallelism (the residual-stream dropout then draws from the tracker, per rank).
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ from tests.test_models_tp import FAMILIES, family_config
 DROPOUT = {"hidden_dropout": 0.1, "attention_dropout": 0.2}
 
 
-def _step(family: str, granularity: str, tp_group=None, tp_rank: int = 0) -> dict:
+def _step(family: str, granularity: str, tp_group=None, tp_rank: int = 0, sp: bool = False) -> dict:
     """One training forward/backward from fixed seeds: loss, gradients, RNG states afterwards, and the bytes
     autograd saved for backward."""
     cfg = dataclasses.replace(family_config(family, **DROPOUT), recompute_granularity=granularity)
     tracker = TPRngTracker(seed=5, tp_rank=tp_rank)
-    model = build_model(cfg, tp_group=tp_group, seed=1, rng_tracker=tracker).train()
+    model = build_model(cfg, tp_group=tp_group, seed=1, rng_tracker=tracker, sequence_parallel=sp).train()
     torch.manual_seed(3)
     ids = torch.randint(0, cfg.vocab_size, (2, 16))
     saved = []
@@ -78,14 +79,16 @@ def test_dropout_is_active():
     assert not torch.equal(*grads)
 
 
-def _tp_worker(rank, world, family):
+def _tp_worker(rank, world, cases):
     import torch.distributed as dist
 
     group = dist.new_group(list(range(world)))
-    return _step(family, "none", group, rank), _step(family, "full", group, rank)
+    return [(_step(f, "none", group, rank, sp), _step(f, "full", group, rank, sp)) for f, sp in cases]
 
 
 @pytest.mark.distributed
 def test_full_recompute_equals_plain_tensor_parallel():
-    for rank, (plain, full) in enumerate(run_distributed(_tp_worker, 2, args=("llama",))):
-        _assert_same(full, plain, f"llama tp=2 rank {rank}")
+    cases = [("llama", False), ("llama", True), ("gpt2", True)]
+    for rank, results in enumerate(run_distributed(_tp_worker, 2, args=(cases,))):
+        for (family, sp), (plain, full) in zip(cases, results, strict=True):
+            _assert_same(full, plain, f"{family} tp=2 sequence_parallel={sp} rank {rank}")
