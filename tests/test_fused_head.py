@@ -62,9 +62,15 @@ def unfused(c: dict, group, alpha: float, tau: float, divergence: str):
     pad = torch.zeros(c["w"].shape[0], dtype=c["w"].dtype)
     pad[max(c["vocab"] - c["start"], 0) :] = float("-inf")
     s = F.linear(copy_to_tp_region(c["h"], group), c["w"], c.get("b")) + pad
-    t = F.linear(c["ht"], c["wt"]) + pad
+    t = F.linear(c["ht"], c["wt"]) + pad if "ht" in c else None
     return ki_loss(
-        s[None], t[None], c["labels"][None], alpha, temperature=tau, divergence=divergence, tp_group=group
+        s[None],
+        None if t is None else t[None],
+        c["labels"][None],
+        alpha,
+        temperature=tau,
+        divergence=divergence,
+        tp_group=group,
     )
 
 
@@ -74,8 +80,8 @@ def fused(c: dict, group, alpha: float, tau: float, divergence: str, chunk: int,
         c["w"],
         c["labels"],
         alpha,
-        teacher_hidden=c["ht"],
-        teacher_weight=c["wt"],
+        teacher_hidden=c.get("ht"),
+        teacher_weight=c.get("wt"),
         bias=c.get("b"),
         vocab_size=c["vocab"],
         temperature=tau,
@@ -191,6 +197,12 @@ def _tp_worker(rank: int, world: int, padded: int, vocab: int) -> list[str]:
             assert_close(ref, got, TOL, f"rank {rank} {divergence} alpha={alpha} tau={tau} chunk={chunk}")
         except AssertionError as e:
             failures.append(str(e))
+    student_only = {k: v for k, v in c.items() if k not in ("ht", "wt")}  # LM alone: no kernels, own merge
+    ref, got = both(student_only, group, 0.0, 1.0, "forward_kl", 7, recompute=False)
+    try:
+        assert_close(ref, got, TOL, f"rank {rank} without a teacher")
+    except AssertionError as e:
+        failures.append(str(e))
     return failures
 
 

@@ -90,11 +90,34 @@ def _merge(
     return merged, sums[:, len(merged) * width :]
 
 
+def _lm_stats(
+    s: torch.Tensor, idx: torch.Tensor, owned: torch.Tensor, setup: _Setup
+) -> dict[str, torch.Tensor]:
+    """The student's LM loss alone (no teacher): its full-row log-partition function and target logit, with
+    one MAX and one SUM all-reduce; plain PyTorch, so runs without KI never touch the compiled kernels."""
+    x = s.float()
+    local_max = x.max(-1).values
+    shift = torch.where(
+        torch.isinf(local_max), torch.zeros_like(local_max), local_max
+    )  # an all-padding shard
+    sums = (x - shift.unsqueeze(-1)).exp_().sum(-1)
+    row_max = local_max.clone()
+    if group_size(setup.group) > 1:
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=setup.group)
+    both = torch.stack([sums * torch.exp(shift - row_max), _picked(s, idx, owned)], -1)
+    if group_size(setup.group) > 1:
+        dist.all_reduce(both, group=setup.group)
+    lse = row_max + both[:, 0].log()
+    return {"lse1_s": lse, "ce_s": lse - both[:, 1]}
+
+
 def _chunk_stats(
     s: torch.Tensor, t: torch.Tensor | None, idx: torch.Tensor, owned: torch.Tensor, setup: _Setup
 ) -> dict[str, torch.Tensor]:
     """Full-row per-row quantities of a chunk from ``KLStat`` blocks (the kernels' op or reference): one at
     the temperature for the KD term, one at temperature 1 for both LM losses (the same block when tau = 1)."""
+    if t is None and not setup.use_kd:
+        return _lm_stats(s, idx, owned, setup)
     forward_stats, _ = _kl_ops(setup.backend, s)
     other = s if t is None else t.to(s.dtype)  # no teacher (LM only): its columns are ignored
     blocks = [forward_stats(s, other, setup.temperature).float()] if setup.use_kd else []

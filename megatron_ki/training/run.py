@@ -536,6 +536,12 @@ def build_run(cfg: Config, world: int | None = None, data: bool = True) -> Run:
     model, loss_fn, teacher_cfg, teacher, pipe_teacher = build_student_and_teacher(
         cfg, groups, device, tracker
     )
+    if cfg.ki.enabled:
+        # Build (or load) the compiled KL op now: a first build inside step 1 can outlast the step watchdog,
+        # which would end the job inside the build and leave torch's build lock behind for every later job.
+        from megatron_ki import kernels
+
+        kernels.select_backend("kl_forward_stats", torch.empty(0, device=device))
 
     ds = deepspeed_config(cfg, world)
     if groups.rank == 0:
