@@ -9,6 +9,7 @@ and toolkit exist. ``MEGATRON_KI_KERNELS=reference`` forces the PyTorch referenc
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import platform
 from pathlib import Path
@@ -28,8 +29,11 @@ _logged: set[str] = set()
 
 
 def build_dir(name: str) -> Path:
-    """Directory of one extension's build, keyed by torch version so a torch upgrade rebuilds."""
-    path = torch_extensions_root() / f"torch{torch.__version__.replace('+', '_')}" / name
+    """Directory of one extension's build, keyed by torch version so a torch upgrade rebuilds, and by the
+    checkout and torch install it compiles against: two checkouts or virtualenvs on one machine would
+    otherwise rewrite each other's build (their include paths differ) and rebuild on every switch."""
+    where = hashlib.sha256(f"{CSRC}|{Path(torch.__file__).parent}".encode()).hexdigest()[:10]
+    path = torch_extensions_root() / f"torch{torch.__version__.replace('+', '_')}" / f"{name}-{where}"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
