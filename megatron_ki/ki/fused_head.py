@@ -27,6 +27,7 @@ from torch.distributed import ProcessGroup
 from megatron_ki.kernels import kl_from_stats, rescale_kl_stats
 from megatron_ki.kernels.kl import MAX_COLUMNS, SUM_COLUMNS
 from megatron_ki.tensor_parallel import group_rank, group_size
+from megatron_ki.tensor_parallel.mappings import all_reduce_no_grad
 
 from .loss import DIVERGENCES, Backend, Divergence, KILossOutput, _kl_ops, loss_positions
 
@@ -96,17 +97,9 @@ def _lm_stats(
     """The student's LM loss alone (no teacher): its full-row log-partition function and target logit, with
     one MAX and one SUM all-reduce; plain PyTorch, so runs without KI never touch the compiled kernels."""
     x = s.float()
-    local_max = x.max(-1).values
-    shift = torch.where(
-        torch.isinf(local_max), torch.zeros_like(local_max), local_max
-    )  # an all-padding shard
-    sums = (x - shift.unsqueeze(-1)).exp_().sum(-1)
-    row_max = local_max.clone()
-    if group_size(setup.group) > 1:
-        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=setup.group)
-    both = torch.stack([sums * torch.exp(shift - row_max), _picked(s, idx, owned)], -1)
-    if group_size(setup.group) > 1:
-        dist.all_reduce(both, group=setup.group)
+    row_max = all_reduce_no_grad(x.max(-1).values, setup.group, op=dist.ReduceOp.MAX)
+    both = torch.stack([(x - row_max.unsqueeze(-1)).exp_().sum(-1), _picked(s, idx, owned)], -1)
+    all_reduce_no_grad(both, setup.group)
     lse = row_max + both[:, 0].log()
     return {"lse1_s": lse, "ce_s": lse - both[:, 1]}
 

@@ -66,6 +66,12 @@ def _kl_ops(backend: str, x: torch.Tensor) -> tuple[Callable[..., torch.Tensor],
     return kernels.kl_forward_stats, kernels.kl_backward
 
 
+def load_kl_ops(device: torch.device | str, backend: Backend = "auto") -> None:
+    """Resolve ``backend`` on ``device`` now, building the compiled op if it needs building, so a build happens
+    at start-up and not inside a training step a watchdog times; falls back exactly as the loss does."""
+    _kl_ops(backend, torch.empty(0, device=device))
+
+
 def all_reduce_kl_stats(stats: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     """Full-row statistics from this rank's vocabulary-slice statistics ``[N, 7]``, exactly, with two
     all-reduces: ``[N, 2]`` maxima (MAX), then ``[N, 5]`` rescaled sums (SUM), fp32. Identity for one rank."""

@@ -365,6 +365,20 @@ def activation_fn(name: str):
     raise ValueError(f"model.activation: expected 'gelu', 'gelu_tanh' or 'swiglu', got {name!r}")
 
 
+def sequence_group(group: ProcessGroup | None, sequence_parallel: bool) -> ProcessGroup | None:
+    """The group the sequence is split over: the tensor-parallel group with sequence parallelism at tp > 1."""
+    return group if sequence_parallel and group_size(group) > 1 else None
+
+
+def chunk_dropout(dropout: nn.Dropout, tracker: TPRngTracker | None, x: torch.Tensor) -> torch.Tensor:
+    """``dropout(x)``; on a sequence chunk (``tracker`` given) with the TP RNG tracker's generator, so each
+    rank draws its own mask rather than the same one for every chunk."""
+    if tracker is None or not dropout.training or dropout.p == 0:
+        return dropout(x)
+    with tracker.fork():
+        return dropout(x)
+
+
 class TransformerBlock(nn.Module):
     """Pre-LN (GPT-2, Llama) or post-LN (BERT, RoBERTa) block: ``block(hidden, attention_mask, rotary)``.
 
@@ -387,14 +401,14 @@ class TransformerBlock(nn.Module):
         self.layer_number = layer_number
         self.pre_norm = cfg.pre_norm
         self.cfg = cfg
-        norm_group = group if sequence_parallel else None
+        norm_group = sequence_group(group, sequence_parallel)
         self.attn_norm = build_norm(cfg.normalization, cfg.hidden_size, cfg.norm_eps, dtype, norm_group)
         self.attention = SelfAttention(cfg, group, rng_tracker, sequence_parallel)
         self.mlp_norm = build_norm(cfg.normalization, cfg.hidden_size, cfg.norm_eps, dtype, norm_group)
         self.mlp = MLP(cfg, group, sequence_parallel)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
-        self.dropout_tracker = rng_tracker if sequence_parallel else None
-        self.sequence_chunks = group_size(group) if sequence_parallel else 1
+        self.dropout_tracker = rng_tracker if norm_group is not None else None
+        self.sequence_chunks = group_size(norm_group)
 
     def forward(
         self,
@@ -408,18 +422,12 @@ class TransformerBlock(nn.Module):
             b, s = hidden.shape[0], hidden.shape[1] * self.sequence_chunks
             pos = torch.arange(s, device=hidden.device).expand(b, s)
             rotary = rotary_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, hidden.dtype, self.cfg)
-        drop = self._dropout
+        drop = partial(chunk_dropout, self.dropout, self.dropout_tracker)
         if self.pre_norm:
             hidden = hidden + drop(self.attention(self.attn_norm(hidden), pad, rotary))
             return hidden + drop(self.mlp(self.mlp_norm(hidden)))
         hidden = self.attn_norm(hidden + drop(self.attention(hidden, pad, rotary)))
         return self.mlp_norm(hidden + drop(self.mlp(hidden)))
-
-    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dropout_tracker is None or not self.training or self.dropout.p == 0:
-            return self.dropout(x)
-        with self.dropout_tracker.fork():  # a chunk of the sequence per rank: each rank its own mask
-            return self.dropout(x)
 
 
 # --------------------------------------------------------------------------------------- embedding
@@ -457,7 +465,7 @@ class Embedding(nn.Module):
     ):
         super().__init__()
         self.cfg = cfg
-        self.sequence_group = group if sequence_parallel and group_size(group) > 1 else None
+        self.sequence_group = sequence_group(group, sequence_parallel)
         self.dropout_tracker = rng_tracker if self.sequence_group is not None else None
         dtype = params_dtype(cfg)
         h = cfg.hidden_size
@@ -517,10 +525,7 @@ class Embedding(nn.Module):
             x = scatter_to_sequence_region(x, self.sequence_group)
         if self.norm is not None:
             x = self.norm(x)
-        if self.dropout_tracker is None or not self.training or self.dropout.p == 0:
-            return self.dropout(x)
-        with self.dropout_tracker.fork():  # a chunk of the sequence per rank: each rank its own mask
-            return self.dropout(x)
+        return chunk_dropout(self.dropout, self.dropout_tracker, x)
 
 
 # -------------------------------------------------------------------------------------------- heads
@@ -558,7 +563,7 @@ class _TiedOutput(nn.Module):
     ):
         super().__init__()
         self.group = group
-        self.sequence_group = group if sequence_parallel and group_size(group) > 1 else None
+        self.sequence_group = sequence_group(group, sequence_parallel)
         self.tied = cfg.tie_word_embeddings
         self.vocab_size = cfg.vocab_size
         tp = group_size(group)

@@ -73,9 +73,12 @@ class Run:
     eod_token_id: int | None = None
     """The document separator recorded beside the training data (None: not recorded); saved in checkpoints,
     written as ``eos_token_id`` by the Hugging Face export."""
-    fused_head: bool = False
-    """The loss runs fused with the output head(s) (:func:`fused_head`): at pp = 1 the loop asks the models for
-    their heads' inputs; at pp > 1 the last stage gives them (``models/pipe.py:HeadPipe``)."""
+
+    @property
+    def fused_head(self) -> bool:
+        """The loss runs fused with the output head(s) (:func:`fused_head`): at pp = 1 the loop asks the models
+        for their heads' inputs; at pp > 1 the last stage gives them (``models/pipe.py:HeadPipe``)."""
+        return fused_head(self.cfg)[0]
 
 
 # ---------------------------------------------------------------------------------------- processes
@@ -536,12 +539,12 @@ def build_run(cfg: Config, world: int | None = None, data: bool = True) -> Run:
     model, loss_fn, teacher_cfg, teacher, pipe_teacher = build_student_and_teacher(
         cfg, groups, device, tracker
     )
-    if cfg.ki.enabled:
+    if cfg.ki.enabled and not cfg.ki.offline:  # the sparse loss of offline targets uses no compiled op
         # Build (or load) the compiled KL op now: a first build inside step 1 can outlast the step watchdog,
         # which would end the job inside the build and leave torch's build lock behind for every later job.
-        from megatron_ki import kernels
+        from megatron_ki.ki.loss import load_kl_ops
 
-        kernels.select_backend("kl_forward_stats", torch.empty(0, device=device))
+        load_kl_ops(device)
 
     ds = deepspeed_config(cfg, world)
     if groups.rank == 0:
@@ -552,7 +555,6 @@ def build_run(cfg: Config, world: int | None = None, data: bool = True) -> Run:
     run = Run(cfg, groups, device, engine, loss_fn, schedule, tracker, teacher_cfg, teacher, pipe_teacher)
     run.watchdog = watchdog
     run.eod_token_id = eod[0] if eod else None
-    run.fused_head = fused_head(cfg)[0]
     if cfg.checkpoint.load:
         meta = ckpt.load_checkpoint(engine, cfg, groups, tracker)
         if meta is not None and not meta.get("weights_only"):
