@@ -155,3 +155,68 @@ def test_mlm_needs_special_tokens(data):
     prefix, _ = data
     with pytest.raises(ValueError, match="no mask token"):
         MLMDataset(prefix, None, SEQ, None, 0, FakeTokenizer(mask=None), cache_dir=None)
+
+
+# ------------------------------------------------------------------------------------ static masking
+def static_items(prefix: str, seq: int, seed: int, masking, tmp_path) -> dict[int, tuple[int, int]]:
+    """``{global position: (input id, label)}`` over every sample of an MLM dataset with a static mask."""
+    ds = MLMDataset(
+        prefix, None, seq, 300, seed, FakeTokenizer(), cache_dir=str(tmp_path), static_mask=masking
+    )
+    seen: dict[int, tuple[int, int]] = {}
+    for i in range(len(ds)):
+        item, b = ds[i], int(ds.shuffle_idx[i])
+        positions = ds.block_positions(b)
+        n = positions.size
+        assert item["text"][0] == CLS and item["text"][n + 1] == SEP and (item["text"][n + 2 :] == PAD).all()
+        assert (item["labels"][[0, n + 1]] == IGNORE_INDEX).all()
+        ds_tokens = ds.block_tokens(b)
+        for p, x, y, t in zip(
+            positions.tolist(), item["text"][1 : n + 1], item["labels"][1 : n + 1], ds_tokens
+        ):
+            assert y in (IGNORE_INDEX, t)
+            assert seen.setdefault(p, (int(x), int(y))) == (int(x), int(y))  # the same in every epoch
+    return seen
+
+
+def test_static_masks_follow_the_token_position(data, tmp_path):
+    """Two students with other sequence lengths, shuffles and epochs see the same mask on the same token."""
+    from megatron_ki.data.static_mask import StaticMasking
+
+    prefix, _ = data
+    masking = StaticMasking(seed=5, mask_prob=0.15)
+    a = static_items(prefix, SEQ, 1, masking, tmp_path / "a")
+    b = static_items(prefix, 53, 9, masking, tmp_path / "b")
+    common = sorted(set(a) & set(b))
+    assert len(common) > 2000 and all(a[p] == b[p] for p in common)
+    other = static_items(prefix, SEQ, 1, StaticMasking(seed=6, mask_prob=0.15), tmp_path / "c")
+    assert sum(a[p][1] != other[p][1] for p in common) > 100  # another seed, another mask
+
+
+def test_static_masking_rates_and_specials():
+    from megatron_ki.data.static_mask import StaticMasking
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, VOCAB, 200_000)
+    special = np.zeros(VOCAB, dtype=bool)
+    special[FakeTokenizer().special_ids] = True
+    positions = np.arange(10**9, 10**9 + tokens.size)  # far positions hash as well as near ones
+    inputs, labels = StaticMasking(seed=3, mask_prob=0.15).apply(
+        tokens, positions, special, MASK, np.flatnonzero(~special)
+    )
+    chosen = labels != IGNORE_INDEX
+    assert not chosen[special[tokens]].any()
+    assert abs(chosen.sum() / (~special[tokens]).sum() - 0.15) < 0.005
+    masked, kept = inputs[chosen] == MASK, inputs[chosen] == tokens[chosen]
+    assert abs(masked.mean() - 0.8) < 0.01
+    assert abs(kept.mean() - 0.1 - 0.1 / (VOCAB - 5)) < 0.01  # a random draw may hit the token itself
+    assert not special[inputs[chosen & (inputs != MASK)]].any()
+    assert (inputs[~chosen] == tokens[~chosen]).all()
+
+
+def test_static_masking_refuses_whole_words(data):
+    from megatron_ki.data.static_mask import StaticMasking
+
+    with pytest.raises(ValueError, match="static masking masks tokens, not whole words"):
+        MLMDataset(data[0], None, SEQ, 10, 1, FakeTokenizer(), whole_word_masking=True,
+                   static_mask=StaticMasking(seed=1))  # fmt: skip

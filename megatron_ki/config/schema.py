@@ -392,6 +392,10 @@ class DataConfig:
     """MLM: fraction of tokens selected for prediction (80% <mask>, 10% random, 10% kept)."""
     whole_word_masking: bool = False
     """MLM: mask all pieces of a word together."""
+    mask_seed: int | None = None
+    """MLM: None draws a new mask for every sample (RoBERTa's dynamic masking, seeded by data.seed); an integer
+    makes the mask static, a function of this seed and each token's position in the .bin (BERT-style, the same
+    in every epoch): what offline targets of a masked-LM teacher need (data/static_mask.py)."""
     seed: int = 1234
     """Seed of shuffling and masking."""
     num_workers: int = 0
@@ -402,6 +406,11 @@ class DataConfig:
     def __post_init__(self) -> None:
         check(self.seq_length > 0, "data.seq_length", f"must be positive, got {self.seq_length}")
         check(0.0 < self.mask_prob < 1.0, "data.mask_prob", f"must be in (0, 1), got {self.mask_prob}")
+        check(
+            self.mask_seed is None or not self.whole_word_masking,
+            "data.whole_word_masking",
+            "static masks (data.mask_seed) mask tokens, not whole words: set one of the two",
+        )
         parse_split(self.split)
         self.data_path = [str(p) for p in self.data_path]
         if self.data_path:  # empty: no data yet (the entry point requires it, a model-only config does not)
@@ -694,8 +703,8 @@ class Config:
 
 
 def check_offline_targets(cfg: Config) -> None:
-    """``ki.teacher_targets`` fits the run: one path per dataset, a causal model (an MLM teacher's targets
-    depend on the student's random mask, which a per-document pass cannot know)."""
+    """``ki.teacher_targets`` fits the run: one path per dataset; a masked-LM student masks statically
+    (``data.mask_seed``), since the targets were computed on the masked input the student must see."""
     prefixes = parse_data_path(cfg.data.data_path)[1] if cfg.data.data_path else []
     n = len(cfg.ki.teacher_targets)
     check(
@@ -705,10 +714,11 @@ def check_offline_targets(cfg: Config) -> None:
         "in the same order",
     )
     check(
-        cfg.model.causal,
-        "ki.teacher_targets",
-        f"offline targets are for causal models; model.family {cfg.model.family!r} is masked (MLM): the online "
-        "teacher sees the student's masked input, which targets computed once per document cannot know",
+        cfg.model.causal or cfg.data.mask_seed is not None,
+        "data.mask_seed",
+        f"is required with ki.teacher_targets for the masked-LM model.family {cfg.model.family!r}: the teacher "
+        "saw each token under a static mask; set data.mask_seed (and data.mask_prob) to the ones the targets "
+        "were computed with (their .idx header, 'masking')",
     )
 
 

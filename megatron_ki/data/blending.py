@@ -20,6 +20,7 @@ from megatron_ki.data.gpt_dataset import GPTDataset
 from megatron_ki.data.helpers import build_blending_indices
 from megatron_ki.data.indexed import IndexedDataset
 from megatron_ki.data.mlm_dataset import MLMDataset
+from megatron_ki.data.static_mask import StaticMasking
 
 SPLIT_NAMES = ("train", "valid", "test")
 
@@ -186,6 +187,8 @@ def build_datasets_from_config(
     extra = {}
     if kind == "mlm":
         extra = {"mask_prob": data_cfg.mask_prob, "whole_word_masking": data_cfg.whole_word_masking}
+        if data_cfg.mask_seed is not None:
+            extra["static_mask"] = StaticMasking(data_cfg.mask_seed, data_cfg.mask_prob)
     return build_train_valid_test_datasets(
         data_cfg.data_path,
         data_cfg.split,

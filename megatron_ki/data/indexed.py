@@ -411,6 +411,16 @@ class IndexedDataset:
         start = int(self.pointers[i]) + offset * self.dtype.itemsize
         return np.frombuffer(self._bin_map, dtype=self.dtype, count=length, offset=start)
 
+    def token_slice(self, start: int, stop: int) -> np.ndarray:
+        """Tokens at global positions ``[start, stop)`` of the ``.bin`` (position ``p`` is byte
+        ``p * itemsize``: token ``o`` of sequence ``s`` is position ``pointers[s] // itemsize + o``)."""
+        end = len(self._bin_map) // self.dtype.itemsize
+        if not 0 <= start <= stop <= end:
+            raise IndexError(f"{self.prefix}: token positions [{start}, {stop}) outside [0, {end})")
+        return np.frombuffer(
+            self._bin_map, dtype=self.dtype, count=stop - start, offset=start * self.dtype.itemsize
+        )
+
     def document(self, d: int) -> list[np.ndarray]:
         """The sequences of document ``d`` (one per document when written without sentence splitting)."""
         lo, hi = int(self.document_indices[d]), int(self.document_indices[d + 1])

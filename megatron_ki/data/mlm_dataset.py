@@ -9,6 +9,10 @@ Masking: ``mask_prob`` of the maskable tokens (never specials or padding) are se
 randomised rounding of the count; of those 80% become ``mask``, 10% a random non-special token, 10% stay.
 With whole-word masking whole words are selected. Everything random is drawn from a generator seeded with
 ``(seed, epoch, sample index)``, so a sample is identical across runs, ranks and resumptions.
+
+Static masking (``static_mask``, ``data/static_mask.py``): the mask is instead a function of each token's
+position in the ``.bin``, the same in every epoch and packing; what offline teacher targets of an MLM teacher
+need (items then carry ``t_ids``, ``t_logp``, ``t_tail`` at the predicted positions when ``targets`` is set).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 
 from megatron_ki.data.index_cache import default_cache_dir, describe_dataset, load_or_build
 from megatron_ki.data.indexed import IndexedDataset
+from megatron_ki.data.static_mask import StaticMasking
 
 IGNORE_INDEX = -100
 
@@ -114,6 +119,13 @@ def _check_mlm_options(
         raise ValueError("MLMDataset: need 0 < mask_prob < 1 and random_prob + keep_prob <= 1")
 
 
+def special_mask(tokenizer) -> np.ndarray:
+    """``bool [vocab_size]``: the tokenizer's special ids, which are never masked."""
+    special = np.zeros(int(tokenizer.vocab_size), dtype=bool)
+    special[list(tokenizer.special_ids)] = True
+    return special
+
+
 class MLMDataset(torch.utils.data.Dataset):
     """RoBERTa-style MLM samples over the sequences ``documents`` of one indexed dataset.
 
@@ -122,6 +134,9 @@ class MLMDataset(torch.utils.data.Dataset):
     ``tokenizer`` supplies ``vocab_size``, ``cls``, ``sep``, ``pad``, ``mask``, ``special_ids`` and, for
     whole-word masking, ``word_start_mask()``.
     """
+
+    targets = None
+    """Offline teacher targets of this dataset's ``.bin`` (static masking only)."""
 
     def __init__(
         self,
@@ -137,6 +152,7 @@ class MLMDataset(torch.utils.data.Dataset):
         whole_word_masking: bool = False,
         cache_dir: str | None = "",
         name: str = "train",
+        static_mask: StaticMasking | None = None,
     ):
         self.indexed = IndexedDataset(indexed) if isinstance(indexed, str | os.PathLike) else indexed
         if documents is None:
@@ -145,6 +161,10 @@ class MLMDataset(torch.utils.data.Dataset):
         if documents.size == 0:
             raise ValueError(f"{self.indexed.prefix}: the {name} split holds no documents")
         _check_mlm_options(tokenizer, seq_length, mask_prob, random_prob, keep_prob)
+        if static_mask is not None and whole_word_masking:
+            raise ValueError("MLMDataset: static masking masks tokens, not whole words (whole_word_masking)")
+        self.static_mask = static_mask
+        self.token_base = np.asarray(self.indexed.pointers, dtype=np.int64) // self.indexed.dtype.itemsize
         self.seq_length, self.seed, self.name = seq_length, seed, name
         self.mask_prob, self.random_prob, self.keep_prob = mask_prob, random_prob, keep_prob
         self.cls, self.sep, self.pad, self.mask_id = (
@@ -154,10 +174,8 @@ class MLMDataset(torch.utils.data.Dataset):
             tokenizer.mask,
         )
         self.vocab_size = int(tokenizer.vocab_size)
-        special = np.zeros(self.vocab_size, dtype=bool)
-        special[list(tokenizer.special_ids)] = True
-        self.special = special
-        self.random_ids = np.flatnonzero(~special)
+        self.special = special_mask(tokenizer)
+        self.random_ids = np.flatnonzero(~self.special)
         self.word_start = np.asarray(tokenizer.word_start_mask(), dtype=bool) if whole_word_masking else None
         self.documents = documents
         sizes = np.asarray(self.indexed.sizes)[documents].astype(np.int64)
@@ -184,36 +202,68 @@ class MLMDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return int(self.shuffle_idx.shape[0])
 
-    def block_tokens(self, b: int) -> np.ndarray:
-        """Unmasked tokens of block ``b`` (without cls/sep)."""
+    def _block_pieces(self, b: int) -> list[tuple[int, int, int]]:
+        """``(sequence, first, end)`` offsets of the pieces of block ``b`` (it may span sequences)."""
         start, end = (int(x) for x in self.blocks[b])
-        first = int(np.searchsorted(self.stream_starts, start, side="right")) - 1
-        parts = []
-        pos = start
-        k = first
+        k = int(np.searchsorted(self.stream_starts, start, side="right")) - 1
+        pieces, pos = [], start
         while pos < end:
             seq_start, seq_end = int(self.stream_starts[k]), int(self.stream_starts[k + 1])
             lo, hi = pos - seq_start, min(end, seq_end) - seq_start
             if hi > lo:
-                parts.append(self.indexed.get(int(self.documents[k]), lo, hi - lo))
+                pieces.append((int(self.documents[k]), lo, hi))
             pos = max(pos, min(end, seq_end))
             k += 1
+        return pieces
+
+    def block_tokens(self, b: int) -> np.ndarray:
+        """Unmasked tokens of block ``b`` (without cls/sep)."""
+        parts = [self.indexed.get(s, lo, hi - lo) for s, lo, hi in self._block_pieces(b)]
         return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+    def block_positions(self, b: int) -> np.ndarray:
+        """Global ``.bin`` positions of block ``b``'s tokens (what static masks and offline targets key on)."""
+        parts = [
+            np.arange(lo, hi, dtype=np.int64) + self.token_base[s] for s, lo, hi in self._block_pieces(b)
+        ]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         i = int(i)
-        epoch = i // self.blocks_per_epoch
-        block = self.block_tokens(int(self.shuffle_idx[i]))
+        b = int(self.shuffle_idx[i])
+        block = self.block_tokens(b)
         n = block.size + 2
         tokens = np.full(self.seq_length, self.pad, dtype=np.int64)
         tokens[0] = self.cls
         tokens[1 : n - 1] = block
         tokens[n - 1] = self.sep
+        item: dict[str, np.ndarray] = {}
+        if self.static_mask is not None:
+            inputs, labels = tokens.copy(), np.full(self.seq_length, IGNORE_INDEX, dtype=np.int64)
+            positions = self.block_positions(b)
+            inputs[1 : n - 1], labels[1 : n - 1] = self.static_mask.apply(
+                block, positions, self.special, self.mask_id, self.random_ids
+            )
+            if self.targets is not None:
+                item.update(self._targets_at(labels, positions))
+        else:
+            inputs, labels = self._dynamic_mask(tokens, n, i)
+        padding_mask = np.zeros(self.seq_length, dtype=np.int64)
+        padding_mask[:n] = 1
+        item.update(
+            text=inputs,
+            labels=labels,
+            loss_mask=(labels != IGNORE_INDEX).astype(np.float32),
+            padding_mask=padding_mask,
+        )
+        return item
+
+    def _dynamic_mask(self, tokens: np.ndarray, n: int, i: int) -> tuple[np.ndarray, np.ndarray]:
         maskable = np.zeros(self.seq_length, dtype=bool)
         maskable[:n] = ~self.special[tokens[:n]]
-        rng = np.random.default_rng([self.seed, epoch, i])
+        rng = np.random.default_rng([self.seed, i // self.blocks_per_epoch, i])
         starts = self.word_start[tokens] if self.word_start is not None else None
-        inputs, labels = mask_tokens(
+        return mask_tokens(
             tokens,
             rng,
             maskable,
@@ -224,11 +274,14 @@ class MLMDataset(torch.utils.data.Dataset):
             self.keep_prob,
             starts,
         )
-        padding_mask = np.zeros(self.seq_length, dtype=np.int64)
-        padding_mask[:n] = 1
-        return {
-            "text": inputs,
-            "labels": labels,
-            "loss_mask": (labels != IGNORE_INDEX).astype(np.float32),
-            "padding_mask": padding_mask,
-        }
+
+    def _targets_at(self, labels: np.ndarray, positions: np.ndarray) -> dict[str, np.ndarray]:
+        """The teacher's rows at the predicted positions (``[seq_length, K]``; zeros, tail -inf elsewhere)."""
+        k = self.targets.k
+        t_ids = np.zeros((self.seq_length, k), np.int64)
+        t_logp = np.zeros((self.seq_length, k), np.float32)
+        t_tail = np.full(self.seq_length, -np.inf, np.float32)
+        at = np.flatnonzero(labels != IGNORE_INDEX)
+        if at.size:
+            t_ids[at], t_logp[at], t_tail[at] = self.targets.rows(positions[at - 1])
+        return {"t_ids": t_ids, "t_logp": t_logp, "t_tail": t_tail}
