@@ -1,15 +1,18 @@
 """Offline teacher targets at CPU scale: storage, teacher-pass speed, student step overhead and convergence.
 
-GPT only (offline targets need a causal teacher), on the data of ``bench_ki_convergence.py`` and with its models:
+GPT (``--family gpt``) or RoBERTa (``--family roberta``: every run, the precompute included, masks statically with
+``--mask-seed``, so the offline targets are the teacher's view of the masked tokens the students see), on the data
+of ``bench_ki_convergence.py`` and with its models:
 1. the corpus is tokenized once (``--max-tokens`` keeps every n-th document of it, so the precompute fits the
    time at hand), and a small teacher is trained on it (or ``--teacher CKPT`` with ``--data-prefix`` and
    ``--tokenizer-model`` reuses one and the data it was trained on);
 2. ``tools/precompute_teacher.py`` runs under ``launch/pretrain_ki.sh`` at each K of ``--ks`` (fp16 values), and
-   once more at ``--int8-k`` with int8 values: bytes per token (the .bin's size / its rows) and the teacher pass's
+   once more at ``--int8-k`` with int8 values: bytes per token of the dataset (the .bin's size, plus the .pos's for
+   a masked-LM teacher, whose rows are the masked tokens only, / the dataset's tokens) and the teacher pass's
    tokens/s (over the tool's wall clock, start-up included, and over its own compute time when it prints one);
 3. students of bench_ki_convergence's GPT shape, ``--steps`` steps, ``--seeds`` seeds, the same data order:
    scratch, online KI (the teacher runs every step) and offline KI at each K (``--ki.teacher_targets``), KI at
-   the precompute's temperature with a_t linear from 1 to 0 over the first half. Each KI run is compared with
+   the precompute's temperature with a_t linear from ``--alpha0`` to 0 over the first half. Each KI run is compared with
    the scratch run of its seed by ``megatron_ki.training.report.build_ki_report``: final validation loss, the
    step at which it reaches scratch's final loss, and the median step time while the KD term is on against
    scratch's on the same steps (the student's step overhead; goal for offline KI: under 5%).
@@ -73,6 +76,7 @@ def slice_data(data: Data, max_tokens: int, work: Path) -> tuple[Data, int]:
         return data, total
     stride = -(-total // max_tokens)
     prefix = work / f"slice_every{stride}"
+    work.mkdir(parents=True, exist_ok=True)
     lo, hi, tokens, docs = None, None, 0, 0
     with IndexedDatasetBuilder(prefix, dtype=src.dtype) as builder:
         for i in range(0, len(src), stride):
@@ -120,12 +124,12 @@ def precompute(
     bench: Bench, family: Family, teacher: Path, k: int, values: str, tau: float
 ) -> dict[str, Any]:
     """One precompute at K with ``values``: its files' bytes per token and the teacher pass's throughput."""
-    from megatron_ki.data.teacher_targets import bin_file, read_header
+    from megatron_ki.data.teacher_targets import bin_file, pos_file, read_header
 
     out = bench.work / family.name / "targets" / f"k{k}_{values}"
     clear_targets(out)
     args = [
-        "--config", str(family.config),
+        "--config", str(family.config), *family.extra,
         "--output", str(out), "--top-k", str(k), "--values", values, "--temperature", str(tau),
         "--ki.teacher_path", str(teacher), "--ki.teacher_dtype", "float32",
         *bench.data.args(), "--data.tokenizer_type", "SentencePieceTokenizer",
@@ -133,24 +137,26 @@ def precompute(
     wall, output = launch_tool(bench.launcher, args, f"{family.name}: precompute K={k} {values}")
     bench.wall[f"{family.name}/precompute_k{k}_{values}"] = wall
     header = read_header(str(out))
-    rows, size = int(header["num_rows"]), os.path.getsize(bin_file(str(out)))
+    rows, tokens = int(header["num_rows"]), int(header["dataset"]["num_tokens"])
+    size = os.path.getsize(bin_file(str(out)))
+    size += os.path.getsize(pos_file(str(out))) if header.get("masking") else 0
     found = TOOL_SECONDS.findall(output)
     compute_s = float(found[-1]) if found else None
     vocab = int(header["vocab_size"])
     return {
-        "k": k, "values": values, "path": str(out), "tokens": rows, "bin_bytes": size,
-        "bytes_per_token": size / rows, "row_bytes": int(header["row_bytes"]),
-        "dense_fp16_ratio": 2 * vocab / (size / rows), "wall_s": wall, "compute_s": compute_s,
-        "tokens_per_s_wall": rows / wall, "tokens_per_s_compute": rows / compute_s if compute_s else None,
+        "k": k, "values": values, "path": str(out), "tokens": tokens, "rows": rows, "bin_bytes": size,
+        "bytes_per_token": size / tokens, "row_bytes": int(header["row_bytes"]),
+        "dense_fp16_ratio": 2 * vocab / (size / tokens), "wall_s": wall, "compute_s": compute_s,
+        "tokens_per_s_wall": tokens / wall, "tokens_per_s_compute": tokens / compute_s if compute_s else None,
     }  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------- students
 def train_students(
-    bench: Bench, family: Family, teacher: Path, targets: dict[int, str], tau: float
+    bench: Bench, family: Family, teacher: Path, targets: dict[int, str], tau: float, alpha0: float = 1.0
 ) -> dict[int, dict[str, Path]]:
     """Per seed: scratch, online KI and offline KI at each K, one after the other (same data order)."""
-    temperature = ["--ki.temperature", str(tau)]
+    temperature = ["--ki.temperature", str(tau), "--ki.alpha0", str(alpha0)]
     runs: dict[int, dict[str, Path]] = {}
     for seed in bench.seeds:
         arms = {"scratch": bench.student(family, f"scratch_seed{seed}", seed, None)}
@@ -236,7 +242,7 @@ def offline_vs_online(rows: list[dict[str, Any]], ks: list[int]) -> list[dict[st
 
 # ------------------------------------------------------------------------------------------- report
 PRECOMPUTE_COLUMNS = (
-    "K", "values", "tokens", ".bin MB", "bytes/token", "dense fp16 / this", "tool wall s", "tokens/s (wall)",
+    "K", "values", "tokens", "rows", ".bin (+.pos) MB", "bytes/token", "dense fp16 / this", "tool wall s", "tokens/s (wall)",
     "tool compute s", "tokens/s (compute)",
 )  # fmt: skip
 STUDENT_COLUMNS = (
@@ -248,7 +254,7 @@ VS_COLUMNS = ("K", "seeds", "offline final", "online final", "gap", "online spre
 
 def precompute_cells(p: dict[str, Any]) -> tuple[str, ...]:
     return (
-        str(p["k"]), p["values"], str(p["tokens"]), cell(p["bin_bytes"] / 1e6, ".1f"),
+        str(p["k"]), p["values"], str(p["tokens"]), str(p.get("rows", p["tokens"])), cell(p["bin_bytes"] / 1e6, ".1f"),
         cell(p["bytes_per_token"], ".1f"), cell(p["dense_fp16_ratio"], ".1f", "x"), cell(p["wall_s"], ".1f"),
         cell(p["tokens_per_s_wall"], ".0f"), cell(p["compute_s"], ".1f"), cell(p["tokens_per_s_compute"], ".0f"),
     )  # fmt: skip
@@ -271,7 +277,7 @@ def vs_cells(v: dict[str, Any]) -> tuple[str, ...]:
 
 def markdown(result: dict[str, Any]) -> str:
     lines = [
-        f"Teacher pass and storage ({result['tokens']} tokens, vocabulary {result['vocab_size']}, "
+        f"Teacher pass and storage ({result['family']}, {result['tokens']} tokens, vocabulary {result['vocab_size']}, "
         f"temperature {result['temperature']}, {result['ranks']} ranks):",
         "",
         *table(PRECOMPUTE_COLUMNS, [precompute_cells(p) for p in result["precompute"]]),
@@ -305,6 +311,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="student steps [400; --quick 8]")
     p.add_argument("--teacher-steps", type=int, default=None, help="teacher steps [400; --quick 8]")
     p.add_argument("--seeds", type=int, default=1, help="seeds per student arm [1]")
+    p.add_argument("--family", choices=("gpt", "roberta"), default="gpt", help="teacher and students [gpt]")
+    p.add_argument(
+        "--mask-seed", type=int, default=1, help="roberta: the static mask's seed (data.mask_seed)"
+    )
+    p.add_argument("--alpha0", type=float, default=1.0, help="a_t at step 0 of every KI student [1.0]")
     p.add_argument("--quick", action="store_true", help="tiny models, a few steps, the embedded corpus")
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -341,18 +352,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     data, source, tokens = load_data(args, scale.vocab_size)
     seeds = list(range(1, args.seeds + 1))
     bench = Bench(args.workdir, data, scale, seeds, Launcher(args.ranks, quiet=True))
-    family = families(data, scale)["gpt"]
+    family = families(data, scale)[args.family]
+    if args.family == "roberta":  # static masks: the precompute and every student mask the same tokens
+        family = dataclasses.replace(family, extra=[*family.extra, "--data.mask_seed", str(args.mask_seed)])
     teacher = args.teacher if args.teacher is not None else bench.teacher(family)
     tau = args.temperature
     pre = [precompute(bench, family, teacher, k, "fp16", tau) for k in args.ks]
     if args.int8_k:
         pre.append(precompute(bench, family, teacher, args.int8_k, "int8", tau))
     targets = {p["k"]: p["path"] for p in pre if p["values"] == "fp16"}
-    runs = train_students(bench, family, teacher, targets, tau)
+    runs = train_students(bench, family, teacher, targets, tau, args.alpha0)
     students = student_rows(runs, scale.student_steps // 2)
     return {
         "corpus": source, "data_prefix": data.prefix, "tokens": tokens, "vocab_size": scale.vocab_size,
-        "teacher": str(teacher), "temperature": tau, "ranks": args.ranks, "scale": dataclasses.asdict(scale),
+        "teacher": str(teacher), "family": args.family, "alpha0": args.alpha0,
+        "mask_seed": args.mask_seed if args.family == "roberta" else None, "temperature": tau, "ranks": args.ranks, "scale": dataclasses.asdict(scale),
         "precompute": pre, "students": students, "offline_vs_online": offline_vs_online(students, args.ks),
         "overhead_goal_pct": OVERHEAD_GOAL_PCT, "wall_s": bench.wall,
         "load": {"start": load_start, "end": load_text(os.getloadavg())},

@@ -7,6 +7,8 @@ train students from the files, no teacher in the run.
   pp=2 as at tp=pp=1 (the parity tolerance of tests/test_training.py), a KD term that falls with a_t, and no
   teacher FLOPs.
 - Slow: a second student of another shape, sequence length and data-parallel size trains from the same files.
+- Masked LM: a RoBERTa teacher's targets under a static mask (data.mask_seed): the samples' predicted tokens
+  carry their rows, tp=2 and pp=2 equal one rank, and a student masking otherwise is refused up front.
 """
 
 from __future__ import annotations
@@ -151,3 +153,128 @@ def test_a_student_of_another_shape_trains_from_the_same_files(ws):
     )  # fmt: skip
     kd = [m["kd_loss"] for m in other.metrics() if "split" not in m]
     assert len(kd) == STEPS and all(math.isfinite(x) and x > 0 for x in kd)
+
+
+# ------------------------------------------------------------------------------------ masked-LM teacher
+MASK_SEED = 17
+
+
+@pytest.fixture(scope="module")
+def mlm_ws(ws):
+    """A tiny RoBERTa teacher's targets under the static mask of MASK_SEED (in process, one rank)."""
+    import importlib.util
+    import sys
+
+    from megatron_ki.data import build_tokenizer
+
+    root, corpus, _ = ws
+    pad = build_tokenizer("SentencePieceTokenizer", corpus.tokenizer).pad
+    teacher = write_teacher(root / "teacher_roberta", "tiny_roberta.yaml", overrides={"pad_token_id": pad})
+    spec = importlib.util.spec_from_file_location("precompute_teacher_mlm", TOOL)
+    tool = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = tool
+    spec.loader.exec_module(tool)
+    targets = root / "targets" / "mlm"
+    args = [
+        "--config", str(CONFIGS / "tiny_roberta.yaml"),
+        "--output", str(targets),
+        "--top-k", str(K),
+        "--temperature", str(TAU),
+        "--ki.teacher_path", str(teacher),
+        "--data.data_path", corpus.prefix,
+        "--data.tokenizer_type", "SentencePieceTokenizer",
+        "--data.tokenizer_model", corpus.tokenizer,
+        "--data.mask_seed", str(MASK_SEED),
+    ]  # fmt: skip
+    assert tool.precompute(args) == 0
+    return root, corpus, targets, pad
+
+
+def mlm_student_args(mlm_ws, name: str, *extra: str) -> list[str]:
+    root, corpus, targets, pad = mlm_ws
+    run_dir = root / "runs" / name
+    return [
+        "--config", str(CONFIGS / "tiny_roberta.yaml"),
+        "--model.pad_token_id", str(pad),
+        "--train.train_steps", str(STEPS),
+        "--train.micro_batch_size", "4",
+        "--train.global_batch_size", "8",
+        *corpus.data_args(run_dir / "index-cache"),
+        *quiet_args(run_dir),
+        "--data.mask_seed", str(MASK_SEED),
+        "--ki.enabled", "true",
+        "--ki.teacher_targets", str(targets),
+        "--ki.temperature", str(TAU),
+        "--ki.alpha0", "0.5",
+        "--ki.decay_steps", "100",
+        *extra,
+    ]  # fmt: skip
+
+
+def test_mlm_samples_carry_the_targets_of_their_masked_tokens(mlm_ws):
+    from megatron_ki.data import build_tokenizer
+    from megatron_ki.data.mlm_dataset import IGNORE_INDEX, MLMDataset
+    from megatron_ki.data.static_mask import StaticMasking
+    from megatron_ki.data.teacher_targets import TeacherTargets
+
+    root, corpus, targets_path, _ = mlm_ws
+    targets = TeacherTargets(str(targets_path), corpus.prefix)
+    tok = build_tokenizer("SentencePieceTokenizer", corpus.tokenizer)
+    predicted = 0
+    for seq in (16, 37):
+        ds = MLMDataset(corpus.prefix, None, seq, 40, seq, tok, cache_dir=str(root / "cache"),
+                        static_mask=StaticMasking(MASK_SEED))  # fmt: skip
+        ds.targets = targets
+        for i in range(len(ds)):
+            item = ds[i]
+            at = np.flatnonzero(item["labels"] != IGNORE_INDEX)
+            positions = ds.block_positions(int(ds.shuffle_idx[i]))[at - 1]
+            ids, logp, tail = targets.rows(positions)
+            np.testing.assert_array_equal(item["t_ids"][at], ids)
+            np.testing.assert_array_equal(item["t_logp"][at], logp)
+            np.testing.assert_array_equal(item["t_tail"][at], tail)
+            predicted += len(at)
+    assert predicted > 100
+
+
+def test_mlm_students_masking_otherwise_are_refused(mlm_ws, ws):
+    from megatron_ki.config import ConfigError, parse_args
+    from megatron_ki.training.run import open_teacher_targets
+
+    args = mlm_student_args(mlm_ws, "r")
+    at = args.index("--data.mask_seed")
+    with pytest.raises(ConfigError, match=r"data.mask_seed.*is required with ki.teacher_targets"):
+        parse_args(args[:at] + args[at + 2 :]).validate(1)
+    for extra, words in (
+        (("--data.mask_seed", "18"), r"data.mask_seed.*seed 17 there, 18 here"),
+        (("--data.mask_prob", "0.2"), r"data.mask_prob.*mask_prob 0.15 there, 0.2 here"),
+        (("--ki.teacher_targets", str(ws[2])), r"hold a causal teacher's targets.*'roberta'"),
+    ):
+        with pytest.raises(ConfigError, match=words):
+            open_teacher_targets(parse_args(mlm_student_args(mlm_ws, "r", *extra)))
+    with pytest.raises(ConfigError, match=r"hold a masked-LM teacher's targets.*'gpt2'"):
+        open_teacher_targets(parse_args(student_args(ws, "r", "--ki.teacher_targets", str(mlm_ws[2]))))
+
+
+def test_mlm_offline_ki_tp2_and_pp2_equal_single_rank(mlm_ws):
+    def train_mlm(name: str, ranks: int, *extra: str):
+        result = launch(ranks, mlm_student_args(mlm_ws, name, *extra), mlm_ws[0] / "runs" / name, timeout=300)
+        assert result.returncode == 0, f"{name}: launch failed (rc {result.returncode}):\n{result.tail()}"
+        return result
+
+    single = train_mlm("mlm_tp1", 1)
+    kd = [m["kd_loss"] for m in single.metrics() if "split" not in m]
+    assert len(kd) == STEPS and all(math.isfinite(x) and x > 0 for x in kd)
+    for name, extra in (
+        ("mlm_tp2", ("--parallel.tensor_parallel", "2")),
+        ("mlm_pp2", ("--parallel.pipeline_parallel", "2")),
+    ):
+        other = train_mlm(name, 2, *extra)
+        for key in ("loss", "lm_loss", "kd_loss"):
+            got, want = other.losses(key), single.losses(key)
+            assert all(math.isclose(a, b, **PARITY) for a, b in zip(got, want, strict=True)), (
+                name,
+                key,
+                got,
+                want,
+            )

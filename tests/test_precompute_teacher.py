@@ -110,12 +110,12 @@ def reference(setup):
     return reference_rows(corpus, teacher)
 
 
-def assert_rows_match(targets: TeacherTargets, reference, rtol: float = 1e-3) -> None:
-    """The rows of the first NREF sequences: values and tails within ``rtol``; ids exact wherever the
-    reference's neighbouring values are apart by more than float noise (a near-tie may be ordered either way
-    by another summation order)."""
+def assert_rows_match(targets: TeacherTargets, reference, rtol: float = 1e-3, positions=None) -> None:
+    """The rows of the first NREF sequences (or of ``positions``): values and tails within ``rtol``; ids exact
+    wherever the reference's neighbouring values are apart by more than float noise (a near-tie may be ordered
+    either way by another summation order)."""
     ref_ids, ref_logp, ref_tail, ref_sorted = reference
-    ids, logp, tail = targets.rows(np.arange(len(ref_ids)))
+    ids, logp, tail = targets.rows(np.arange(len(ref_ids)) if positions is None else positions)
     assert ids.shape == ref_ids.shape
     np.testing.assert_allclose(logp, ref_logp, rtol=rtol, atol=1e-5)
     np.testing.assert_allclose(tail, ref_tail, rtol=rtol, atol=1e-5)
@@ -196,13 +196,141 @@ def test_bad_options_are_one_line_naming_the_option(setup, tmp_path, capsys):
         TeacherTargets(str(tmp_path / "bad"))
 
 
-def test_an_mlm_teacher_is_refused_with_the_reason(setup, tmp_path, capsys):
+def test_an_mlm_teacher_needs_a_static_mask(setup, tmp_path, capsys):
     _, _, _, corpus = setup
     bert = write_teacher(tmp_path / "bert", "tiny_bert.yaml")
     tool = tool_module()
     code = tool.run_main(tool.PROG, tool.main, tool_args(corpus, bert, tmp_path / "t"))
-    err = capsys.readouterr().err
-    assert code == 2 and "masked" in err and "causal teacher" in err
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "data.mask_seed" in err and "static" in err, err
+
+
+# ------------------------------------------------------------------------------------ masked-LM teacher
+MASK_SEED, MASK_PROB = 11, 0.3
+
+
+@pytest.fixture(scope="module")
+def mlm_setup(setup):
+    """A tiny RoBERTa teacher (the corpus tokenizer's padding id) and its dense reference rows."""
+    from megatron_ki.data import build_tokenizer
+
+    root, _, _, small = setup
+    tok = build_tokenizer("SentencePieceTokenizer", small.tokenizer)
+    teacher = write_teacher(root / "roberta", "tiny_roberta.yaml", overrides={"pad_token_id": tok.pad})
+    return teacher, tok, mlm_reference_rows(small, teacher, tok)
+
+
+def mlm_args(corpus, teacher, out, *extra: str) -> list[str]:
+    return tool_args(corpus, teacher, out, "--data.mask_seed", str(MASK_SEED), "--data.mask_prob",
+                     str(MASK_PROB), *extra)  # fmt: skip
+
+
+def mlm_reference_rows(corpus, teacher, tok):
+    """Dense reference of a masked-LM teacher, one window at a time: ``(positions, ids, logp, tail, sorted)``
+    at the positions the static mask selects, from ``[cls] masked window [sep]`` without padding."""
+    from megatron_ki.convert.reshard import load_full_state
+    from megatron_ki.data.static_mask import StaticMasking
+    from megatron_ki.data.teacher_targets import token_base
+    from megatron_ki.models import build_model
+
+    _, cfg, full = load_full_state(teacher)
+    model = build_model(cfg).eval()
+    model.load_state_dict(full)
+    ds = IndexedDataset(corpus.prefix)
+    special = np.zeros(tok.vocab_size, dtype=bool)
+    special[list(tok.special_ids)] = True
+    masking, randoms = StaticMasking(MASK_SEED, MASK_PROB), np.flatnonzero(~special)
+    window, positions, rows = WINDOW - 2, [], []
+    with torch.no_grad():
+        for s in range(NREF):
+            tokens, base = ds[s].astype(np.int64), int(token_base(ds)[s])
+            start, keep = 0, 0
+            while True:
+                pos = np.arange(base + start, base + min(start + window, len(tokens)))
+                masked, labels = masking.apply(
+                    tokens[start : start + window], pos, special, tok.mask, randoms
+                )
+                ids = torch.tensor([[tok.cls, *masked.tolist(), tok.sep]])
+                logits = model(input_ids=ids)[0, 1:-1, : cfg.vocab_size].float()
+                chosen = np.flatnonzero((labels >= 0) & (pos >= base + keep))
+                rows.append(torch.log_softmax(logits / TAU, dim=-1)[chosen])
+                positions.append(pos[chosen])
+                if start + window >= len(tokens):
+                    break
+                start, keep = start + window // 2, start + window
+    dense = torch.cat(rows)
+    order = torch.sort(dense, dim=-1, descending=True, stable=True)
+    tail = torch.logsumexp(order.values[:, K:], dim=-1)
+    return (np.concatenate(positions), order.indices[:, :K].numpy(), order.values[:, :K].numpy(),
+            tail.numpy(), order.values.numpy())  # fmt: skip
+
+
+def assert_mlm_rows_match(targets: TeacherTargets, reference) -> None:
+    positions, *dense = reference
+    stored = np.asarray(targets._positions)
+    np.testing.assert_array_equal(stored[: len(positions)], positions)
+    assert_rows_match(targets, dense, rtol=2 * FP16_RELATIVE_ERROR, positions=positions)
+
+
+def test_mlm_rows_are_the_masked_positions_of_a_dense_reference(setup, mlm_setup, tmp_path):
+    from megatron_ki.data.static_mask import StaticMasking, iter_masked_positions
+
+    _, _, small = setup[0], setup[1], setup[3]
+    teacher, tok, reference = mlm_setup
+    tool = tool_module()
+    out = tmp_path / "mlm"
+    assert tool.precompute(mlm_args(small, teacher, out)) == 0
+    targets = TeacherTargets(str(out), dataset_prefix=small.prefix)
+    masking = targets.header["masking"]
+    assert (masking["seed"], masking["mask_prob"], masking["scheme"]) == (
+        MASK_SEED,
+        MASK_PROB,
+        "position-hash-v1",
+    )
+    special = np.zeros(tok.vocab_size, dtype=bool)
+    special[list(tok.special_ids)] = True
+    every = np.concatenate(list(iter_masked_positions(IndexedDataset(small.prefix), StaticMasking(MASK_SEED,
+                                                                                                  MASK_PROB), special)))  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(targets._positions), every)  # rows only where the mask selects
+    tokens = IndexedDataset(small.prefix).num_tokens
+    assert abs(len(targets) / tokens - MASK_PROB) < 0.05 and len(reference[0]) == len(targets)
+    assert_mlm_rows_match(targets, reference)
+    with pytest.raises(TeacherTargetsError, match="no row: the student's static mask differs"):
+        targets.rows(np.setdiff1d(np.arange(200), every)[:3])
+
+
+def test_mlm_interrupted_precompute_resumes_to_the_same_files(setup, mlm_setup, tmp_path):
+    """Stopped after writing a chunk's rows and positions but before recording it, then rerun: the same bytes."""
+    _, _, _, small = setup
+    teacher = mlm_setup[0]
+    tool = tool_module()
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert tool.precompute(mlm_args(small, teacher, whole)) == 0
+
+    def stop(chunk: int) -> None:
+        if chunk >= 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        tool.precompute(mlm_args(small, teacher, cut), on_chunk_written=stop)
+    assert not Path(f"{cut}.idx").exists() and not Path(f"{cut}.pos").exists()
+    with pytest.raises(TeacherTargetsError, match="not published"):
+        TeacherTargets(str(cut))
+    assert tool.precompute(mlm_args(small, teacher, cut)) == 0
+    for suffix in (".idx", ".bin", ".pos"):
+        assert Path(f"{cut}{suffix}").read_bytes() == Path(f"{whole}{suffix}").read_bytes(), suffix
+    assert not Path(f"{cut}.progress").exists() and not Path(f"{cut}.pos.tmp").exists()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_mlm_tp2_and_pp2_equal_the_reference(setup, mlm_setup, tmp_path, layout):
+    _, _, _, small = setup
+    teacher, _, reference = mlm_setup
+    out = tmp_path / layout
+    option = "--parallel.tensor_parallel" if layout == "tp2" else "--parallel.pipeline_parallel"
+    assert run_distributed(_precompute_on_ranks, 2, (mlm_args(small, teacher, out, option, "2"),)) == [0, 0]
+    assert_mlm_rows_match(TeacherTargets(str(out), small.prefix), reference)
 
 
 # ------------------------------------------------------------------------------------- pipeline stages

@@ -17,8 +17,10 @@ or without the launcher on one process: ``python tools/precompute_teacher.py --c
   final norm and head on the last); the other ranks split the work (data parallel).
 - Data: ``data.data_path`` names one prefix. For a blend, run the tool once per prefix (targets follow a
   dataset's tokens, so the blend's weights and split do not matter).
-- Causal teachers only: a BERT/RoBERTa teacher is refused, because the online KI teacher sees the student's
-  masked input and an offline target computed once per document cannot know that mask.
+- Masked-LM teachers (BERT, RoBERTa) need a static mask: ``data.mask_seed`` (with ``data.mask_prob``) keys
+  each token's mask on its position in the .bin, so the teacher here and a student trained with the same
+  ``data.mask_seed`` see the same masked tokens (``megatron_ki/data/static_mask.py``); rows are written at the
+  masked positions only. ``--window`` then counts the teacher's ``[cls]`` and ``[sep]``.
 - Temperature: ``--temperature`` or ``ki.temperature``. Output: ``OUTPUT.idx`` (JSON header) and ``OUTPUT.bin``
   (rows), format in ``megatron_ki/data/teacher_targets.py``, windows and chunks in ``megatron_ki/ki/precompute.py``.
 - Resumable: a killed run rerun with the same options computes only the chunks not yet recorded and gives the
@@ -117,11 +119,7 @@ def resolve(argv: list[str]) -> Settings:
         )
     teacher = teacher_config_of(path, cfg.model.make_vocab_size_divisible_by)
     if not teacher.causal:
-        raise ConfigError(
-            "ki.teacher_path",
-            f"{path} is a {teacher.family} (masked LM) teacher: online KI gives it the student's masked input, "
-            "which a per-document offline target cannot know; offline targets need a causal teacher",
-        )
+        check_masked_teacher(cfg, teacher, path)
     tokenizer = tokenizer_of(cfg, teacher.vocab_size)
     rows, vocab = teacher.vocab_size, tokenizer["vocab_size"]
     if rows < vocab:
@@ -135,7 +133,53 @@ def resolve(argv: list[str]) -> Settings:
         check_teacher_eod(path, teacher_eos_ids(path), *eod)
     temperature = cfg.ki.temperature if args.temperature is None else args.temperature
     window = min(args.window or teacher.max_position_embeddings, teacher.max_position_embeddings)
+    if not teacher.causal:  # room for [cls] and [sep]
+        if window < 4:
+            raise ConfigError("--window", f"{window}: a masked-LM teacher needs at least 4 ([cls] x x [sep])")
+        window -= 2
     return Settings(args, cfg, prefixes[0], path, teacher, rows, tokenizer, temperature, window)
+
+
+def check_masked_teacher(cfg: Config, teacher: ModelConfig, path: str) -> None:
+    """A masked-LM teacher needs the static mask (``data.mask_seed``) and a tokenizer with its special tokens."""
+    if cfg.data.mask_seed is None:
+        raise ConfigError(
+            "data.mask_seed",
+            f"is required for the {teacher.family} (masked LM) teacher {path}: its targets are computed on "
+            "masked input, so the mask must be static (keyed by each token's position) and the student must "
+            "train with the same data.mask_seed and data.mask_prob",
+        )
+    if cfg.data.whole_word_masking:
+        raise ConfigError(
+            "data.whole_word_masking", "static masks (data.mask_seed) mask tokens, not whole words"
+        )
+    if cfg.data.tokenizer_type in (None, "none"):
+        raise ConfigError(
+            "data.tokenizer_type",
+            f"is required for the masked-LM teacher {path} (its [cls] [sep] [mask] ids)",
+        )
+
+
+def masked_inputs(s: Settings):
+    """The static mask and special ids of a masked-LM teacher's input (None for a causal teacher)."""
+    import numpy as np
+
+    from megatron_ki.data import build_tokenizer
+    from megatron_ki.data.mlm_dataset import special_mask
+    from megatron_ki.data.static_mask import StaticMasking
+    from megatron_ki.ki.precompute import MaskedInputs
+
+    if s.teacher.causal:
+        return None
+    tok = build_tokenizer(
+        s.cfg.data.tokenizer_type, s.cfg.data.tokenizer_model, option="data.tokenizer_model"
+    )
+    for attr in ("cls", "sep", "pad", "mask"):
+        if getattr(tok, attr, None) is None:
+            raise ConfigError("data.tokenizer_model", f"{s.cfg.data.tokenizer_model} has no {attr} token")
+    special = special_mask(tok)
+    masking = StaticMasking(s.cfg.data.mask_seed, s.cfg.data.mask_prob)
+    return MaskedInputs(masking, special, tok.cls, tok.sep, tok.pad, tok.mask, np.flatnonzero(~special))
 
 
 def teacher_source(s: Settings) -> tuple[ModelConfig, Mapping]:
@@ -213,17 +257,19 @@ def prepare_output(s: Settings, header: dict, rank: int) -> str:
     return answer[0]
 
 
-def plan_and_header(s: Settings):
+def plan_and_header(s: Settings, masked=None):
     """``(dataset, plan, header)``: the windows and chunks of the data, and the header they will be written
-    under (every rank computes the same)."""
+    under (every rank computes the same; a masked-LM teacher's plan counts the masked positions per chunk)."""
     from megatron_ki.data.indexed import IndexedDataset
     from megatron_ki.data.teacher_targets import dataset_identity
     from megatron_ki.data.token_range import check_token_range
-    from megatron_ki.ki.precompute import make_plan, targets_header
+    from megatron_ki.ki.precompute import count_stored_rows, make_plan, targets_header
 
     check_token_range([s.prefix], s.teacher.vocab_size, s.cfg.data.cache_dir)
     dataset = IndexedDataset(s.prefix)
     plan = make_plan(dataset, s.window, s.args.chunk_tokens)
+    if masked is not None:
+        count_stored_rows(plan, dataset, masked.masking, masked.special)
     header = targets_header(
         teacher_path=s.teacher_path,
         teacher_cfg=s.teacher,
@@ -236,6 +282,7 @@ def plan_and_header(s: Settings):
         plan=plan,
         chunk_tokens=s.args.chunk_tokens,
         batch_tokens=s.args.batch_tokens,
+        masking=None if masked is None else masked.masking.describe(masked.special),
     )
     return dataset, plan, header
 
@@ -252,7 +299,8 @@ def precompute(argv: list[str], on_chunk_written: Callable[[int], None] | None =
     s = resolve(argv)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     topology = Topology.from_world(world, s.cfg.parallel.tensor_parallel, s.cfg.parallel.pipeline_parallel)
-    dataset, plan, header = plan_and_header(s)
+    masked = masked_inputs(s)
+    dataset, plan, header = plan_and_header(s, masked)
     if "MASTER_ADDR" in os.environ:  # started by a launcher
         init_distributed(s.cfg)
     state = prepare_output(s, header, rank)
@@ -270,7 +318,7 @@ def precompute(argv: list[str], on_chunk_written: Callable[[int], None] | None =
     links = stage_links(s, groups, next(teacher.parameters()).dtype)
     engine = Engine(
         teacher, dataset, plan, s.args.top_k, s.temperature, s.args.batch_tokens,
-        groups.tp_group, groups.tp_rank * local_vocab, device, links,
+        groups.tp_group, groups.tp_rank * local_vocab, device, links, masked,
     )  # fmt: skip
     writer = TargetsWriter(s.args.output, header)
     started = time.monotonic()
@@ -279,9 +327,11 @@ def precompute(argv: list[str], on_chunk_written: Callable[[int], None] | None =
         dist.barrier()
     if rank == 0:
         writer.publish(len(plan.chunks))
+        what = "tokens" if masked is None else "masked tokens"
         print(
-            f"{PROG}: wrote {s.args.output}.idx/.bin: {header['num_rows']} tokens x K={s.args.top_k} "
-            f"({header['row_bytes']} bytes/token, {s.args.values}), {state} run, {computed} chunks on rank 0 in "
+            f"{PROG}: wrote {s.args.output}.idx/.bin: {header['num_rows']} {what} x K={s.args.top_k} "
+            f"({header['row_bytes']} bytes/row{'' if masked is None else ' + 8 in .pos'}, {s.args.values}), {state} "
+            f"run, {computed} chunks on rank 0 in "
             f"{time.monotonic() - started:.1f} s"
         )
     if dist.is_initialized():

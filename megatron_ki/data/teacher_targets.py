@@ -8,6 +8,11 @@ Alignment: row ``r`` is the teacher's distribution over the token *after* global
 context of that token's own sequence only (a sequence is what ``preprocess_data.py`` writes per document).
 The last token of a sequence has a row too (the teacher's guess of what follows it).
 
+Masked-LM teachers (header ``masking``, ``data/static_mask.py``): row ``r`` is the teacher's distribution over
+the token *at* position ``positions[r]``, given its sequence with the static mask applied; only the positions the
+mask selects have rows, listed in ``PATH.pos`` (int64 little-endian, ascending), so the pair costs the bytes of
+the predicted tokens (``mask_prob`` of the tokens), not of every token.
+
 Files (``PATH`` given to the writer):
 
 - ``PATH.idx``: a UTF-8 JSON header (sorted keys, so identical runs give identical bytes): ``format``,
@@ -15,7 +20,7 @@ Files (``PATH`` given to the writer):
   ``id_bytes``, ``row_bytes``, ``vocab_size`` (ids are below it), ``teacher`` (path, family, vocab size, config
   and its sha256), ``tokenizer`` (type, model, vocab size), ``dataset`` (prefix, sha256 of its ``.idx``,
   sequences, tokens), ``window`` (the policy for sequences longer than the teacher's context) and
-  ``chunking`` (how the precompute split the work).
+  ``chunking`` (how the precompute split the work), ``masking`` (null, or the static mask of an MLM teacher).
 - ``PATH.bin``: ``num_rows`` rows of ``row_bytes`` bytes, little-endian, each
   ``[K ids][K values][tail]``: ids in ``id_bytes`` bytes (2 up to a 65,536 vocabulary, 3 packed up to
   16,777,216, else 4); values the K largest log-probabilities at ``temperature``, sorted descending, ties
@@ -27,9 +32,9 @@ Value encodings: ``fp16``: IEEE half, round to nearest: error at most ``|logp| *
 ``INT8_STEP = 16 / 255``: absolute error at most ``INT8_STEP / 2`` (0.0314) for ``logp >= -16``; smaller
 log-probabilities (probabilities below 1.2e-7) read as -16.
 
-Publication: the writer fills ``PATH.bin.tmp`` (preallocated, rows written in place by any rank) and records
-each finished chunk in ``PATH.progress/``; only when every chunk is there are ``.bin`` then ``.idx`` renamed
-into place. A reader refuses a path without ``.idx``. NumPy, JSON and the standard library only.
+Publication: the writer fills ``PATH.bin.tmp`` (and ``PATH.pos.tmp``; preallocated, rows written in place by any
+rank) and records each finished chunk in ``PATH.progress/``; only when every chunk is there are ``.pos``,
+``.bin`` then ``.idx`` renamed into place. A reader refuses a path without ``.idx``. NumPy, JSON and the standard library only.
 """
 
 from __future__ import annotations
@@ -146,6 +151,17 @@ def bin_file(path: str) -> str:
 
 def tmp_bin_file(path: str) -> str:
     return f"{path}.bin.tmp"
+
+
+def pos_file(path: str) -> str:
+    return f"{path}.pos"
+
+
+def tmp_pos_file(path: str) -> str:
+    return f"{path}.pos.tmp"
+
+
+POS_DTYPE = np.dtype("<i8")
 
 
 def progress_dir(path: str) -> str:
@@ -276,6 +292,24 @@ class TeacherTargets:
             )
         data = np.memmap(bpath, mode="r", dtype=np.uint8) if size else np.zeros(0, np.uint8)
         self._rows = data.reshape(self.num_rows, self.row_bytes)
+        self.masking = self.header.get("masking")
+        self._positions = self._map_positions() if self.masking else None
+
+    def _map_positions(self) -> np.ndarray:
+        """The ascending token positions that have rows (a masked-LM teacher's targets)."""
+        ppath = pos_file(self.path)
+        if not os.path.isfile(ppath):
+            raise TeacherTargetsError(
+                f"teacher targets {self.path}: {ppath} not found beside {idx_file(self.path)} (a masked-LM "
+                "teacher's targets list the positions that have rows there)"
+            )
+        size, expected = os.path.getsize(ppath), self.num_rows * POS_DTYPE.itemsize
+        if size != expected:
+            raise TeacherTargetsError(
+                f"teacher targets {ppath}: {size} bytes, but {self.num_rows} rows need {expected}: the files are "
+                "not one precompute's output"
+            )
+        return np.memmap(ppath, mode="r", dtype=POS_DTYPE) if size else np.zeros(0, POS_DTYPE)
 
     def __len__(self) -> int:
         return self.num_rows
@@ -290,10 +324,11 @@ class TeacherTargets:
         given_tokens = IndexedDataset(prefix).num_tokens
         sample = recorded.get("bin_sample_sha256")
         other_tokens = sample is not None and sample != bin_sample_sha256(bin_path(prefix))
-        if recorded.get("idx_sha256") != given_hash or self.num_rows != given_tokens or other_tokens:
+        tokens = recorded.get("num_tokens", self.num_rows)
+        if recorded.get("idx_sha256") != given_hash or tokens != given_tokens or other_tokens:
             raise TeacherTargetsError(
                 f"teacher targets {self.path} were computed for dataset {recorded.get('prefix')} (.idx sha256 "
-                f"{str(recorded.get('idx_sha256'))[:16]}..., {self.num_rows} rows), but the dataset given is "
+                f"{str(recorded.get('idx_sha256'))[:16]}..., {tokens} tokens), but the dataset given is "
                 f"{os.path.abspath(prefix)} (.idx sha256 {given_hash[:16]}..., {given_tokens} tokens): "
                 "precompute targets for this dataset or give the dataset they were made from"
             )
@@ -334,12 +369,28 @@ class TeacherTargets:
         [..., K], tail_logp float32 [...])``."""
         pos = np.asarray(positions, dtype=np.int64)
         flat = pos.reshape(-1)
-        if flat.size and (flat.min() < 0 or flat.max() >= self.num_rows):
+        if self._positions is not None:
+            flat = self.row_index(flat)
+        elif flat.size and (flat.min() < 0 or flat.max() >= self.num_rows):
             bad = int(flat.min()) if flat.min() < 0 else int(flat.max())
             raise IndexError(f"teacher targets {self.path}: token index {bad} outside [0, {self.num_rows})")
         ids, logp, tail = decode_rows(self._rows[flat], self.k, self.id_bytes, self.values)
         shape = pos.shape
         return ids.reshape(*shape, self.k), logp.reshape(*shape, self.k), tail.reshape(shape)
+
+    def row_index(self, positions: np.ndarray) -> np.ndarray:
+        """Rows of token positions a masked-LM teacher's targets hold; a position without a row (the student
+        masks other tokens than the precompute did) is refused."""
+        at = np.searchsorted(self._positions, positions)
+        found = at < self.num_rows
+        found[found] = self._positions[at[found]] == positions[found]
+        if not found.all():
+            bad = int(positions[~found][0])
+            raise TeacherTargetsError(
+                f"teacher targets {self.path}: token position {bad} is predicted by the student but has no row: "
+                f"the student's static mask differs from the one recorded ({self.masking})"
+            )
+        return at
 
 
 # ------------------------------------------------------------------------------------------ writer
@@ -356,7 +407,9 @@ class TargetsWriter:
         self.path, self.header = os.fspath(path), header
         self.k, self.id_bytes, self.values = int(header["k"]), int(header["id_bytes"]), header["values"]
         self.row_bytes, self.num_rows = int(header["row_bytes"]), int(header["num_rows"])
+        self.masked = bool(header.get("masking"))
         self._fd: int | None = None
+        self._pos_fd: int | None = None
 
     # -- set-up (one process)
     @classmethod
@@ -400,19 +453,14 @@ class TargetsWriter:
     @staticmethod
     def _start_fresh(path: str, text: str, header: dict[str, Any]) -> None:
         shutil.rmtree(progress_dir(path), ignore_errors=True)
-        for stale in (bin_file(path), tmp_bin_file(path)):
+        for stale in (bin_file(path), tmp_bin_file(path), pos_file(path), tmp_pos_file(path)):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(stale)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        size = int(header["num_rows"]) * int(header["row_bytes"])
-        fd = os.open(tmp_bin_file(path), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            if size and hasattr(os, "posix_fallocate"):
-                os.posix_fallocate(fd, 0, size)  # a full disk fails now, not hours in
-            os.ftruncate(fd, size)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        rows = int(header["num_rows"])
+        _preallocate(tmp_bin_file(path), rows * int(header["row_bytes"]))
+        if header.get("masking"):
+            _preallocate(tmp_pos_file(path), rows * POS_DTYPE.itemsize)
         os.makedirs(progress_dir(path))
         write_text_atomic(os.path.join(progress_dir(path), "header.json"), text)
         fsync_dir(os.path.dirname(os.path.abspath(path)))
@@ -427,30 +475,46 @@ class TargetsWriter:
             if n.startswith("chunk-") and n.endswith(".done")
         }
 
-    def write_rows(self, first_row: int, ids: np.ndarray, logp: np.ndarray, tail: np.ndarray) -> None:
-        """Rows ``first_row ..`` of the temporary ``.bin``, written in place."""
+    def write_rows(
+        self,
+        first_row: int,
+        ids: np.ndarray,
+        logp: np.ndarray,
+        tail: np.ndarray,
+        positions: np.ndarray | None = None,
+    ) -> None:
+        """Rows ``first_row ..`` of the temporary ``.bin`` (and, masked-LM, their token ``positions`` in
+        ``.pos``), written in place."""
         n = ids.shape[0]
         if first_row < 0 or first_row + n > self.num_rows:
             raise TeacherTargetsError(f"rows [{first_row}, {first_row + n}) outside [0, {self.num_rows})")
-        data = encode_rows(ids, logp, tail, self.id_bytes, self.values).tobytes()
+        if self.masked != (positions is not None):
+            raise TeacherTargetsError(
+                "token positions are written with a masked-LM teacher's rows, and only then"
+            )
         if self._fd is None:
             self._fd = os.open(tmp_bin_file(self.path), os.O_RDWR)
-        offset, view = first_row * self.row_bytes, memoryview(data)
-        while view:
-            written = os.pwrite(self._fd, view, offset)
-            view, offset = view[written:], offset + written
+        data = encode_rows(ids, logp, tail, self.id_bytes, self.values).tobytes()
+        _pwrite_all(self._fd, data, first_row * self.row_bytes)
+        if positions is not None:
+            if self._pos_fd is None:
+                self._pos_fd = os.open(tmp_pos_file(self.path), os.O_RDWR)
+            data = np.ascontiguousarray(positions, dtype=POS_DTYPE).tobytes()
+            _pwrite_all(self._pos_fd, data, first_row * POS_DTYPE.itemsize)
 
     def mark_done(self, chunk: int, rows: tuple[int, int]) -> None:
         """Flush the rows written so far, then record ``chunk`` (its rows ``[lo, hi)``) as done."""
-        if self._fd is not None:
-            os.fdatasync(self._fd)
+        for fd in (self._fd, self._pos_fd):
+            if fd is not None:
+                os.fdatasync(fd)
         record = json.dumps({"chunk": chunk, "rows": list(rows)}) + "\n"
         write_text_atomic(os.path.join(progress_dir(self.path), f"chunk-{chunk:08d}.done"), record)
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        for fd in (self._fd, self._pos_fd):
+            if fd is not None:
+                os.close(fd)
+        self._fd = self._pos_fd = None
 
     # -- publication (one process)
     def publish(self, num_chunks: int) -> None:
@@ -462,14 +526,33 @@ class TargetsWriter:
                 f"teacher targets {self.path}: {len(missing)} of {num_chunks} chunks not written (first: "
                 f"{missing[0]}); rerun to finish"
             )
-        if os.path.isfile(tmp_bin_file(self.path)):
-            fd = os.open(tmp_bin_file(self.path), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp_bin_file(self.path), bin_file(self.path))
+        for tmp, final in ((tmp_pos_file, pos_file), (tmp_bin_file, bin_file)):  # the .bin last: see prepare
+            if os.path.isfile(tmp(self.path)):
+                fd = os.open(tmp(self.path), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(tmp(self.path), final(self.path))
         fsync_dir(os.path.dirname(os.path.abspath(self.path)))
         write_text_atomic(idx_file(self.path), header_text(self.header))
         fsync_dir(os.path.dirname(os.path.abspath(self.path)))
         shutil.rmtree(progress_dir(self.path), ignore_errors=True)
+
+
+def _preallocate(path: str, size: int) -> None:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        if size and hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(fd, 0, size)  # a full disk fails now, not hours in
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written

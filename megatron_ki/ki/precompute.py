@@ -1,4 +1,4 @@
-"""Offline teacher targets: run a frozen causal teacher over every sequence of a dataset and write its top-K.
+"""Offline teacher targets: run a frozen teacher over every sequence of a dataset and write its top-K.
 
 The engine behind ``tools/precompute_teacher.py`` (which loads the teacher and the process groups); the file
 format is :mod:`megatron_ki.data.teacher_targets`.
@@ -14,6 +14,12 @@ format is :mod:`megatron_ki.data.teacher_targets`.
   of at most ``batch_tokens`` padded tokens. Both depend only on the dataset and these two numbers, never on
   the rank or the data-parallel size: a chunk's rows are the same bytes wherever it is computed (on the same
   hardware and thread count). Right padding never reaches a real row (causal attention).
+- Masked-LM teachers (BERT, RoBERTa). The static mask of ``data/static_mask.py`` (keyed by the tokens'
+  global positions, as the student's MLM dataset applies it with ``data.mask_seed``) is applied to each window,
+  which the teacher sees as ``[cls] window [sep]`` (so ``W`` is 2 less than its positions), right-padded with an
+  attention mask. Rows exist only at the positions the mask selects: a chunk's rows are the selected positions
+  of its range, in order, starting at the count of selected positions before it (``Plan.stored``, one pass over
+  the tokens). Only the selected rows are reduced to a top-K.
 - Ranks. Data-parallel groups take the chunks left to do in turn; the tensor-parallel ranks of a group hold
   the teacher's shards: each finds the top-K of its vocabulary slice, the slices' candidates are all-gathered
   and the global top-K chosen (ties: lower id first), and the log-sum-exp and the tail mass are all-reduced
@@ -43,6 +49,7 @@ from torch.distributed import ProcessGroup
 
 from megatron_ki.config import ModelConfig
 from megatron_ki.data.indexed import IndexedDataset
+from megatron_ki.data.static_mask import StaticMasking, iter_masked_positions
 from megatron_ki.data.teacher_targets import (
     FORMAT,
     VERSION,
@@ -77,12 +84,20 @@ class Plan:
     keep: np.ndarray
     base: np.ndarray
     chunks: list[tuple[int, int]] = field(default_factory=list)
+    stored: np.ndarray | None = None
+    """Masked-LM: the first stored row of each chunk (and the total at the end); None: one row per token."""
 
     def rows_of(self, chunk: int) -> tuple[int, int]:
-        """The global rows ``[lo, hi)`` chunk ``chunk`` writes."""
+        """The global token positions ``[lo, hi)`` chunk ``chunk`` covers."""
         lo, hi = self.chunks[chunk]
         first, last = self.seq[lo], self.seq[hi - 1]
         return int(self.base[first] + self.keep[lo]), int(self.base[last] + self.end[hi - 1])
+
+    def stored_rows(self, chunk: int) -> tuple[int, int]:
+        """The rows ``[lo, hi)`` of the targets file chunk ``chunk`` writes."""
+        if self.stored is None:
+            return self.rows_of(chunk)
+        return int(self.stored[chunk]), int(self.stored[chunk + 1])
 
 
 def plan_windows(sizes: np.ndarray, window: int) -> tuple[np.ndarray, ...]:
@@ -113,6 +128,17 @@ def make_plan(dataset: IndexedDataset, window: int, chunk_tokens: int) -> Plan:
     bounds = [*firsts.tolist(), len(seq)]
     chunks = [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
     return Plan(window, window // 2, seq, start, end, keep, base, chunks)
+
+
+def count_stored_rows(
+    plan: Plan, dataset: IndexedDataset, masking: StaticMasking, special: np.ndarray
+) -> None:
+    """Set ``plan.stored``: the selected positions before each chunk (chunks are ascending position ranges)."""
+    bounds = np.asarray([plan.rows_of(c)[0] for c in range(len(plan.chunks))], dtype=np.int64)
+    counts = np.zeros(len(plan.chunks), dtype=np.int64)
+    for positions in iter_masked_positions(dataset, masking, special):
+        counts += np.bincount(np.searchsorted(bounds, positions, side="right") - 1, minlength=len(counts))
+    plan.stored = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
 
 def micro_batches(plan: Plan, chunk: int, batch_tokens: int) -> list[list[int]]:
@@ -235,8 +261,35 @@ class StageLinks:
 
 # ---------------------------------------------------------------------------------------- the forward
 @dataclass
+class MaskedInputs:
+    """How a masked-LM teacher's input is made: the static mask and the tokenizer's special ids."""
+
+    masking: StaticMasking
+    special: np.ndarray
+    cls: int
+    sep: int
+    pad: int
+    mask_id: int
+    random_ids: np.ndarray
+
+
+@dataclass
+class Batch:
+    """A micro-batch's padded input ids, attention mask (masked-LM) and selected positions per window."""
+
+    ids: torch.Tensor
+    attention_mask: torch.Tensor | None = None
+    selected: list[np.ndarray] | None = None
+
+
+Rows = tuple[np.ndarray | None, np.ndarray, np.ndarray, np.ndarray]
+"""``(positions or None, ids [n, K], logp [n, K], tail [n])`` of a chunk's stored rows, in row order."""
+
+
+@dataclass
 class Engine:
-    """Computes chunks of a :class:`Plan` with ``model`` (this rank's shard of a causal teacher)."""
+    """Computes chunks of a :class:`Plan` with ``model`` (this rank's shard of the teacher); ``masked`` given,
+    a masked-LM teacher."""
 
     model: nn.Module
     dataset: IndexedDataset
@@ -248,59 +301,97 @@ class Engine:
     vocab_start: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     stages: StageLinks = field(default_factory=StageLinks)
+    masked: MaskedInputs | None = None
 
     def tokens(self, w: int) -> np.ndarray:
         p = self.plan
         return self.dataset.get(int(p.seq[w]), int(p.start[w]), int(p.end[w] - p.start[w]))
 
+    def positions(self, w: int) -> np.ndarray:
+        """Global positions of window ``w``'s tokens."""
+        p = self.plan
+        first = int(p.base[p.seq[w]] + p.start[w])
+        return np.arange(first, first + int(p.end[w] - p.start[w]), dtype=np.int64)
+
     @torch.no_grad()
-    def chunk(self, chunk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """``(ids, logp, tail)`` of every row of ``chunk``, in row order; ``None`` on a stage before the last
-        (it sends its hidden states on)."""
+    def chunk(self, chunk: int) -> Rows | None:
+        """The stored rows of ``chunk``; ``None`` on a stage before the last (it sends its hidden states on)."""
         p = self.plan
         if not self.stages.is_last:
             for batch in micro_batches(p, chunk, self.batch_tokens):
                 self.stages.send(self._stage_forward(self._inputs(batch)))
             self.stages.flush()
             return None
-        row_lo, row_hi = p.rows_of(chunk)
-        n = row_hi - row_lo
-        ids, logp = np.zeros((n, self.k), np.int64), np.zeros((n, self.k), np.float32)
-        tail = np.zeros(n, np.float32)
+        parts = []
         for batch in micro_batches(p, chunk, self.batch_tokens):
             z, rows = self._forward(batch)
             for b in range(0, len(z), ROW_BLOCK):
                 out = vocab_parallel_topk(z[b : b + ROW_BLOCK], self.k, self.tp_group, self.vocab_start)
-                at = rows[b : b + ROW_BLOCK] - row_lo
-                ids[at], logp[at], tail[at] = (t.cpu().numpy() for t in out)
-        return ids, logp, tail
+                parts.append((rows[b : b + ROW_BLOCK], *(t.cpu().numpy() for t in out)))
+        lo, hi = p.stored_rows(chunk)
+        if not parts:  # a masked-LM chunk may select no position
+            parts = [(np.zeros(0, np.int64), np.zeros((0, self.k), np.int64), np.zeros((0, self.k), np.float32),
+                      np.zeros(0, np.float32))]  # fmt: skip
+        positions, ids, logp, tail = (np.concatenate([x[i] for x in parts]) for i in range(4))
+        if len(positions) != hi - lo:
+            raise RuntimeError(
+                f"precompute: chunk {chunk} gave {len(positions)} rows, the plan expects {hi - lo}"
+            )
+        order = np.argsort(positions, kind="stable")
+        return (positions[order] if self.masked else None), ids[order], logp[order], tail[order]
 
-    def _inputs(self, batch: list[int]) -> torch.Tensor:
-        """The right-padded token ids ``[len(batch), longest]`` of ``batch`` (every stage knows the shape)."""
+    def _inputs(self, batch: list[int]) -> Batch:
+        """The right-padded inputs of ``batch`` (every stage knows the shape)."""
+        if self.masked is not None:
+            return self._masked_inputs(batch)
         p = self.plan
         longest = max(int(p.end[w] - p.start[w]) for w in batch)
         inputs = np.zeros((len(batch), longest), np.int64)
         for i, w in enumerate(batch):
             t = self.tokens(w)
             inputs[i, : len(t)] = t
-        return torch.from_numpy(inputs).to(self.device)
+        return Batch(torch.from_numpy(inputs).to(self.device))
 
-    def _stage_forward(self, inputs: torch.Tensor) -> torch.Tensor:
+    def _masked_inputs(self, batch: list[int]) -> Batch:
+        """``[cls] window [sep]`` with the static mask applied, padded; the selected offsets of each window."""
+        m, p = self.masked, self.plan
+        longest = max(int(p.end[w] - p.start[w]) for w in batch) + 2
+        inputs = np.full((len(batch), longest), m.pad, np.int64)
+        attention = np.zeros((len(batch), longest), np.int64)
+        selected = []
+        for i, w in enumerate(batch):
+            t = self.tokens(w).astype(np.int64)
+            masked, labels = m.masking.apply(t, self.positions(w), m.special, m.mask_id, m.random_ids)
+            inputs[i, : len(t) + 2] = [m.cls, *masked.tolist(), m.sep]
+            attention[i, : len(t) + 2] = 1
+            selected.append(np.flatnonzero(labels >= 0))
+        return Batch(
+            torch.from_numpy(inputs).to(self.device), torch.from_numpy(attention).to(self.device), selected
+        )
+
+    def _stage_forward(self, batch: Batch) -> torch.Tensor:
         """This stage's output: from the ids on the first stage, else from the previous stage's hidden."""
         if self.stages.prev is None:
-            return self.model(input_ids=inputs)
-        return self.model(hidden_states=self.stages.recv(*inputs.shape, self.device))
+            return self.model(input_ids=batch.ids, attention_mask=batch.attention_mask)
+        hidden = self.stages.recv(*batch.ids.shape, self.device)
+        return self.model(hidden_states=hidden, attention_mask=batch.attention_mask)
 
-    def _forward(self, batch: list[int]) -> tuple[torch.Tensor, np.ndarray]:
-        """Logits / temperature of the kept rows of ``batch`` (float32 ``[rows, V/tp]``) and their rows."""
+    def _forward(self, windows: list[int]) -> tuple[torch.Tensor, np.ndarray]:
+        """Logits / temperature of the stored rows of ``windows`` (float32 ``[rows, V/tp]``) and their global
+        positions: every kept row (causal), the selected kept rows (masked-LM: the logits one on, past cls)."""
         p = self.plan
-        logits = self._stage_forward(self._inputs(batch))
+        batch = self._inputs(windows)
+        logits = self._stage_forward(batch)
         parts, rows = [], []
-        for i, w in enumerate(batch):
+        for i, w in enumerate(windows):
             lo, hi = int(p.keep[w] - p.start[w]), int(p.end[w] - p.start[w])
-            parts.append(logits[i, lo:hi])
-            first = int(p.base[p.seq[w]] + p.keep[w])
-            rows.append(np.arange(first, first + hi - lo))
+            offsets = np.arange(lo, hi)
+            if batch.selected is not None:
+                offsets = batch.selected[i][batch.selected[i] >= lo]
+                parts.append(logits[i, torch.from_numpy(offsets + 1).to(logits.device)])
+            else:
+                parts.append(logits[i, lo:hi])
+            rows.append(offsets + int(p.base[p.seq[w]] + p.start[w]))
         z = torch.cat(parts).float() / self.temperature  # stays on the device: NCCL gathers device tensors
         return z, np.concatenate(rows)
 
@@ -329,9 +420,9 @@ def run_chunks(
     for chunk in mine:
         rows = engine.chunk(chunk)
         if rows is not None and groups.tp_rank == 0:
-            ids, logp, tail = rows
-            lo, hi = engine.plan.rows_of(chunk)
-            writer.write_rows(lo, ids, logp, tail)
+            positions, ids, logp, tail = rows
+            lo, hi = engine.plan.stored_rows(chunk)
+            writer.write_rows(lo, ids, logp, tail, positions)
             if on_chunk_written is not None:
                 on_chunk_written(chunk)
             writer.mark_done(chunk, (lo, hi))
@@ -347,6 +438,16 @@ def run_chunks(
 
 
 # -------------------------------------------------------------------------------------------- header
+ALIGNMENT_CAUSAL = (
+    "row r: the teacher's next-token distribution after global token r of the dataset's .bin, with the context "
+    "of that token's own sequence only"
+)
+ALIGNMENT_MASKED = (
+    "row r: the teacher's distribution over the token at global position PATH.pos[r] of the dataset's .bin, "
+    "given its own sequence (window) with the static mask applied, as [cls] window [sep]"
+)
+
+
 def targets_header(
     *,
     teacher_path: str,
@@ -360,17 +461,21 @@ def targets_header(
     plan: Plan,
     chunk_tokens: int,
     batch_tokens: int,
+    masking: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The ``.idx`` header of a precompute (no time stamps or host names: reruns give identical bytes)."""
+    """The ``.idx`` header of a precompute (no time stamps or host names: reruns give identical bytes);
+    ``masking`` (a masked-LM teacher's static mask) makes the rows those of the masked positions."""
     vocab = teacher_cfg.vocab_size
     if not 0 < k <= vocab:
         raise TeacherTargetsError(f"--top-k {k}: must be in [1, {vocab}] (the teacher's vocabulary)")
     config = teacher_cfg.to_dict() if hasattr(teacher_cfg, "to_dict") else dict(vars(teacher_cfg))
     width = id_bytes_for(vocab)
+    rows = int(dataset["num_tokens"]) if masking is None else int(plan.stored[-1])
     return {
         "format": FORMAT,
         "version": VERSION,
-        "num_rows": int(dataset["num_tokens"]),
+        "num_rows": rows,
+        "masking": masking,
         "k": k,
         "temperature": float(temperature),
         "values": values,
@@ -399,6 +504,5 @@ def targets_header(
             "batch_tokens": batch_tokens,
             "num_chunks": len(plan.chunks),
         },
-        "alignment": "row r: the teacher's next-token distribution after global token r of the dataset's .bin, "
-        "with the context of that token's own sequence only",
+        "alignment": ALIGNMENT_CAUSAL if masking is None else ALIGNMENT_MASKED,
     }

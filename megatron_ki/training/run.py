@@ -18,6 +18,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -425,6 +426,7 @@ def open_teacher_targets(cfg: Config, tokenizer=None) -> dict[str, Any]:
                 targets.check_compatible(cfg.model.vocab_size)
         except (TeacherTargetsError, OSError) as e:
             raise ConfigError("ki.teacher_targets", " ".join(str(e).split())) from None
+        check_targets_masking(cfg, targets, tokenizer)
         if abs(targets.temperature - cfg.ki.temperature) > 1e-6 * cfg.ki.temperature:
             raise ConfigError(
                 "ki.temperature",
@@ -434,6 +436,37 @@ def open_teacher_targets(cfg: Config, tokenizer=None) -> dict[str, Any]:
             )
         out[prefix] = targets
     return out
+
+
+def check_targets_masking(cfg: Config, targets: Any, tokenizer=None) -> None:
+    """Targets of a causal teacher for a causal student; those of a masked-LM teacher for a masked-LM student
+    whose static mask (seed, probabilities, special ids) is the one they were computed under."""
+    from megatron_ki.data.mlm_dataset import special_mask
+    from megatron_ki.data.static_mask import StaticMasking
+
+    recorded = targets.masking
+    if cfg.model.causal or recorded is None:
+        if cfg.model.causal != (recorded is None):
+            kind = "a causal" if recorded is None else "a masked-LM"
+            raise ConfigError(
+                "ki.teacher_targets",
+                f"{targets.path} hold {kind} teacher's targets, but model.family {cfg.model.family!r} is "
+                f"{'causal' if cfg.model.causal else 'a masked LM'}: precompute with a teacher of the same kind",
+            )
+        return
+    special = special_mask(tokenizer) if tokenizer is not None else np.zeros(cfg.model.vocab_size, dtype=bool)
+    mine = StaticMasking(cfg.data.mask_seed, cfg.data.mask_prob).describe(special)
+    fields = ["scheme", "seed", "mask_prob", "random_prob", "keep_prob"]
+    for key in fields + (["num_special_ids", "special_ids_sha256"] if tokenizer is not None else []):
+        if recorded.get(key) != mine[key]:
+            option = {"seed": "data.mask_seed", "mask_prob": "data.mask_prob"}.get(
+                key, "data.tokenizer_model"
+            )
+            raise ConfigError(
+                option,
+                f"the static mask differs from the one {targets.path} were computed under: {key} "
+                f"{recorded.get(key)!r} there, {mine[key]!r} here; the student must mask as the teacher saw",
+            )
 
 
 def attach_targets(dataset: Any, targets: dict[str, Any]) -> None:
