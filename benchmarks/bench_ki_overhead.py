@@ -15,7 +15,9 @@ jobs hits both alike; the table shows the median step time after ``--skip`` step
 
 ``--repo`` runs another checkout's ``launch/pretrain_ki.sh`` and ``pretrain_ki.py`` (same configs and data), so
 one script measures before and after a change; ``--partition parameters`` times the pipeline split by
-DeepSpeed's parameter balance instead of the quickstart's compute balance. Prints a markdown table; ``--json`` writes it.
+DeepSpeed's parameter balance instead of the quickstart's compute balance. ``--stage-timers`` also logs where
+each stage's time goes (``logging.stage_timers``: forward, backward, waiting on a send or receive, the rest) and
+prints it per layout, arm and stage (medians over the timed steps). Prints markdown tables; ``--json`` writes them.
 """
 
 from __future__ import annotations
@@ -81,6 +83,8 @@ class Timer:
         if self.args.partition is not None:
             overrides += ["--parallel.pipeline_partition", self.args.partition]
         overrides += [*timing_run_args(run_dir), *ki]
+        if self.args.stage_timers:
+            overrides += ["--logging.stage_timers", "true"]
         self.launcher.train(QUICKSTART / "student.yaml", overrides, run_dir, f"{layout}: {arm} #{repeat}")
         return timed_train_steps(run_dir, self.args.skip, "bench_ki_overhead")
 
@@ -92,6 +96,7 @@ def measure(timer: Timer, layout: str, teacher: Path, repeats: int) -> dict[str,
         order = ("scratch", "ki") if repeat % 2 == 0 else ("ki", "scratch")
         for arm in order:
             steps[arm] += timer.run(layout, arm, repeat, ki if arm == "ki" else [])
+    stages = {arm: stage_breakdown(recs) for arm, recs in steps.items()}
     ms = {arm: 1000 * statistics.median(r["step_time_s"] for r in recs) for arm, recs in steps.items()}
     fpt = {arm: statistics.median(r["flops_per_token"] for r in recs) for arm, recs in steps.items()}
     share = 100.0 * (fpt["ki"] / fpt["scratch"] - 1.0)
@@ -105,7 +110,42 @@ def measure(timer: Timer, layout: str, teacher: Path, repeats: int) -> dict[str,
         "goal_pct": share + GOAL_POINTS,
         "meets_goal": overhead <= share + GOAL_POINTS,
         "steps_timed": len(steps["ki"]),
+        "stages": stages,
     }
+
+
+STAGE_PARTS = {
+    "forward": ("forward_pass",),
+    "backward": ("backward_pass",),
+    "send/recv": ("send_activation", "recv_activation", "send_grad", "recv_grad"),
+    "rest": ("load_micro_batch", "reduce_tied_grads", "reduce_grads", "optimizer_step"),
+}
+STAGE_COLUMNS = ("layout", "arm", "stage", *(f"{k} ms" for k in STAGE_PARTS), "step ms")
+
+
+def stage_breakdown(records: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """Per stage, the median over ``records`` of each part of :data:`STAGE_PARTS` (empty without timers)."""
+    out = []
+    for stage in range(8):
+        prefix = f"stage{stage}_"
+        if not any(k.startswith(prefix) for k in records[0]):
+            break
+        row = {
+            part: statistics.median(sum(r.get(f"{prefix}{k}_ms", 0.0) for k in kinds) for r in records)
+            for part, kinds in STAGE_PARTS.items()
+        }
+        row["step"] = statistics.median(1000 * r["step_time_s"] for r in records)
+        out.append(row)
+    return out
+
+
+def stage_cells(rows: list[dict[str, Any]]) -> list[tuple[str, ...]]:
+    return [
+        (r["layout"], arm, str(s), *(f"{st[p]:.1f}" for p in STAGE_PARTS), f"{st['step']:.1f}")
+        for r in rows
+        for arm in ("scratch", "ki")
+        for s, st in enumerate(r["stages"][arm])
+    ]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -120,6 +160,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--partition", default=None, help="parallel.pipeline_partition for every run (default: the config's)"
     )
     p.add_argument("--max-docs", type=int, default=0, help="demo-corpus documents (0: all)")
+    p.add_argument("--stage-timers", action="store_true", help="log and print each stage's time per part")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     if args.steps <= args.skip:
@@ -158,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows
     ]
     print("\n".join(table(COLUMNS, cells)))
+    if args.stage_timers:
+        print("\nWhere each stage's time goes (medians over the timed steps):\n")
+        print("\n".join(table(STAGE_COLUMNS, stage_cells(rows))))
     print(f"\nrepo {args.repo}; load average before {load_text(before)}, after {load_text(os.getloadavg())}")
     if args.json is not None:
         result = {"repo": str(args.repo), "partition": args.partition, "rows": rows}

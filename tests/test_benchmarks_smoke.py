@@ -282,7 +282,7 @@ def test_bench_ki_overhead_tiny(tmp_path: Path) -> None:
     out, work = tmp_path / "overhead.json", tmp_path / "work"
     stdout = _run(
         [str(BENCH / "bench_ki_overhead.py"), "--layouts", "quickstart (pp=2)", "--steps", "3", "--skip", "1",
-         "--repeats", "1", "--max-docs", "300", "--workdir", str(work), "--json", str(out)],
+         "--repeats", "1", "--max-docs", "300", "--workdir", str(work), "--json", str(out), "--stage-timers"],
         timeout=280,
     )  # fmt: skip
     header, rows = _table(stdout)
@@ -303,6 +303,13 @@ def test_bench_ki_overhead_tiny(tmp_path: Path) -> None:
     ratio = steps["ki"][-1]["flops_per_token"] / steps["scratch"][-1]["flops_per_token"]
     assert row["flop_share_pct"] == pytest.approx(100 * (ratio - 1)) and row["flop_share_pct"] > 0
     assert row["meets_goal"] == (row["overhead_pct"] <= row["flop_share_pct"] + 10)
+    for arm in ("scratch", "ki"):  # --stage-timers: both stages, their parts within the step
+        assert len(row["stages"][arm]) == 2
+        for st in row["stages"][arm]:
+            parts = [st[p] for p in ("forward", "backward", "send/recv", "rest")]
+            assert st["forward"] > 0 and st["backward"] > 0 and min(parts) >= 0
+            assert sum(parts) <= 1.1 * st["step"] + 2, (arm, st)
+    assert "Where each stage's time goes" in stdout
 
 
 @pytest.mark.distributed

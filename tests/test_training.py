@@ -493,6 +493,35 @@ def test_unfused_head_switch(ws):
     assert_curves_close(result, reference, PARITY, "unfused head")
 
 
+STAGE_KINDS = {
+    # pp = 2: the first stage sends activations and receives gradients, the last the reverse; both run
+    # forward and backward passes, reduce the tied embedding's gradient and step the optimizer
+    (2, 0): {"load_micro_batch", "forward_pass", "backward_pass", "send_activation", "recv_grad"},
+    (2, 1): {"load_micro_batch", "forward_pass", "backward_pass", "recv_activation", "send_grad"},
+    (1, 0): {"forward_pass", "backward_pass", "optimizer_step"},
+}
+
+
+@pytest.mark.parametrize("pp", [2, 1])
+def test_stage_timers_account_for_the_step(ws, pp):
+    """``--logging.stage_timers true`` logs each stage's time per kind of work; the kinds are those the
+    stage's schedule runs, their sum is most of the step and never more, and the curves do not change."""
+    result = independent_run(ws, f"stage_timers_pp{pp}")
+    reference = matrix_run(ws, Case("roberta", True, pp=2) if pp == 2 else Case("gpt2", True))
+    assert_ok(result)
+    assert_curves_close(result, reference, PARITY, "stage timers")
+    steps = [m for m in result.metrics() if "split" not in m]
+    assert len(steps) == STEPS
+    for m in steps:
+        step_ms = 1000 * m["step_time_s"]
+        for stage in range(pp):
+            kinds = {k[len(f"stage{stage}_") : -3]: v for k, v in m.items() if k.startswith(f"stage{stage}_")}
+            assert STAGE_KINDS[(pp, stage)] <= set(kinds), (stage, sorted(kinds))
+            assert all(v >= 0 for v in kinds.values())
+            assert 0.5 * step_ms <= sum(kinds.values()) <= 1.02 * step_ms + 2, (stage, kinds, step_ms)
+        assert not any(k.startswith(f"stage{pp}_") for k in m)
+
+
 # ------------------------------------------------------------------------------------- scheduling
 def independent_launches(ws: Workspace) -> dict[str, tuple[int, list[str], dict[str, Any]]]:
     """Every launch that needs no other's output, ``{name: (world size, args, launch kwargs)}``, in queue
@@ -517,6 +546,14 @@ def independent_launches(ws: Workspace) -> dict[str, tuple[int, list[str], dict[
     out["eval_continuing_dp2"] = (2, continuing, {})
     unfused = [*ws.base_args("gpt2", "unfused_head"), *ws.ki_args("gpt2"), "--train.fused_head_loss", "false"]
     out["unfused_head"] = (1, unfused, {})
+    timers = ("--logging.stage_timers", "true")
+    pp2 = [*ws.base_args("roberta", "stage_timers_pp2"), "--parallel.pipeline_parallel", "2"]
+    out["stage_timers_pp2"] = (2, [*pp2, *ws.ki_args("roberta"), *timers], {})
+    out["stage_timers_pp1"] = (
+        1,
+        [*ws.base_args("gpt2", "stage_timers_pp1"), *ws.ki_args("gpt2"), *timers],
+        {},
+    )
     return out
 
 
@@ -535,6 +572,13 @@ def needed_by(test: str) -> set[str]:
         return {"eval_continuing_dp2"}
     if test.startswith("test_unfused_head"):
         return {"unfused_head", Case("gpt2", True).name}
+    if test.startswith("test_stage_timers"):
+        return {
+            "stage_timers_pp2",
+            "stage_timers_pp1",
+            Case("roberta", True, pp=2).name,
+            Case("gpt2", True).name,
+        }
     return (
         {"crash"}
         if test.startswith("test_crashed")

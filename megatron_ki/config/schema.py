@@ -623,6 +623,10 @@ class LoggingConfig:
     """Also write TensorBoard events."""
     progress_bar: bool = True
     """Show a progress bar on rank 0."""
+    stage_timers: bool = False
+    """Log each pipeline stage's time per kind of work every step (``stage{s}_forward_pass_ms``,
+    ``..._recv_activation_ms``, ...; training/deepspeed_compat.py:StageTimer): where a pipelined step's time goes.
+    A collective per step and, on GPUs, a synchronise per timed span: a diagnostic."""
 
     def __post_init__(self) -> None:
         check(self.log_interval >= 1, "logging.log_interval", f"must be >= 1, got {self.log_interval}")

@@ -454,3 +454,73 @@ def replace_recovery_scripts(root: Path, tp: int, pp: int) -> None:
         if path.is_file():
             write_text_atomic(path, _REFUSING_SCRIPT.format(name=name, tp=tp, pp=pp, root=root.resolve()))
             path.chmod(0o755)
+
+
+# --------------------------------------------------------------------------------------- stage timers
+class StageTimer:
+    """Wall-clock seconds this rank spends in each kind of work of a training step (``logging.stage_timers``).
+
+    At pp > 1 each instruction of DeepSpeed's pipeline schedule (``LoadMicroBatch``, ``ForwardPass``,
+    ``BackwardPass``, ``SendActivation``, ``RecvActivation``, ``SendGrad``, ``RecvGrad``, ``ReduceTiedGrads``,
+    ``ReduceGrads``, ``OptimizerStep``) is timed by wrapping the engine's own instruction table on this engine
+    instance (``PipelineEngine._INSTRUCTION_MAP``, which its schedule executor looks up per instruction). A
+    receive's time is waiting for the neighbouring stage plus the transfer, so a stage that waits long is one
+    that runs ahead of a slower neighbour. At pp = 1 the loop times ``ForwardPass``, ``BackwardPass`` and
+    ``OptimizerStep`` itself through :meth:`timed`. On a GPU every timed span ends with a device synchronise,
+    which costs time: a diagnostic, off by default.
+    """
+
+    def __init__(self, engine: Any = None, device: torch.device | None = None):
+        self.totals: dict[str, float] = {}
+        self._sync = device is not None and device.type == "cuda"
+        table = getattr(type(engine), "_INSTRUCTION_MAP", None) if engine is not None else None
+        if table is not None:
+            engine._INSTRUCTION_MAP = {cmd: self._wrap(cmd.__name__, fn) for cmd, fn in table.items()}
+
+    def _wrap(self, name: str, fn: Callable) -> Callable:
+        def run(engine, **kwargs):
+            with self.timed(name):
+                return fn(engine, **kwargs)
+
+        return run
+
+    def timed(self, name: str):
+        """Context manager adding the span's seconds to ``name``."""
+        import contextlib
+        import time
+
+        @contextlib.contextmanager
+        def span():
+            start = time.perf_counter()
+            try:
+                yield
+            finally:
+                if self._sync:
+                    torch.cuda.synchronize()
+                self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
+
+        return span()
+
+    def pop(self) -> dict[str, float]:
+        """The seconds per kind since the last call, and start again."""
+        totals, self.totals = self.totals, {}
+        return totals
+
+
+def stage_times(totals: dict[str, float], pp_rank: int, pp: int) -> dict[str, float]:
+    """Every rank's :meth:`StageTimer.pop`, gathered: ``stage{s}_{kind}_ms`` (snake case), the mean over the
+    ranks of stage ``s`` (data- and tensor-parallel ranks do the same work). A collective over all ranks."""
+    import re
+
+    gathered: list[Any] = [None] * (dist.get_world_size() if dist.is_initialized() else 1)
+    if dist.is_initialized():
+        dist.all_gather_object(gathered, (pp_rank, totals))
+    else:
+        gathered = [(pp_rank, totals)]
+    out: dict[str, float] = {}
+    for stage in range(pp):
+        mine = [t for s, t in gathered if s == stage]
+        for name in sorted({k for t in mine for k in t}):
+            key = re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+            out[f"stage{stage}_{key}_ms"] = 1000.0 * sum(t.get(name, 0.0) for t in mine) / len(mine)
+    return out

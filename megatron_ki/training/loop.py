@@ -8,6 +8,7 @@ loop sums those records over the world, so every rank sees the same numbers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -20,7 +21,13 @@ import torch
 import torch.distributed as dist
 
 from megatron_ki.errors import MegatronKIError
-from megatron_ki.training.deepspeed_compat import global_grad_norm, loss_scale, skipped_steps
+from megatron_ki.training.deepspeed_compat import (
+    StageTimer,
+    global_grad_norm,
+    loss_scale,
+    skipped_steps,
+    stage_times,
+)
 from megatron_ki.training.metrics import peak_memory_gib
 
 if TYPE_CHECKING:
@@ -103,6 +110,11 @@ class Trainer:
         self.teacher, self.pipe_teacher = run.teacher, run.pipe_teacher
         self.callbacks = list(callbacks)
         self.pipeline = cfg.parallel.pipeline_parallel > 1
+        self.stage_timer = (
+            StageTimer(run.engine if self.pipeline else None, run.device)
+            if cfg.logging.stage_timers
+            else None
+        )
         self.causal = cfg.model.causal
         self.micro_batches = cfg.gradient_accumulation_steps(groups.topology.world_size)
         self.state = LoopState()
@@ -204,9 +216,12 @@ class Trainer:
             total = torch.zeros((), dtype=torch.float64, device=self.engine.device)
             for _ in range(self.micro_batches):
                 inputs, labels = next(data_iter)
-                loss = self._forward_loss(inputs, labels)
-                self.engine.backward(loss)
-                self.engine.step()
+                with self._timed("ForwardPass"):
+                    loss = self._forward_loss(inputs, labels)
+                with self._timed("BackwardPass"):
+                    self.engine.backward(loss)
+                with self._timed("OptimizerStep"):
+                    self.engine.step()
                 total += loss.detach().double()  # no host sync per micro-batch
             loss_value = float(total) / self.micro_batches  # the step's one sync, inside the timed span
         elapsed = time.perf_counter() - start
@@ -239,7 +254,13 @@ class Trainer:
             tokens_per_s=tokens / elapsed if elapsed > 0 else None,
             **peak_memory_gib(self.engine.device),
         )
+        if self.stage_timer is not None:
+            metrics.update(stage_times(self.stage_timer.pop(), self.groups.pp_rank, self.groups.topology.pp))
         return metrics
+
+    def _timed(self, name: str):
+        """``logging.stage_timers`` at pp = 1: the span counts as ``name``."""
+        return contextlib.nullcontext() if self.stage_timer is None else self.stage_timer.timed(name)
 
     def _skipped(self) -> int:
         """Steps skipped so far: by DeepSpeed (fp16/bf16 overflow) or by the framework's guarded optimizer."""
