@@ -257,6 +257,8 @@ def test_mlm_students_masking_otherwise_are_refused(mlm_ws, ws):
 
 
 def test_mlm_offline_ki_tp2_and_pp2_equal_single_rank(mlm_ws):
+    """Also: the default path (the head projects the masked positions only) equals the logits path."""
+
     def train_mlm(name: str, ranks: int, *extra: str):
         result = launch(ranks, mlm_student_args(mlm_ws, name, *extra), mlm_ws[0] / "runs" / name, timeout=300)
         assert result.returncode == 0, f"{name}: launch failed (rc {result.returncode}):\n{result.tail()}"
@@ -265,11 +267,13 @@ def test_mlm_offline_ki_tp2_and_pp2_equal_single_rank(mlm_ws):
     single = train_mlm("mlm_tp1", 1)
     kd = [m["kd_loss"] for m in single.metrics() if "split" not in m]
     assert len(kd) == STEPS and all(math.isfinite(x) and x > 0 for x in kd)
-    for name, extra in (
-        ("mlm_tp2", ("--parallel.tensor_parallel", "2")),
-        ("mlm_pp2", ("--parallel.pipeline_parallel", "2")),
+    assert "output head + loss: fused (the head projects the loss positions only" in single.output
+    for name, ranks, extra in (
+        ("mlm_logits", 1, ("--train.fused_head_loss", "false")),
+        ("mlm_tp2", 2, ("--parallel.tensor_parallel", "2")),
+        ("mlm_pp2", 2, ("--parallel.pipeline_parallel", "2")),
     ):
-        other = train_mlm(name, 2, *extra)
+        other = train_mlm(name, ranks, *extra)
         for key in ("loss", "lm_loss", "kd_loss"):
             got, want = other.losses(key), single.losses(key)
             assert all(math.isclose(a, b, **PARITY) for a, b in zip(got, want, strict=True)), (

@@ -277,6 +277,42 @@ def _sparse_worker(rank: int, world_size: int) -> dict:
 
 
 @pytest.mark.distributed
+@pytest.mark.parametrize("bias", [False, True])
+def test_head_rows_path_equals_the_logits_path(bias: bool) -> None:
+    """Offline targets from the head's inputs (only the labelled rows projected, ``head_rows_logits``) give the
+    logits path's loss and gradients (hidden, weight, bias), padded vocabulary columns included."""
+    from megatron_ki.config import KIConfig
+    from megatron_ki.ki.teacher import KILossFunction
+    from megatron_ki.models.transformer import HeadInputs
+
+    g = torch.Generator().manual_seed(5)
+    h0, w0 = torch.randn(B, S, 16, generator=g), torch.randn(V, 16, generator=g) * 0.5
+    b0 = torch.randn(V, generator=g) if bias else None
+    _, t, labels = make_logits(9, padded=True)
+    ids, logp, tail = top_k_targets(t, 6, 2.0)
+    fn = KILossFunction(
+        KIConfig(enabled=True, temperature=2.0, teacher_targets=["x"]), alpha=0.7, vocab_size=REAL
+    )
+    results = []
+    for rows_only in (False, True):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        b = b0.clone().requires_grad_() if bias else None
+        if rows_only:
+            out = HeadInputs(h, w, b, REAL)
+        else:
+            out = F.linear(h, w, b)
+            out = out.masked_fill(torch.arange(V) >= REAL, float("-inf"))
+        loss = fn(out, (labels, ids, logp, tail))
+        loss.backward()
+        results.append((loss.detach(), h.grad, w.grad, b.grad if bias else None))
+    for a, c in zip(*results, strict=True):
+        if a is not None:
+            torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6)
+    records = fn.pop_records()
+    assert float(records[0].kd_loss) == pytest.approx(float(records[1].kd_loss), rel=1e-6)
+    assert int(records[0].num_tokens) == int(records[1].num_tokens) == int((labels != -100).sum())
+
+
 def test_tp2_equals_tp1() -> None:
     results = run_distributed(_sparse_worker, world_size=2)
     for name, padded, k, tau in _cases():

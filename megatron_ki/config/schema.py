@@ -550,7 +550,8 @@ class TrainConfig:
     """Compute the output head(s) and the loss (LM, and KI's KD term) together in chunks of
     fused_head_chunk_tokens loss positions, so no [tokens, vocab/tp] logits exist (ki/fused_head.py), at pp = 1 and
     on the last pipeline stage. The same loss and gradients up to rounding; false: the logits, then the loss.
-    Runs that read offline teacher targets (ki.teacher_targets) use the unfused path."""
+    Runs that read offline teacher targets (ki.teacher_targets) project only the loss positions' rows (all of
+    them at once, not chunked), then the sparse loss; false: every position's logits."""
     fused_head_chunk_tokens: int = 512
     """Loss positions per chunk of the fused head: its extra memory grows with chunk x vocab/tp, not with the
     number of tokens."""

@@ -22,7 +22,7 @@ from megatron_ki.models.transformer import HeadInputs
 
 from .fused_head import DEFAULT_CHUNK_TOKENS, fused_head_ki_loss
 from .loss import KILossOutput, ki_loss
-from .sparse_loss import sparse_ki_loss
+from .sparse_loss import head_rows_logits, sparse_ki_loss
 
 
 class TeacherError(MegatronKIError, ValueError):
@@ -143,7 +143,15 @@ class KILossFunction:
 
     def _offline(self, logits, labels, t_ids, t_logp, t_tail) -> torch.Tensor:
         """The KD term over the stored top-K ids and the tail bucket (``ki/sparse_loss.py``); the targets are
-        at the temperature they were computed at, which the run checked equals ``ki.temperature``."""
+        at the temperature they were computed at, which the run checked equals ``ki.temperature``. Given the
+        head's inputs, only the positions with a label are projected (the same loss)."""
+        if isinstance(logits, HeadInputs):
+            rows = (labels.reshape(-1) != -100).nonzero().squeeze(1)  # ki_loss's ignore_index
+            k = t_ids.shape[-1]
+            logits = head_rows_logits(logits, rows, self.tp_group)
+            labels = labels.reshape(-1).index_select(0, rows)
+            t_ids, t_logp = (t.reshape(-1, k).index_select(0, rows) for t in (t_ids, t_logp))
+            t_tail = t_tail.reshape(-1).index_select(0, rows)
         out = sparse_ki_loss(  # alpha 0 (targets released): the LM term alone, the targets unread
             logits,
             t_ids,

@@ -158,7 +158,7 @@ def fused_head(cfg: Config) -> tuple[bool, str]:
     if not cfg.train.fused_head_loss:
         return False, "train.fused_head_loss is false"
     if cfg.ki.offline:
-        return False, "the sparse loss of offline teacher targets reads the logits"
+        return True, "the head projects the loss positions only, then the sparse loss of the offline targets"
     return True, f"chunks of {cfg.train.fused_head_chunk_tokens} loss positions, no [tokens, vocab/tp] logits"
 
 
