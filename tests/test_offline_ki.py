@@ -26,15 +26,10 @@ K, TAU, STEPS = 16, 2.0, 3
 PARITY = {"rel_tol": 1e-5, "abs_tol": 1e-6}
 
 
-@pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    """The test corpus, a tiny GPT teacher and its targets, precomputed once (one rank)."""
-    root = tmp_path_factory.mktemp("offline_ki")
-    corpus = build_corpus(root / "corpus")
-    teacher = write_teacher(root / "teacher", "tiny_gpt2.yaml")
-    targets = root / "targets" / "synth"
-    args = [
-        "--config", str(CONFIGS / "tiny_gpt2.yaml"),
+def precompute_args(config: str, corpus, teacher, targets, *extra: str) -> list[str]:
+    """tools/precompute_teacher.py's arguments: K and TAU over the test corpus with its tokenizer."""
+    return [
+        "--config", str(CONFIGS / config),
         "--output", str(targets),
         "--top-k", str(K),
         "--temperature", str(TAU),
@@ -42,17 +37,27 @@ def ws(tmp_path_factory):
         "--data.data_path", corpus.prefix,
         "--data.tokenizer_type", "SentencePieceTokenizer",
         "--data.tokenizer_model", corpus.tokenizer,
+        *extra,
     ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    """The test corpus, a tiny GPT teacher and its targets, precomputed once (one rank)."""
+    root = tmp_path_factory.mktemp("offline_ki")
+    corpus = build_corpus(root / "corpus")
+    teacher = write_teacher(root / "teacher", "tiny_gpt2.yaml")
+    targets = root / "targets" / "synth"
+    args = precompute_args("tiny_gpt2.yaml", corpus, teacher, targets)
     result = launch(1, args, root / "precompute", entry=TOOL, timeout=300)
     assert result.returncode == 0, result.tail()
     return root, corpus, targets
 
 
-def student_args(ws, name: str, *extra: str) -> list[str]:
-    root, corpus, targets = ws
+def _student_args(root, corpus, targets, config: str, name: str, *extra: str) -> list[str]:
     run_dir = root / "runs" / name
     return [
-        "--config", str(CONFIGS / "tiny_gpt2.yaml"),
+        "--config", str(CONFIGS / config),
         "--train.train_steps", str(STEPS),
         "--train.micro_batch_size", "4",
         "--train.global_batch_size", "8",
@@ -67,10 +72,24 @@ def student_args(ws, name: str, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def train(ws, name: str, ranks: int, *extra: str):
-    result = launch(ranks, student_args(ws, name, *extra), ws[0] / "runs" / name, timeout=300)
+def student_args(ws, name: str, *extra: str) -> list[str]:
+    return _student_args(*ws, "tiny_gpt2.yaml", name, *extra)
+
+
+def assert_same_curves(got, want, name: str) -> None:
+    for key in ("loss", "lm_loss", "kd_loss"):
+        a, b = got.losses(key), want.losses(key)
+        assert all(math.isclose(x, y, **PARITY) for x, y in zip(a, b, strict=True)), (name, key, a, b)
+
+
+def launched(ranks: int, args: list[str], run_dir, name: str):
+    result = launch(ranks, args, run_dir, timeout=300)
     assert result.returncode == 0, f"{name}: launch failed (rc {result.returncode}):\n{result.tail()}"
     return result
+
+
+def train(ws, name: str, ranks: int, *extra: str):
+    return launched(ranks, student_args(ws, name, *extra), ws[0] / "runs" / name, name)
 
 
 def test_samples_carry_the_targets_of_their_tokens(ws):
@@ -129,14 +148,7 @@ def test_offline_ki_tp2_and_pp2_equal_single_rank(ws):
         ("pp2", ("--parallel.pipeline_parallel", "2")),
     ):
         other = train(ws, name, 2, *extra)
-        for key in ("loss", "lm_loss", "kd_loss"):
-            got, want = other.losses(key), single.losses(key)
-            assert all(math.isclose(a, b, **PARITY) for a, b in zip(got, want, strict=True)), (
-                name,
-                key,
-                got,
-                want,
-            )
+        assert_same_curves(other, single, name)
 
 
 @pytest.mark.slow
@@ -175,40 +187,15 @@ def mlm_ws(ws):
     sys.modules[spec.name] = tool
     spec.loader.exec_module(tool)
     targets = root / "targets" / "mlm"
-    args = [
-        "--config", str(CONFIGS / "tiny_roberta.yaml"),
-        "--output", str(targets),
-        "--top-k", str(K),
-        "--temperature", str(TAU),
-        "--ki.teacher_path", str(teacher),
-        "--data.data_path", corpus.prefix,
-        "--data.tokenizer_type", "SentencePieceTokenizer",
-        "--data.tokenizer_model", corpus.tokenizer,
-        "--data.mask_seed", str(MASK_SEED),
-    ]  # fmt: skip
+    args = precompute_args("tiny_roberta.yaml", corpus, teacher, targets, "--data.mask_seed", str(MASK_SEED))
     assert tool.precompute(args) == 0
     return root, corpus, targets, pad
 
 
 def mlm_student_args(mlm_ws, name: str, *extra: str) -> list[str]:
     root, corpus, targets, pad = mlm_ws
-    run_dir = root / "runs" / name
-    return [
-        "--config", str(CONFIGS / "tiny_roberta.yaml"),
-        "--model.pad_token_id", str(pad),
-        "--train.train_steps", str(STEPS),
-        "--train.micro_batch_size", "4",
-        "--train.global_batch_size", "8",
-        *corpus.data_args(run_dir / "index-cache"),
-        *quiet_args(run_dir),
-        "--data.mask_seed", str(MASK_SEED),
-        "--ki.enabled", "true",
-        "--ki.teacher_targets", str(targets),
-        "--ki.temperature", str(TAU),
-        "--ki.alpha0", "0.5",
-        "--ki.decay_steps", "100",
-        *extra,
-    ]  # fmt: skip
+    roberta = ("--model.pad_token_id", str(pad), "--data.mask_seed", str(MASK_SEED))
+    return _student_args(root, corpus, targets, "tiny_roberta.yaml", name, *roberta, *extra)
 
 
 def test_mlm_samples_carry_the_targets_of_their_masked_tokens(mlm_ws):
@@ -260,9 +247,7 @@ def test_mlm_offline_ki_tp2_and_pp2_equal_single_rank(mlm_ws):
     """Also: the default path (the head projects the masked positions only) equals the logits path."""
 
     def train_mlm(name: str, ranks: int, *extra: str):
-        result = launch(ranks, mlm_student_args(mlm_ws, name, *extra), mlm_ws[0] / "runs" / name, timeout=300)
-        assert result.returncode == 0, f"{name}: launch failed (rc {result.returncode}):\n{result.tail()}"
-        return result
+        return launched(ranks, mlm_student_args(mlm_ws, name, *extra), mlm_ws[0] / "runs" / name, name)
 
     single = train_mlm("mlm_tp1", 1)
     kd = [m["kd_loss"] for m in single.metrics() if "split" not in m]
@@ -274,11 +259,4 @@ def test_mlm_offline_ki_tp2_and_pp2_equal_single_rank(mlm_ws):
         ("mlm_pp2", 2, ("--parallel.pipeline_parallel", "2")),
     ):
         other = train_mlm(name, ranks, *extra)
-        for key in ("loss", "lm_loss", "kd_loss"):
-            got, want = other.losses(key), single.losses(key)
-            assert all(math.isclose(a, b, **PARITY) for a, b in zip(got, want, strict=True)), (
-                name,
-                key,
-                got,
-                want,
-            )
+        assert_same_curves(other, single, name)
