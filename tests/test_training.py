@@ -548,7 +548,8 @@ def independent_launches(ws: Workspace) -> dict[str, tuple[int, list[str], dict[
     out["unfused_head"] = (1, unfused, {})
     timers = ("--logging.stage_timers", "true")
     pp2 = [*ws.base_args("roberta", "stage_timers_pp2"), "--parallel.pipeline_parallel", "2"]
-    out["stage_timers_pp2"] = (2, [*pp2, *ws.ki_args("roberta"), *timers], {})
+    evaluate = ("--train.eval_interval", "1")  # evaluations run pipeline instructions too: not the step's
+    out["stage_timers_pp2"] = (2, [*pp2, *ws.ki_args("roberta"), *timers, *evaluate], {})
     out["stage_timers_pp1"] = (
         1,
         [*ws.base_args("gpt2", "stage_timers_pp1"), *ws.ki_args("gpt2"), *timers],

@@ -208,6 +208,8 @@ class Trainer:
         self.loss_fn.alpha = alpha if self.teacher_active else 0.0
         self.engine.train()
         skipped_before = self._skipped()
+        if self.stage_timer is not None:
+            self.stage_timer.pop()  # evaluations run the same pipeline instructions: count this step's only
         start = time.perf_counter()
         if self.pipeline:
             loss = self.engine.train_batch(data_iter=data_iter)
