@@ -36,6 +36,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -76,6 +77,8 @@ class Settings:
     tokenizer: dict
     temperature: float
     window: int
+    tok: Any = None
+    """The data's tokenizer (None with tokenizer type none)."""
 
 
 def check_options(args: argparse.Namespace) -> None:
@@ -88,15 +91,16 @@ def check_options(args: argparse.Namespace) -> None:
         raise ConfigError("--window", f"must be at least 2, got {args.window}")
 
 
-def tokenizer_of(cfg: Config, teacher_vocab: int) -> dict:
-    """The tokenizer the header records (the data's); without one (type none) the teacher's vocabulary."""
+def tokenizer_of(cfg: Config, teacher_vocab: int) -> tuple[dict, Any]:
+    """``(what the header records of the data's tokenizer, the tokenizer)``; without one (type none) the
+    teacher's vocabulary and None."""
     if cfg.data.tokenizer_type in (None, "none"):
-        return {"type": None, "model": None, "vocab_size": teacher_vocab}
+        return {"type": None, "model": None, "vocab_size": teacher_vocab}, None
     from megatron_ki.data import build_tokenizer
 
     tok = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model, option="data.tokenizer_model")
     model = os.path.abspath(cfg.data.tokenizer_model) if cfg.data.tokenizer_model else None
-    return {"type": cfg.data.tokenizer_type, "model": model, "vocab_size": int(tok.vocab_size)}
+    return {"type": cfg.data.tokenizer_type, "model": model, "vocab_size": int(tok.vocab_size)}, tok
 
 
 def resolve(argv: list[str]) -> Settings:
@@ -120,7 +124,7 @@ def resolve(argv: list[str]) -> Settings:
     teacher = teacher_config_of(path, cfg.model.make_vocab_size_divisible_by)
     if not teacher.causal:
         check_masked_teacher(cfg, teacher, path)
-    tokenizer = tokenizer_of(cfg, teacher.vocab_size)
+    tokenizer, tok = tokenizer_of(cfg, teacher.vocab_size)
     rows, vocab = teacher.vocab_size, tokenizer["vocab_size"]
     if rows < vocab:
         raise ConfigError(
@@ -137,7 +141,7 @@ def resolve(argv: list[str]) -> Settings:
         if window < 4:
             raise ConfigError("--window", f"{window}: a masked-LM teacher needs at least 4 ([cls] x x [sep])")
         window -= 2
-    return Settings(args, cfg, prefixes[0], path, teacher, rows, tokenizer, temperature, window)
+    return Settings(args, cfg, prefixes[0], path, teacher, rows, tokenizer, temperature, window, tok)
 
 
 def check_masked_teacher(cfg: Config, teacher: ModelConfig, path: str) -> None:
@@ -148,10 +152,6 @@ def check_masked_teacher(cfg: Config, teacher: ModelConfig, path: str) -> None:
             f"is required for the {teacher.family} (masked LM) teacher {path}: its targets are computed on "
             "masked input, so the mask must be static (keyed by each token's position) and the student must "
             "train with the same data.mask_seed and data.mask_prob",
-        )
-    if cfg.data.whole_word_masking:
-        raise ConfigError(
-            "data.whole_word_masking", "static masks (data.mask_seed) mask tokens, not whole words"
         )
     if cfg.data.tokenizer_type in (None, "none"):
         raise ConfigError(
@@ -164,16 +164,13 @@ def masked_inputs(s: Settings):
     """The static mask and special ids of a masked-LM teacher's input (None for a causal teacher)."""
     import numpy as np
 
-    from megatron_ki.data import build_tokenizer
     from megatron_ki.data.mlm_dataset import special_mask
     from megatron_ki.data.static_mask import StaticMasking
     from megatron_ki.ki.precompute import MaskedInputs
 
     if s.teacher.causal:
         return None
-    tok = build_tokenizer(
-        s.cfg.data.tokenizer_type, s.cfg.data.tokenizer_model, option="data.tokenizer_model"
-    )
+    tok = s.tok
     for attr in ("cls", "sep", "pad", "mask"):
         if getattr(tok, attr, None) is None:
             raise ConfigError("data.tokenizer_model", f"{s.cfg.data.tokenizer_model} has no {attr} token")

@@ -24,9 +24,8 @@ import torch
 
 from megatron_ki.data.index_cache import default_cache_dir, describe_dataset, load_or_build
 from megatron_ki.data.indexed import IndexedDataset
-from megatron_ki.data.static_mask import StaticMasking
-
-IGNORE_INDEX = -100
+from megatron_ki.data.static_mask import IGNORE_INDEX, StaticMasking
+from megatron_ki.data.teacher_targets import token_base
 
 
 def pack_blocks(sizes: np.ndarray, capacity: int) -> np.ndarray:
@@ -164,7 +163,7 @@ class MLMDataset(torch.utils.data.Dataset):
         if static_mask is not None and whole_word_masking:
             raise ValueError("MLMDataset: static masking masks tokens, not whole words (whole_word_masking)")
         self.static_mask = static_mask
-        self.token_base = np.asarray(self.indexed.pointers, dtype=np.int64) // self.indexed.dtype.itemsize
+        self.token_base = token_base(self.indexed)
         self.seq_length, self.seed, self.name = seq_length, seed, name
         self.mask_prob, self.random_prob, self.keep_prob = mask_prob, random_prob, keep_prob
         self.cls, self.sep, self.pad, self.mask_id = (

@@ -391,7 +391,7 @@ class Engine:
                 parts.append(logits[i, torch.from_numpy(offsets + 1).to(logits.device)])
             else:
                 parts.append(logits[i, lo:hi])
-            rows.append(offsets + int(p.base[p.seq[w]] + p.start[w]))
+            rows.append(self.positions(w)[offsets])
         z = torch.cat(parts).float() / self.temperature  # stays on the device: NCCL gathers device tensors
         return z, np.concatenate(rows)
 

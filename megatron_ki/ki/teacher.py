@@ -21,7 +21,7 @@ from megatron_ki.models import build_model
 from megatron_ki.models.transformer import HeadInputs
 
 from .fused_head import DEFAULT_CHUNK_TOKENS, fused_head_ki_loss
-from .loss import KILossOutput, ki_loss
+from .loss import KILossOutput, ki_loss, loss_positions
 from .sparse_loss import head_rows_logits, sparse_ki_loss
 
 
@@ -146,7 +146,7 @@ class KILossFunction:
         at the temperature they were computed at, which the run checked equals ``ki.temperature``. Given the
         head's inputs, only the positions with a label are projected (the same loss)."""
         if isinstance(logits, HeadInputs):
-            rows = (labels.reshape(-1) != -100).nonzero().squeeze(1)  # ki_loss's ignore_index
+            rows = loss_positions(labels).reshape(-1).nonzero().squeeze(1)
             k = t_ids.shape[-1]
             logits = head_rows_logits(logits, rows, self.tp_group)
             labels = labels.reshape(-1).index_select(0, rows)

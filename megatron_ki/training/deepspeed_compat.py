@@ -28,9 +28,12 @@ refuses another major version with a clear message and logs a warning for anothe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable
+import re
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -484,22 +487,16 @@ class StageTimer:
 
         return run
 
-    def timed(self, name: str):
-        """Context manager adding the span's seconds to ``name``."""
-        import contextlib
-        import time
-
-        @contextlib.contextmanager
-        def span():
-            start = time.perf_counter()
-            try:
-                yield
-            finally:
-                if self._sync:
-                    torch.cuda.synchronize()
-                self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
-
-        return span()
+    @contextlib.contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        """The span's seconds are added to ``name``."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self._sync:
+                torch.cuda.synchronize()
+            self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
 
     def pop(self) -> dict[str, float]:
         """The seconds per kind since the last call, and start again."""
@@ -510,8 +507,6 @@ class StageTimer:
 def stage_times(totals: dict[str, float], pp_rank: int, pp: int) -> dict[str, float]:
     """Every rank's :meth:`StageTimer.pop`, gathered: ``stage{s}_{kind}_ms`` (snake case), the mean over the
     ranks of stage ``s`` (data- and tensor-parallel ranks do the same work). A collective over all ranks."""
-    import re
-
     gathered: list[Any] = [None] * (dist.get_world_size() if dist.is_initialized() else 1)
     if dist.is_initialized():
         dist.all_gather_object(gathered, (pp_rank, totals))
