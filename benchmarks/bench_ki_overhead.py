@@ -15,7 +15,8 @@ jobs hits both alike; the table shows the median step time after ``--skip`` step
 
 ``--repo`` runs another checkout's ``launch/pretrain_ki.sh`` and ``pretrain_ki.py`` (same configs and data), so
 one script measures before and after a change; ``--partition parameters`` times the pipeline split by
-DeepSpeed's parameter balance instead of the quickstart's compute balance. ``--stage-timers`` also logs where
+DeepSpeed's parameter balance instead of the quickstart's compute balance; ``--micro-batch-size`` changes the
+number of micro-batches per step (the global batch stays). ``--stage-timers`` also logs where
 each stage's time goes (``logging.stage_timers``: forward, backward, waiting on a send or receive, the rest) and
 prints it per layout, arm and stage (medians over the timed steps). Prints markdown tables; ``--json`` writes them.
 """
@@ -82,6 +83,8 @@ class Timer:
         overrides = [*self.data_args, *LAYOUTS[layout], "--train.train_steps", str(self.args.steps)]
         if self.args.partition is not None:
             overrides += ["--parallel.pipeline_partition", self.args.partition]
+        if self.args.micro_batch_size is not None:
+            overrides += ["--train.micro_batch_size", str(self.args.micro_batch_size)]
         overrides += [*timing_run_args(run_dir), *ki]
         if self.args.stage_timers:
             overrides += ["--logging.stage_timers", "true"]
@@ -159,6 +162,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--partition", default=None, help="parallel.pipeline_partition for every run (default: the config's)"
     )
+    p.add_argument(
+        "--micro-batch-size",
+        type=int,
+        default=None,
+        help="train.micro_batch_size for every run (default: the config's; the global batch stays)",
+    )
     p.add_argument("--max-docs", type=int, default=0, help="demo-corpus documents (0: all)")
     p.add_argument("--stage-timers", action="store_true", help="log and print each stage's time per part")
     p.add_argument("--json", type=Path, default=None)
@@ -204,7 +213,12 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(table(STAGE_COLUMNS, stage_cells(rows))))
     print(f"\nrepo {args.repo}; load average before {load_text(before)}, after {load_text(os.getloadavg())}")
     if args.json is not None:
-        result = {"repo": str(args.repo), "partition": args.partition, "rows": rows}
+        result = {
+            "repo": str(args.repo),
+            "partition": args.partition,
+            "micro_batch_size": args.micro_batch_size,
+            "rows": rows,
+        }
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
