@@ -11,6 +11,8 @@
 #   ki_seed1      a_0 1, tau 1           ki_a05     a_0 0.5, tau 1        ki_t2   a_0 1, tau 2
 #   ki_t05        a_0 1, tau 0.5 (a sharper teacher)
 #   preln_scratch / preln_ki   the student with pre-LN blocks (model.pre_norm true), scratch / a_0 1, tau 1
+#   preln_ki_t400 / ki_a05_t400   KD over the whole run (a_t linear over 400 steps): pre-LN a_0 1 / post-LN a_0 0.5
+#   scratch_w10 / ki_w10       post-LN with the paper's 10% warm-up (40 steps, not 20): scratch / a_0 1, tau 1
 # Everything else as in the benchmark.
 set -euo pipefail
 data="${1:?DATA_DIR}"
@@ -46,6 +48,10 @@ for arm in "${arms[@]}"; do
         ki_t05) extra=("${ki[@]}" --ki.temperature 0.5) ;;
         preln_scratch) extra=(--model.pre_norm true) ;;
         preln_ki) extra=(--model.pre_norm true "${ki[@]}" --ki.temperature 1.0) ;;
+        preln_ki_t400) extra=(--model.pre_norm true "${ki[@]}" --ki.temperature 1.0 --ki.decay_steps 400) ;;
+        ki_a05_t400) extra=("${ki[@]}" --ki.temperature 1.0 --ki.alpha0 0.5 --ki.decay_steps 400) ;;
+        scratch_w10) extra=(--optim.lr_warmup_fraction 0.1) ;;
+        ki_w10) extra=(--optim.lr_warmup_fraction 0.1 "${ki[@]}" --ki.temperature 1.0) ;;
         *) echo "probe_roberta_ki.sh: unknown arm '$arm'" >&2; exit 2 ;;
     esac
     run "${student[@]}" "${extra[@]}" --logging.run_dir "$out/$arm" > "$out/$arm.log" 2>&1
