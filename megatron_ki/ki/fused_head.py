@@ -148,6 +148,12 @@ def _chunk_grad_logits(
 ) -> torch.Tensor:
     """d loss / d chunk logits for an upstream gradient of 1, fp32: the LM term's softmax minus one-hot,
     plus the kernels' KD gradient, each weighted as ``ki_loss`` mixes and averages them."""
+    if 0.0 < setup.alpha < 1.0 and setup.lse1_from_kl and setup.divergence == "forward_kl":
+        # tau 1: (1 - a)(p_s - y) + a(p_s - p_t) = p_s - a p_t - (1 - a) y; two exp passes instead of three
+        grad = (s.float() - rows["lse_s"].unsqueeze(-1)).exp_()
+        grad.sub_((t.float() - rows["lse_t"].unsqueeze(-1)).exp_(), alpha=setup.alpha)
+        grad.scatter_add_(-1, idx, -(1.0 - setup.alpha) * owned.unsqueeze(-1).float())
+        return grad.mul_(1.0 / count)
     grad = None
     if setup.alpha < 1.0:
         grad = (s.float() - rows["lse1_s"].unsqueeze(-1)).exp_()
