@@ -13,6 +13,7 @@
 #   preln_scratch / preln_ki   the student with pre-LN blocks (model.pre_norm true), scratch / a_0 1, tau 1
 #   preln_ki_t400 / ki_a05_t400   KD over the whole run (a_t linear over 400 steps): pre-LN a_0 1 / post-LN a_0 0.5
 #   scratch_w10 / ki_w10       post-LN with the paper's 10% warm-up (40 steps, not 20): scratch / a_0 1, tau 1
+#   ki_w10_t400 / ki_w10_t300  the same with a_t linear over 400 / 300 steps
 # Everything else as in the benchmark.
 set -euo pipefail
 data="${1:?DATA_DIR}"
@@ -52,6 +53,8 @@ for arm in "${arms[@]}"; do
         ki_a05_t400) extra=("${ki[@]}" --ki.temperature 1.0 --ki.alpha0 0.5 --ki.decay_steps 400) ;;
         scratch_w10) extra=(--optim.lr_warmup_fraction 0.1) ;;
         ki_w10) extra=(--optim.lr_warmup_fraction 0.1 "${ki[@]}" --ki.temperature 1.0) ;;
+        ki_w10_t400) extra=(--optim.lr_warmup_fraction 0.1 "${ki[@]}" --ki.temperature 1.0 --ki.decay_steps 400) ;;
+        ki_w10_t300) extra=(--optim.lr_warmup_fraction 0.1 "${ki[@]}" --ki.temperature 1.0 --ki.decay_steps 300) ;;
         *) echo "probe_roberta_ki.sh: unknown arm '$arm'" >&2; exit 2 ;;
     esac
     run "${student[@]}" "${extra[@]}" --logging.run_dir "$out/$arm" > "$out/$arm.log" 2>&1
