@@ -614,3 +614,42 @@ def test_failure_on_the_second_key_keeps_both_existing_datasets(assets, tmp_path
     assert preprocess_main(argv) == 1
     assert "No space left on device" in capsys.readouterr().err
     assert {n: (tmp_path / "o" / n).read_bytes() for n in _outputs(tmp_path / "o")} == before
+
+
+def test_sample_lines_is_seeded_and_uniform():
+    from megatron_ki.data.train_tokenizer import sample_lines
+
+    lines = [str(i) for i in range(1000)]
+    assert sample_lines(iter(lines[:7]), 10, seed=0) == lines[:7]  # a short stream: every line, in order
+    a = sample_lines(iter(lines), 100, seed=0)
+    assert a == sample_lines(iter(lines), 100, seed=0) and len(set(a)) == 100
+    assert a != sample_lines(iter(lines), 100, seed=1)
+    counts = np.zeros(20)
+    for seed in range(400):  # each of 20 lines kept with probability 5/20 = 0.25
+        for x in sample_lines(iter(lines[:20]), 5, seed):
+            counts[int(x)] += 1
+    assert np.all(np.abs(counts / 400 - 0.25) < 0.08), counts / 400
+
+
+def test_train_tokenizer_sampled_corpus_is_reproducible(tmp_path):
+    """A corpus larger than --sample-size gives the same pieces in every process with the same seed
+    (sentencepiece's own sampling did not: each process trained another tokenizer)."""
+    import sentencepiece as spm
+
+    rng = np.random.default_rng(5)
+    words = ["".join(rng.choice(list("abcdefghijklmnop"), size=rng.integers(2, 9))) for _ in range(3000)]
+    corpus = tmp_path / "c.jsonl"
+    with open(corpus, "w") as f:  # 3000 lines of words drawn from a long tail: the sample decides the merges
+        for _ in range(3000):
+            picks = rng.zipf(1.3, size=12) % len(words)
+            f.write(json.dumps({"text": " ".join(words[i] for i in picks)}) + "\n")
+    pieces = []
+    for run in range(2):
+        prefix = tmp_path / f"t{run}"
+        cmd = [sys.executable, os.path.join(ROOT, "tools/train_tokenizer.py"), "--input", str(corpus)]
+        cmd += ["--model-prefix", str(prefix), "--vocab-size", "400", "--sample-size", "300"]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        sp = spm.SentencePieceProcessor(model_file=f"{prefix}.model")
+        pieces.append([sp.id_to_piece(i) for i in range(sp.get_piece_size())])
+    assert pieces[0] == pieces[1]

@@ -6,8 +6,9 @@ Example::
     python tools/train_tokenizer.py --input 'corpus/*.jsonl' --json-key text --model-prefix tok \\
         --vocab-size 32000 --model-type bpe --special-tokens '<mask>,<pad>,<eod>' --sample-size 2000000
 
-Lines are fed to the trainer through an iterator; ``--sample-size`` caps how many lines sentencepiece keeps
-(reservoir sampling over the stream), so memory does not grow with the corpus.
+Lines are fed to the trainer through an iterator; ``--sample-size`` caps how many lines are kept (reservoir
+sampling over the stream with ``--seed``), so memory does not grow with the corpus and the same input and seed
+give the same tokenizer.
 """
 
 import os

@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import random
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from megatron_ki.data.corpus import expand_inputs, is_jsonl, iter_texts
@@ -80,6 +81,23 @@ def _nonempty_texts(inputs: list[str], files: list[str], json_key: str, skip_bad
     return _Recording(itertools.chain([first], texts))
 
 
+def sample_lines(lines: Iterable[str], size: int, seed: int) -> list[str]:
+    """A uniform sample of ``size`` lines from a stream of unknown length (reservoir sampling, Algorithm R),
+    a function of the lines and ``seed`` only; every line when the stream is shorter. sentencepiece's own
+    ``input_sentence_size`` sampling gives another model on every run whatever ``set_random_generator_seed``
+    says (measured with sentencepiece 0.2), so a corpus larger than the sample made a new tokenizer each time."""
+    rng = random.Random(seed)
+    kept: list[str] = []
+    for i, line in enumerate(lines):
+        if i < size:
+            kept.append(line)
+        else:
+            j = rng.randrange(i + 1)
+            if j < size:
+                kept[j] = line
+    return kept
+
+
 def _run_trainer(
     spm: Any, recording: _Recording, tmp_prefix: str, inputs: list[str], vocab_size: int, **options: Any
 ) -> None:
@@ -125,12 +143,14 @@ def train_sentencepiece(
     check_output_dir(model_prefix, "--model-prefix", TrainTokenizerError)
     specials = [t for t in (special_tokens or []) if t]
     recording = _nonempty_texts(inputs, files, json_key, skip_bad_lines)
+    if sample_size > 0:
+        recording = _Recording(iter(sample_lines(recording, sample_size, seed)))
     options = dict(
         model_type=model_type,
         character_coverage=character_coverage,
         user_defined_symbols=specials,
-        input_sentence_size=sample_size,
-        shuffle_input_sentence=True,
+        input_sentence_size=0,  # sampled above: sentencepiece's own sampling ignores the seed
+        shuffle_input_sentence=False,
         byte_fallback=byte_fallback,
         seed_sentencepiece_size=max(10 * vocab_size, 100_000),
         num_threads=num_threads,
@@ -141,7 +161,7 @@ def train_sentencepiece(
     def train(tmp_prefix: str) -> None:
         _run_trainer(spm, recording, tmp_prefix, inputs, vocab_size, **options)
 
-    spm.set_random_generator_seed(seed)  # sampling and shuffling of the input lines
+    spm.set_random_generator_seed(seed)
     atomic_save(model_prefix, train, suffixes=(".vocab", ".model"))  # .model, the file readers open, last
     return model_prefix + ".model"
 
