@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -218,3 +219,41 @@ def test_exit_duration_saves_before_the_limit(corpus, tmp_path):
     assert rc == EXIT_REQUEUE, out[-3000:]
     assert saved_step(ckpt) == 1 and job.steps() == [1]
     assert "train.exit_duration_mins (0.0167) reached: saving a checkpoint at step 1" in out
+
+
+REPORT = """
+import sys
+from megatron_ki.errors import MegatronKIError
+from megatron_ki.training import resilience
+resilience.PEER_GRACE_S = float(sys.argv[3])
+print("ready", flush=True)
+sys.exit(resilience.report_failure("prog", MegatronKIError("bad input"), int(sys.argv[1]), 2, sys.argv[2] == "1"))
+"""
+
+
+def _report(rank: int, distributed: bool, grace: float, term_after: float | None) -> tuple[int, str, float]:
+    """Exit code, stderr and seconds to exit of ``report_failure`` in a process of its own."""
+    cmd = [sys.executable, "-c", REPORT, str(rank), "1" if distributed else "0", str(grace)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    start = time.monotonic()
+    if term_after is not None:
+        time.sleep(term_after)
+        assert proc.poll() is None, "another rank left before the launcher ended it"
+        proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    return proc.returncode, err, time.monotonic() - start
+
+
+def test_other_ranks_wait_for_rank_0_to_report():
+    """Rank 0 prints at once; another rank, before the process group exists, stays until the launcher ends it
+    (it left at once before, and the launcher then killed rank 0 before it printed: no error line at all) or
+    the grace ends, and says nothing; after the group exists it prints its own failure with its rank."""
+    code, err, _ = _report(0, False, 30.0, None)
+    assert code == 2 and err.strip() == "prog: error: bad input"
+    code, err, _ = _report(1, False, 30.0, term_after=1.0)
+    assert code == 2 and err == ""
+    code, err, took = _report(1, False, 0.5, None)
+    assert code == 2 and err == "" and took >= 0.5
+    code, err, _ = _report(1, True, 0.5, None)
+    assert code == 2 and err.strip() == "prog: error: bad input (rank 1)"

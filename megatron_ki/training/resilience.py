@@ -295,17 +295,19 @@ def is_peer_failure(e: BaseException) -> bool:
 def report_failure(prog: str, e: BaseException, rank: int, code: int, distributed: bool) -> int:
     """Print an expected failure once for the job and return ``code``.
 
-    Rank 0 prints at once. Another rank waits :data:`PEER_GRACE_S`: if rank 0 failed the same way, the
-    launcher ends this rank (silently) before it prints; if not, the failure is this rank's own and it is
-    printed with the rank. Before the process group exists every rank sees the same input: rank 0 only.
+    Rank 0 prints at once. Another rank waits :data:`PEER_GRACE_S` before it leaves: if rank 0 failed the
+    same way, the launcher ends this rank (silently) once rank 0 has printed and exited; if not, the failure
+    is this rank's own and it is printed with the rank. Before the process group exists every rank sees the
+    same input, and an ``all_ranks`` error was agreed on by all: those only rank 0 prints. Another rank never
+    leaves at once: the launcher kills the rest of the job when the first rank exits, which could be before
+    rank 0 has printed the reason.
     """
     if rank == 0:
         print(error_line(prog, e), file=sys.stderr, flush=True)
         return code
-    if not distributed or getattr(e, "all_ranks", False):
-        return code
     signal.signal(signal.SIGTERM, lambda *_: os._exit(code))
     signal.signal(signal.SIGINT, lambda *_: os._exit(code))
     time.sleep(PEER_GRACE_S)
-    print(f"{error_line(prog, e)} (rank {rank})", file=sys.stderr, flush=True)
+    if distributed and not getattr(e, "all_ranks", False):
+        print(f"{error_line(prog, e)} (rank {rank})", file=sys.stderr, flush=True)
     return code
