@@ -55,6 +55,14 @@ from megatron_ki.config import Config, DataConfig
 from megatron_ki.convert import hf as hfc
 from megatron_ki.convert.reshard import LazyFullState, MasterFullState, write_checkpoint
 from megatron_ki.convert.tokenizer import export_tokenizer, has_hf_tokenizer
+from megatron_ki.data.tokenizer_identity import FIELD as FINGERPRINT_FIELD
+from megatron_ki.data.tokenizer_identity import (
+    difference,
+    fingerprint,
+    read_hf_fingerprint,
+    write_hf_fingerprint,
+)
+from megatron_ki.data.tokenizer_identity import valid as valid_fingerprint
 from megatron_ki.dtypes import DTYPES
 from megatron_ki.errors import MegatronKIError, add_debug_argument, run_main
 from megatron_ki.fileio import atomic_dir
@@ -168,6 +176,9 @@ def export_hf(
                 raise ConversionError(
                     f"tokenizer {source} has {len(tok)} tokens, more than model.vocab_size={cfg.vocab_size}"
                 )
+        identity = _export_fingerprint(state.meta, source, state.folder)
+        if identity is not None:
+            write_hf_fingerprint(tmp, identity)  # a run using this export as hf: teacher checks against it
         hf_cfg = hfc.hf_config_for(cfg, out_dtype, tok, state.meta.get("eod_token_id"))
         hf_cfg.save_pretrained(str(tmp))
         if cfg.causal:
@@ -176,6 +187,34 @@ def export_hf(
         with _progress(n, "export", progress) as step:
             hfc.write_hf_weights(tmp, cfg, state, out_dtype, limit, on_tensor=step)
     return save
+
+
+def _source_fingerprint(source: str | Path) -> dict[str, Any]:
+    """The fingerprint of the tokenizer at ``source`` (a sentencepiece .model, a tokenizer dir or .json)."""
+    from megatron_ki.data import build_tokenizer
+
+    kind = "HuggingFaceTokenizer" if Path(source).is_dir() or str(source).endswith(".json") else None
+    tok = build_tokenizer(kind or "SentencePieceTokenizer", str(source), option="--tokenizer-model")
+    return fingerprint(tok)
+
+
+def _export_fingerprint(meta: dict[str, Any], source: str | Path | None, folder: Path) -> dict | None:
+    """What the export records of the model's tokenizer: the fingerprint its training recorded (the
+    exported tokenizer must be that one), else the exported tokenizer's own."""
+    recorded = meta.get(FINGERPRINT_FIELD)
+    recorded = recorded if valid_fingerprint(recorded) else None
+    if source is None:
+        return recorded
+    exported = _source_fingerprint(source)
+    if recorded is None:
+        return exported
+    diff = difference(recorded, exported)
+    if diff is not None:
+        raise ConversionError(
+            f"tokenizer {source} is not the one the checkpoint was trained with ({folder}/meta.json): {diff}; "
+            "pass that tokenizer's --tokenizer-model"
+        )
+    return recorded
 
 
 # ----------------------------------------------------------------------------------- HF -> framework
@@ -207,6 +246,11 @@ def import_hf(
     if has_hf_tokenizer(load):
         data = DataConfig(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(load.resolve()))
         extra["tokenizer"] = {"type": data.tokenizer_type, "model": data.tokenizer_model}
+    identity, _ = read_hf_fingerprint(load)  # recorded by our export, else the tokenizer files' own
+    if identity is None and has_hf_tokenizer(load):
+        identity = _source_fingerprint(load)
+    if identity is not None:
+        extra[FINGERPRINT_FIELD] = identity
     config = Config(model=cfg, data=data)
     config.parallel.tensor_parallel, config.parallel.pipeline_parallel = tp, pp
     save = Path(save)
@@ -232,7 +276,11 @@ def reshard(
     meta = state.meta
     config = meta_config(meta)
     config.parallel.tensor_parallel, config.parallel.pipeline_parallel = tp, pp
-    keep = {k: meta[k] for k in ("step", "consumed_samples", "tokenizer", "eod_token_id") if k in meta}
+    keep = {
+        k: meta[k]
+        for k in ("step", "consumed_samples", "tokenizer", "eod_token_id", FINGERPRINT_FIELD)
+        if k in meta
+    }
     keep["source"] = {"checkpoint": str(state.folder.resolve()), "layout": meta["layout"]}
     save = Path(save)
     if save.resolve() == Path(load).resolve():

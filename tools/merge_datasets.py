@@ -15,7 +15,9 @@ sizes or record different document separators (``eod_token_id``, e.g. the eos of
 '<eod>'`` of another: a blend must have one), and, with ``--vocab-size N``, any token id outside ``[0, N)``;
 without sidecars it cannot tell apart two vocabularies of similar size, and an input without a sidecar (or
 whose sidecar predates ``eod_token_id``) has an unknown separator. The output gets its own sidecar (token
-count, largest id, and ``eod_token_id`` when every input records the same one).
+count, largest id, and ``eod_token_id`` when every input records the same one). Inputs whose sidecars record
+different ``tokenizer_fingerprint`` (the tokenizer's content: pieces and special ids) are refused naming the
+first differing piece's id; the output records it when every input does (inputs without one: a warning).
 """
 
 import argparse
@@ -34,6 +36,12 @@ from megatron_ki.data.indexed import (
     stats_path,
 )
 from megatron_ki.data.preprocess import check_output_dir, write_error
+from megatron_ki.data.tokenizer_identity import FIELD as FINGERPRINT_FIELD
+from megatron_ki.data.tokenizer_identity import (
+    TokenizerIdentityError,
+    datasets_fingerprint,
+    unrecorded_warning,
+)
 from megatron_ki.errors import MegatronKIError, UsageError, add_debug_argument, run_main
 
 PROG = "merge_datasets.py"
@@ -116,8 +124,16 @@ def _main(argv: list[str]) -> int:
         raise UsageError(f"--output-prefix {args.output_prefix}: is also an input; expected a new prefix")
     tokenizer = _tokenizer_of(prefixes)
     recorded_eods(prefixes)  # different separators: refused before the output directory is touched
+    try:
+        identity, unrecorded = datasets_fingerprint(prefixes)  # same tokenizer content, not just size
+    except TokenizerIdentityError as e:
+        raise MergeError(str(e)) from None
+    if unrecorded:
+        print(f"{PROG}: {unrecorded_warning(unrecorded)}", file=sys.stderr)
     check_output_dir(args.output_prefix, error=MergeError)
     stats = {"source": PROG, **tokenizer, "inputs": [os.path.abspath(p) for p in prefixes]}
+    if identity is not None and not unrecorded:
+        stats[FINGERPRINT_FIELD] = identity[0]
     try:
         out = merge_datasets(prefixes, args.output_prefix, args.vocab_size, stats=stats)
     except MegatronKIError:

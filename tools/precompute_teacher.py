@@ -99,13 +99,22 @@ def tokenizer_of(cfg: Config, teacher_vocab: int) -> tuple[dict, Any]:
     from megatron_ki.data import build_tokenizer
 
     tok = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model, option="data.tokenizer_model")
+    from megatron_ki.data.tokenizer_identity import FIELD, fingerprint
+
     model = os.path.abspath(cfg.data.tokenizer_model) if cfg.data.tokenizer_model else None
-    return {"type": cfg.data.tokenizer_type, "model": model, "vocab_size": int(tok.vocab_size)}, tok
+    record = {"type": cfg.data.tokenizer_type, "model": model, "vocab_size": int(tok.vocab_size)}
+    return {**record, FIELD: fingerprint(tok)}, tok  # the run reading the targets checks its own against it
 
 
 def resolve(argv: list[str]) -> Settings:
     """Options and config -> what to run; every refusal is one line naming the option or file."""
-    from megatron_ki.training.run import check_teacher_eod, data_eod, teacher_config_of, teacher_eos_ids
+    from megatron_ki.training.run import (
+        check_teacher_eod,
+        check_tokenizer_identity,
+        data_eod,
+        teacher_config_of,
+        teacher_eos_ids,
+    )
 
     args, rest = build_parser().parse_known_args(argv)
     check_options(args)
@@ -135,6 +144,10 @@ def resolve(argv: list[str]) -> Settings:
     eod = data_eod(cfg)
     if eod is not None:
         check_teacher_eod(path, teacher_eos_ids(path), *eod)
+    rank = int(os.environ.get("RANK", "0"))
+    identity = check_tokenizer_identity(cfg, tok, rank, teacher_path=path)  # data, teacher, tokenizer agree
+    if tok is None and identity is not None:  # no tokenizer given: the targets record the data's
+        tokenizer = {**tokenizer, "tokenizer_fingerprint": identity}
     temperature = cfg.ki.temperature if args.temperature is None else args.temperature
     window = min(args.window or teacher.max_position_embeddings, teacher.max_position_embeddings)
     if not teacher.causal:  # room for [cls] and [sep]

@@ -402,6 +402,11 @@ class DataConfig:
     """DataLoader worker processes."""
     cache_dir: str | None = None
     """Where sample/shuffle indices are cached; None puts them beside the data."""
+    accept_prefix_tokenizer: bool = False
+    """Accept data, a teacher or offline targets made with a tokenizer whose pieces are the first pieces of
+    ``tokenizer_model``'s, with the same special ids: the student's tokenizer appended pieces to theirs, so
+    their ids keep their meaning. Any other difference of tokenizer content (recorded as a fingerprint in
+    ``.stats.json``, checkpoints and targets) is refused before any process starts work."""
 
     def __post_init__(self) -> None:
         check(self.seq_length > 0, "data.seq_length", f"must be positive, got {self.seq_length}")
@@ -605,10 +610,19 @@ class CheckpointConfig:
     """Save every this many steps (0: only at the end)."""
     keep_last: int = 2
     """How many checkpoints to keep; older ones are deleted after a successful save."""
+    lock_stale_minutes: float = 10.0
+    """A job holds ``save/.lock`` (host, pid, job id, start time) while it runs and touches it every minute;
+    another job with the same ``save`` is refused. A lock whose pid is gone on this host, or that nobody
+    touched for this many minutes (a holder on another host), was left by a dead job and is taken over."""
 
     def __post_init__(self) -> None:
         check(self.save_interval >= 0, "checkpoint.save_interval", "must be >= 0")
         check(self.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {self.keep_last}")
+        check(
+            self.lock_stale_minutes > 1,
+            "checkpoint.lock_stale_minutes",
+            f"must be more than the 1 minute between touches of the lock, got {self.lock_stale_minutes}",
+        )
 
 
 # ------------------------------------------------------------------------------------------- logging

@@ -178,16 +178,21 @@ def vocabulary(tok: Any) -> list[str]:
 
 
 def check_same_vocabulary(
-    student: list[str], teacher: list[str], student_name: str, teacher_name: str
+    student: list[str],
+    teacher: list[str],
+    student_name: str,
+    teacher_name: str,
+    appended_ok: bool = False,
 ) -> None:
-    """Refuse unless both vocabularies hold the same pieces under the same ids, naming the first difference."""
+    """Refuse unless both vocabularies hold the same pieces under the same ids, naming the first difference.
+    ``appended_ok`` (``data.accept_prefix_tokenizer``): the teacher's pieces may be the first of the student's."""
     for i, (a, b) in enumerate(zip(student, teacher)):
         if a != b:
             raise TokenizerMismatchError(
                 f"teacher tokenizer ({teacher_name}) differs from the student's ({student_name}) at id {i}: "
                 f"student {a!r}, teacher {b!r}; KI needs the same tokenizer"
             )
-    if len(student) != len(teacher):
+    if len(student) != len(teacher) and not (appended_ok and len(teacher) < len(student)):
         raise TokenizerMismatchError(
             f"teacher tokenizer ({teacher_name}) has {len(teacher)} tokens, the student's ({student_name}) "
             f"{len(student)}; KI needs the same tokenizer"
@@ -199,6 +204,7 @@ def check_teacher_tokenizer(
     tokenizer_model: str | None,
     teacher_dir: str | Path,
     teacher_rows: int | None = None,
+    appended_ok: bool = False,
 ) -> None:
     """Refuse a Hugging Face teacher whose tokenizer is not the student's (``data.tokenizer_type/model``).
 
@@ -224,7 +230,7 @@ def check_teacher_tokenizer(
         )
     student = build_tokenizer(tokenizer_type, tokenizer_model)
     teacher = vocabulary(AutoTokenizer.from_pretrained(str(teacher_dir), local_files_only=True))
-    check_same_vocabulary(vocabulary(student), teacher, str(tokenizer_model), str(teacher_dir))
+    check_same_vocabulary(vocabulary(student), teacher, str(tokenizer_model), str(teacher_dir), appended_ok)
     if teacher_rows is not None and teacher_rows < len(teacher):
         raise TokenizerMismatchError(
             f"ki.teacher_path hf:{teacher_dir}: the model has {teacher_rows} embedding rows, fewer than the "

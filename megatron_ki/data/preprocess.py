@@ -18,7 +18,8 @@ type appends an ``<EOD>``, which it adds beyond the vocabulary when the model ha
 ``<EOD>`` piece (Megatron then uses that piece too) and pass ``--eod-token '<EOD>'``.
 ``--eod-token`` without ``--append-eod`` is a usage error (exit 2), and a tokenizer without eos needs
 ``--eod-token``. The id used is recorded as ``eod_token_id`` in the ``.stats.json`` sidecar (null without
-``--append-eod``).
+``--append-eod``), and the tokenizer's content as ``tokenizer_fingerprint`` (data/tokenizer_identity.py):
+training, merges and the teacher checks compare it with the tokenizer they are given.
 
 A run that fails, for whatever reason (bad line, no non-empty document, disk full, Ctrl-C), leaves the
 dataset already at ``--output-prefix`` as it was: outputs are published only once the whole run succeeded.
@@ -54,6 +55,8 @@ from megatron_ki.data.indexed import (
     temp_tag,
     write_stats,
 )
+from megatron_ki.data.tokenizer_identity import FIELD as FINGERPRINT_FIELD
+from megatron_ki.data.tokenizer_identity import fingerprint
 from megatron_ki.data.tokenizers import TOKENIZER_TYPES, Tokenizer, TokenizerError, build_tokenizer
 from megatron_ki.errors import EXIT_INTERRUPTED, MegatronKIError, UsageError, add_debug_argument, run_main
 
@@ -370,6 +373,7 @@ def _preprocess(args: argparse.Namespace, files: list[str], tok: Tokenizer, tok_
         "vocab_size": tok.vocab_size,
         "append_eod": bool(args.append_eod),
         EOD_FIELD: eod,
+        FINGERPRINT_FIELD: fingerprint(tok),  # what the ids mean, by content (data/tokenizer_identity.py)
     }
     pool = None
     part_prefixes: list[dict[str, str]] = []

@@ -404,6 +404,7 @@ class Trainer:
                 "flops": state.flops,
                 "train_time_s": state.train_time_s,
                 "eod_token_id": self.run.eod_token_id,
+                "tokenizer_fingerprint": self.run.tokenizer_fingerprint,
             },
             tp_tracker=self.run.tracker,
             on_written=self._checkpoint_written,

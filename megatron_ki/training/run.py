@@ -74,6 +74,9 @@ class Run:
     eod_token_id: int | None = None
     """The document separator recorded beside the training data (None: not recorded); saved in checkpoints,
     written as ``eos_token_id`` by the Hugging Face export."""
+    tokenizer_fingerprint: dict[str, Any] | None = None
+    """The content of the run's tokenizer (``data/tokenizer_identity.py``), saved in checkpoints so a run that
+    uses this one as its teacher can check its own tokenizer against it."""
 
     @property
     def fused_head(self) -> bool:
@@ -133,7 +136,11 @@ def load_teacher_weights(cfg: Config, groups: ParallelGroups) -> tuple[ModelConf
         )
         where = f"the architecture of {source}/config.json"
         check_teacher_tokenizer(
-            cfg.data.tokenizer_type, cfg.data.tokenizer_model, source, teacher_rows=saved_cfg.vocab_size
+            cfg.data.tokenizer_type,
+            cfg.data.tokenizer_model,
+            source,
+            teacher_rows=saved_cfg.vocab_size,
+            appended_ok=cfg.data.accept_prefix_tokenizer,
         )
     elif cfg.ki.teacher_path:
         source = cfg.ki.teacher_path
@@ -349,7 +356,13 @@ def check_teacher_source(cfg: Config, world: int, data_eod: tuple[int, str] | No
         from megatron_ki.convert.tokenizer import check_teacher_tokenizer
 
         source = path[len("hf:") :]
-        check_teacher_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model, source, teacher.vocab_size)
+        check_teacher_tokenizer(
+            cfg.data.tokenizer_type,
+            cfg.data.tokenizer_model,
+            source,
+            teacher.vocab_size,
+            appended_ok=cfg.data.accept_prefix_tokenizer,
+        )
     if data_eod is not None:
         check_teacher_eod(path, teacher_eos_ids(path), *data_eod)
 
@@ -382,6 +395,94 @@ def check_data(cfg: Config, rank: int):
     if rank == 0:  # token ids beyond the embedding: an IndexError at tp=1, silent garbage at tp>=2
         check_token_range(dataset_prefixes(cfg.data), cfg.model.vocab_size, cfg.data.cache_dir)
     return tokenizer
+
+
+def teacher_fingerprint(path: str) -> tuple[dict[str, Any] | None, str]:
+    """``(fingerprint | None, where it is recorded)`` of the tokenizer the teacher at ``path`` was trained
+    with: a framework checkpoint's meta.json, or the ``tokenizer_fingerprint.json`` the Hugging Face export
+    writes (an ``hf:`` directory without it is compared piece by piece by ``check_teacher_tokenizer``)."""
+    from megatron_ki.checkpoint_format import read_meta
+    from megatron_ki.data.tokenizer_identity import FIELD, read_hf_fingerprint, valid
+
+    if path.startswith("hf:"):
+        return read_hf_fingerprint(path[len("hf:") :])
+    tag, meta = read_meta(path)
+    fp = meta.get(FIELD)
+    return (fp if valid(fp) else None), str(Path(path) / tag / "meta.json")
+
+
+def check_tokenizer_identity(
+    cfg: Config, tokenizer=None, rank: int = 0, teacher_path: str | None = None
+) -> dict[str, Any] | None:
+    """Every pairing of tokenizers a run reads, by content, before any process group exists: the datasets
+    with each other, the data with ``data.tokenizer_model``, the teacher and the offline targets with the
+    student's. A mismatch is one configuration error naming both sides and how they differ; what was written
+    before fingerprints is accepted with one warning line (rank 0). Returns the fingerprint the run records
+    in its checkpoints (the student's tokenizer, else the data's). ``teacher_path``: the teacher to check
+    when the config's KI is off (the precompute)."""
+    from megatron_ki.data.teacher_targets import read_header
+    from megatron_ki.data.token_range import dataset_prefixes
+    from megatron_ki.data.tokenizer_identity import (
+        FIELD,
+        TokenizerIdentityError,
+        datasets_fingerprint,
+        difference,
+        fingerprint,
+        pieces_of,
+        unrecorded_warning,
+        valid,
+    )
+
+    appended = cfg.data.accept_prefix_tokenizer
+    live = fingerprint(tokenizer) if tokenizer is not None else None
+    pieces = pieces_of(tokenizer) if tokenizer is not None else None
+    mine = f"data.tokenizer_model {cfg.data.tokenizer_model}"
+    hint = "; set data.accept_prefix_tokenizer true only if the student's tokenizer appended pieces to theirs"
+    try:
+        recorded, unrecorded = datasets_fingerprint(dataset_prefixes(cfg.data))
+    except TokenizerIdentityError as e:
+        raise ConfigError("data.data_path", str(e)) from None
+    if live is not None and recorded is not None:
+        diff = difference(live, recorded[0], pieces, appended, cfg.data.tokenizer_model)
+        if diff is not None:
+            raise ConfigError(
+                "data.tokenizer_model",
+                f"{cfg.data.tokenizer_model} is not the tokenizer the data was made with ({recorded[1]}): "
+                f"{diff}; train with the data's tokenizer or preprocess the data again{hint}",
+            )
+    reference, ref_name = (live, mine) if live is not None else (recorded[0] if recorded else None, "")
+    if recorded is not None and live is None:
+        ref_name = f"the data ({recorded[1]})"
+    others: list[tuple[str, dict | None, str]] = []
+    if teacher_path is None and cfg.ki.enabled and not cfg.ki.offline:
+        teacher_path = cfg.ki.teacher_path
+    if teacher_path:
+        fp, where = teacher_fingerprint(teacher_path)
+        others.append(("ki.teacher_path", fp, where))
+    if cfg.ki.enabled and cfg.ki.offline:
+        for path in cfg.ki.teacher_targets:
+            try:
+                fp = read_header(path).get("tokenizer", {}).get(FIELD)
+            except Exception:  # an unreadable header: open_teacher_targets names it
+                continue
+            others.append(("ki.teacher_targets", fp if valid(fp) else None, f"{path}.idx"))
+    for option, fp, where in others:
+        if fp is None:
+            if not (option == "ki.teacher_path" and str(teacher_path).startswith("hf:")):
+                unrecorded.append(where)  # an hf: teacher's tokenizer files are compared piece by piece
+            continue
+        if reference is None:
+            continue
+        diff = difference(reference, fp, pieces if live is not None else None, appended, ref_name)
+        if diff is not None:
+            raise ConfigError(
+                option,
+                f"{where} was made with another tokenizer than {ref_name}: {diff}; KI needs the student's "
+                f"tokenizer{hint}",
+            )
+    if unrecorded and rank == 0:
+        logger.warning(unrecorded_warning(unrecorded))
+    return reference
 
 
 def data_eod(cfg: Config) -> tuple[int, str] | None:
@@ -560,6 +661,7 @@ def build_run(cfg: Config, world: int | None = None, data: bool = True) -> Run:
     eod = data_eod(cfg) if data else None
     check_teacher_source(cfg, world or int(os.environ.get("WORLD_SIZE", "1")), eod)
     targets = open_teacher_targets(cfg, tokenizer) if data else {}
+    identity = check_tokenizer_identity(cfg, tokenizer, rank) if data else None
     init_distributed(cfg)
     world = dist.get_world_size() if world is None else world
     topology = Topology.from_world(world, cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel)
@@ -588,6 +690,7 @@ def build_run(cfg: Config, world: int | None = None, data: bool = True) -> Run:
     run = Run(cfg, groups, device, engine, loss_fn, schedule, tracker, teacher_cfg, teacher, pipe_teacher)
     run.watchdog = watchdog
     run.eod_token_id = eod[0] if eod else None
+    run.tokenizer_fingerprint = identity
     if cfg.checkpoint.load:
         meta = ckpt.load_checkpoint(engine, cfg, groups, tracker)
         if meta is not None and not meta.get("weights_only"):
