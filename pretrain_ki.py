@@ -36,15 +36,24 @@ def run(argv: list[str], world: int, callbacks: Sequence = ()) -> int:
     if not cfg.data.data_path:
         raise ConfigError("data.data_path", "is required: a preprocessed prefix or 'weight prefix' pairs")
 
+    from megatron_ki.folder_lock import FolderLock
     from megatron_ki.training.loop import Trainer
     from megatron_ki.training.run import build_run
 
-    code = Trainer(build_run(cfg, world), callbacks).fit(started=STARTED)
-    import torch.distributed as dist
+    lock = None
+    if cfg.checkpoint.save and int(os.environ.get("RANK", "0")) == 0:  # one job per checkpoint folder
+        stale_s = cfg.checkpoint.lock_stale_minutes * 60
+        lock = FolderLock(cfg.checkpoint.save, "checkpoint.save", stale_s).acquire()
+    try:
+        code = Trainer(build_run(cfg, world), callbacks).fit(started=STARTED)
+        import torch.distributed as dist
 
-    if dist.is_initialized():  # every rank is past fit's last barrier: tear the groups down before exit
-        dist.destroy_process_group()
-    return code
+        if dist.is_initialized():  # every rank is past fit's last barrier: tear the groups down before exit
+            dist.destroy_process_group()
+        return code
+    finally:  # the exit-75 path (saved, requeue me) included: the requeued job finds the folder free
+        if lock is not None:
+            lock.release()
 
 
 def main(argv: list[str] | None = None, callbacks: Sequence = ()) -> int:

@@ -1,6 +1,6 @@
 """The package's layers, lowest first: a module may import its own layer's package and lower layers only.
 
-    {errors, fileio, dtypes, jit} -> config -> checkpoint_format -> {parallel, data, kernels} -> tensor_parallel
+    {errors, fileio, dtypes, jit} -> {config, folder_lock} -> checkpoint_format -> {parallel, data, kernels} -> tensor_parallel
     -> models -> ki -> convert -> training
 
 (the entry points ``pretrain_ki.py`` and ``tools/`` sit above all of them). Imports inside functions count too:
@@ -16,7 +16,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "megatron_ki"
 LAYERS = [
     {"errors", "fileio", "dtypes", "jit"},
-    {"config"},
+    {"config", "folder_lock"},
     {"checkpoint_format"},
     {"parallel", "data", "kernels"},
     {"tensor_parallel"},

@@ -36,6 +36,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -299,18 +300,35 @@ def plan_and_header(s: Settings, masked=None):
 
 def precompute(argv: list[str], on_chunk_written: Callable[[int], None] | None = None) -> int:
     """Resolve, set up the ranks, load the teacher, compute the chunks left, publish."""
-    import torch.distributed as dist
-
-    from megatron_ki.data.teacher_targets import TargetsWriter
-    from megatron_ki.ki.precompute import Engine, run_chunks
-    from megatron_ki.parallel import ParallelGroups, Topology
-    from megatron_ki.training.run import collective_timeout, default_device, init_distributed
+    from megatron_ki.folder_lock import FolderLock
+    from megatron_ki.parallel import Topology
 
     s = resolve(argv)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     topology = Topology.from_world(world, s.cfg.parallel.tensor_parallel, s.cfg.parallel.pipeline_parallel)
     masked = masked_inputs(s)
     dataset, plan, header = plan_and_header(s, masked)
+    lock = None
+    if rank == 0:  # one job per output: {output}.lock, held until the end (folder_lock.py)
+        output = Path(s.args.output)
+        stale_s = s.cfg.checkpoint.lock_stale_minutes * 60
+        lock = FolderLock(output.parent, "--output", stale_s, lock_file=f"{output}.lock").acquire()
+    try:
+        return _precompute(s, rank, topology, masked, dataset, plan, header, on_chunk_written)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _precompute(s: Settings, rank, topology, masked, dataset, plan, header, on_chunk_written) -> int:
+    """Set up the ranks, load the teacher, compute the chunks left, publish (under the output's lock)."""
+    import torch.distributed as dist
+
+    from megatron_ki.data.teacher_targets import TargetsWriter
+    from megatron_ki.ki.precompute import Engine, run_chunks
+    from megatron_ki.parallel import ParallelGroups
+    from megatron_ki.training.run import collective_timeout, default_device, init_distributed
+
     if "MASTER_ADDR" in os.environ:  # started by a launcher
         init_distributed(s.cfg)
     state = prepare_output(s, header, rank)
