@@ -47,6 +47,7 @@ from megatron_ki.checkpoint_format import (
 )
 from megatron_ki.config import Config
 from megatron_ki.errors import MegatronKIError, describe_os_error
+from megatron_ki.folder_lock import LOCK_NAME
 from megatron_ki.parallel import ParallelGroups
 from megatron_ki.training.deepspeed_compat import (
     load_zero_state_at_other_dp,
@@ -349,11 +350,9 @@ def _resume_tag(root: Path, cfg: Config, rank: int) -> tuple[str, dict[str, Any]
         raise CheckpointError(f"checkpoint.load {root}: is a file, expected a checkpoint directory")
     found = find_resume_tag(root) if root.is_dir() else None
     if found is None:
-        what = (
-            "does not exist"
-            if not root.exists()
-            else f"holds no checkpoint (no '{LATEST_FILE}' file, no tag)"
-        )
+        # a folder holding only the job's lock (folder_lock.py creates save/ to lock it) was not there before
+        fresh = not root.exists() or {p.name for p in root.iterdir()} <= {LOCK_NAME}
+        what = "does not exist" if fresh else f"holds no checkpoint (no '{LATEST_FILE}' file, no tag)"
         if cfg.checkpoint.load_if_exists:
             if rank == 0:
                 logger.info("checkpoint.load %s %s: starting from scratch (load_if_exists)", root, what)
