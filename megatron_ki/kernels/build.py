@@ -117,7 +117,8 @@ def load_cuda_extension() -> ModuleType | None:
 def select_backend(op: str, x: torch.Tensor) -> tuple[str, ModuleType | None]:
     """(path name, module) for running ``op`` on ``x``: CUDA op, else CPU op, else the reference (None).
 
-    Logs one INFO line per op per process naming the path taken.
+    Logs one INFO line per op per process naming the path taken. A compiled op is used only once it agreed
+    with the PyTorch reference on the start-up check (``selfcheck.py``); otherwise the reference runs.
     """
     if x.is_cuda:
         ext, path = load_cuda_extension(), "CUDA extension"
@@ -125,6 +126,11 @@ def select_backend(op: str, x: torch.Tensor) -> tuple[str, ModuleType | None]:
         ext, path = load_cpu_extension(), "CPU C++ extension"
     else:
         ext, path = None, ""
+    if ext is not None:
+        from .selfcheck import verified  # once per op family and device type: forward, backward, edge cases
+
+        if not verified(ext, op, x.device, path):
+            ext = None
     if ext is None:
         path = "PyTorch reference"
     if op not in _logged:
