@@ -40,6 +40,8 @@ def test_the_cpu_build_passes(ext, fresh):
     cpu = torch.device("cpu")
     assert selfcheck.check_kl(ext, cpu) is None
     assert selfcheck.check_softmax(ext, cpu) is None
+    with torch.no_grad():  # a first use inside evaluation
+        assert selfcheck.verified(ext, "scaled_masked_softmax", cpu, "CPU C++ extension")
     assert build.select_backend("fused_kl_div", torch.zeros(1))[1] is ext
 
 

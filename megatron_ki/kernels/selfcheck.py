@@ -146,8 +146,9 @@ def verified(ext: ModuleType, op: str, device: torch.device, path: str) -> bool:
         return True
     key = (id(ext), family, device.type)
     if key not in _results:
-        try:
-            _results[key] = CHECKS[family](ext, device)
+        try:  # the first use may come under no_grad (evaluation): the reference's backward needs autograd
+            with torch.inference_mode(False), torch.enable_grad():
+                _results[key] = CHECKS[family](ext, device)
         except Exception as e:  # an op that raises on a valid input is as unusable as a wrong one
             _results[key] = f"raised {type(e).__name__}: {' '.join(str(e).split())[:200]}"
         if _results[key] is not None:

@@ -677,9 +677,15 @@ def build_run(cfg: Config, world: int | None = None, data: bool = True) -> Run:
     if cfg.ki.enabled and not cfg.ki.offline:  # the sparse loss of offline targets uses no compiled op
         # Build (or load) the compiled KL op now: a first build inside step 1 can outlast the step watchdog,
         # which would end the job inside the build and leave torch's build lock behind for every later job.
+        # The dispatch checks it against the reference here too (kernels/selfcheck.py).
         from megatron_ki.ki.loss import load_kl_ops
 
         load_kl_ops(device)
+    if "fused_softmax" in (cfg.model.attention_backend, getattr(cfg.ki.teacher, "attention_backend", None)):
+        from megatron_ki.kernels import select_backend
+
+        for op in ("scaled_masked_softmax", "scaled_upper_triang_masked_softmax"):  # built and checked now
+            select_backend(op, torch.empty(0, device=device))
 
     ds = deepspeed_config(cfg, world)
     if groups.rank == 0:
