@@ -177,3 +177,45 @@ def test_teacher_of_another_tokenizer_is_refused(corpus, other, tmp_path):
     assert e.value.key == "ki.teacher_path" and "meta.json" in str(e.value)
     write_meta(teacher / tag, {**meta, FIELD: fingerprint(sp(corpus.tokenizer))})
     check_tokenizer_identity(cfg, sp(corpus.tokenizer))
+
+
+def convert_tool():
+    import importlib.util
+
+    from tests.bad_inputs.harness import ROOT
+
+    spec = importlib.util.spec_from_file_location(
+        "convert_checkpoint", ROOT / "tools" / "convert_checkpoint.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_hf_export_and_import_carry_the_fingerprint(corpus, other, tmp_path):
+    from megatron_ki.checkpoint_format import read_meta, write_meta
+    from megatron_ki.data.tokenizer_identity import read_hf_fingerprint
+    from tests.training_utils import write_teacher
+
+    cc = convert_tool()
+    teacher = write_teacher(tmp_path / "teacher", "tiny_gpt2.yaml")
+    tag, meta = read_meta(teacher)
+    meta.pop("format_version")
+    mine = fingerprint(sp(corpus.tokenizer))
+    write_meta(teacher / tag, {**meta, FIELD: mine})
+    with pytest.raises(cc.ConversionError, match="not the one the checkpoint was trained with"):
+        cc.export_hf(teacher, tmp_path / "hf_wrong", tokenizer_model=other, progress=False)
+    assert not (tmp_path / "hf_wrong").exists()
+    cc.export_hf(teacher, tmp_path / "hf", tokenizer_model=corpus.tokenizer, progress=False)
+    assert read_hf_fingerprint(tmp_path / "hf")[0] == mine
+    cc.import_hf(tmp_path / "hf", tmp_path / "back", progress=False)
+    assert read_meta(tmp_path / "back")[1][FIELD] == mine
+    # the export's record is what an hf: teacher is checked by (beside its tokenizer files, piece by piece)
+    from megatron_ki.data.tokenizer_identity import write_hf_fingerprint
+    from megatron_ki.training.run import check_tokenizer_identity
+
+    cfg = cfg_for(corpus, enabled=True, teacher_path=f"hf:{tmp_path / 'hf'}")
+    check_tokenizer_identity(cfg, sp(corpus.tokenizer))
+    write_hf_fingerprint(tmp_path / "hf", fingerprint(sp(other)))
+    with pytest.raises(ConfigError, match="tokenizer_fingerprint.json was made with another tokenizer"):
+        check_tokenizer_identity(cfg, sp(corpus.tokenizer))
