@@ -19,6 +19,8 @@ import torch
 
 from megatron_ki.jit import compiled_code_enabled, signals_deferred, torch_extensions_root
 
+from .selfcheck import verified  # imported with the kernels: it holds the reference functions as they are
+
 logger = logging.getLogger("megatron_ki")
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
@@ -126,11 +128,9 @@ def select_backend(op: str, x: torch.Tensor) -> tuple[str, ModuleType | None]:
         ext, path = load_cpu_extension(), "CPU C++ extension"
     else:
         ext, path = None, ""
-    if ext is not None:
-        from .selfcheck import verified  # once per op family and device type: forward, backward, edge cases
-
-        if not verified(ext, op, x.device, path):
-            ext = None
+    # a compiled op is checked once per op family and device type (forward, backward, edge cases)
+    if ext is not None and not verified(ext, op, x.device, path):
+        ext = None
     if ext is None:
         path = "PyTorch reference"
     if op not in _logged:

@@ -434,8 +434,8 @@ def check_tokenizer_identity(
     )
 
     appended = cfg.data.accept_prefix_tokenizer
-    live = fingerprint(tokenizer) if tokenizer is not None else None
     pieces = pieces_of(tokenizer) if tokenizer is not None else None
+    live = fingerprint(tokenizer, pieces) if tokenizer is not None else None
     mine = f"data.tokenizer_model {cfg.data.tokenizer_model}"
     hint = "; set data.accept_prefix_tokenizer true only if the student's tokenizer appended pieces to theirs"
     try:
