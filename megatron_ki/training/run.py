@@ -420,7 +420,7 @@ def check_tokenizer_identity(
     before fingerprints is accepted with one warning line (rank 0). Returns the fingerprint the run records
     in its checkpoints (the student's tokenizer, else the data's). ``teacher_path``: the teacher to check
     when the config's KI is off (the precompute)."""
-    from megatron_ki.data.teacher_targets import read_header
+    from megatron_ki.data.teacher_targets import TeacherTargetsError, read_header
     from megatron_ki.data.token_range import dataset_prefixes
     from megatron_ki.data.tokenizer_identity import (
         FIELD,
@@ -463,7 +463,7 @@ def check_tokenizer_identity(
         for path in cfg.ki.teacher_targets:
             try:
                 fp = read_header(path).get("tokenizer", {}).get(FIELD)
-            except Exception:  # an unreadable header: open_teacher_targets names it
+            except (TeacherTargetsError, OSError, ValueError):  # open_teacher_targets names it
                 continue
             others.append(("ki.teacher_targets", fp if valid(fp) else None, f"{path}.idx"))
     for option, fp, where in others:
