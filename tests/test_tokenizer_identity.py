@@ -219,3 +219,22 @@ def test_hf_export_and_import_carry_the_fingerprint(corpus, other, tmp_path):
     write_hf_fingerprint(tmp_path / "hf", fingerprint(sp(other)))
     with pytest.raises(ConfigError, match="tokenizer_fingerprint.json was made with another tokenizer"):
         check_tokenizer_identity(cfg, sp(corpus.tokenizer))
+
+
+def test_a_merge_records_the_fingerprint_its_inputs_share(corpus, tmp_path, capsys):
+    import importlib.util
+
+    from tests.bad_inputs.harness import ROOT
+
+    spec = importlib.util.spec_from_file_location("merge_datasets", ROOT / "tools" / "merge_datasets.py")
+    merge = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(merge)
+    copy = copy_dataset(corpus.prefix, tmp_path / "b_text_document")
+    out = tmp_path / "ab_text_document"
+    assert merge.main(["--input", corpus.prefix, copy, "--output-prefix", str(out)]) == 0
+    assert recorded_in_stats(str(out)) == recorded_in_stats(corpus.prefix)
+    strip_fingerprint(copy)  # one input from before fingerprints: merged, one warning, nothing recorded
+    out2 = tmp_path / "ab2_text_document"
+    assert merge.main(["--input", corpus.prefix, copy, "--output-prefix", str(out2)]) == 0
+    assert recorded_in_stats(str(out2)) is None
+    assert capsys.readouterr().err.count("no tokenizer fingerprint recorded") == 1

@@ -334,4 +334,9 @@ def test_handled(outcomes, name):
         )
     if name == "requeued_job_takes_over_a_dead_lock":
         assert not (outcome.folder / "ckpt" / ".lock").exists(), "the lock was not released at the end"
-        assert (outcome.folder / "ckpt" / "latest").is_file()
+        # the checkpoint records what its tokenizer is, for a run that takes it as its teacher
+        from megatron_ki.checkpoint_format import read_meta
+        from megatron_ki.data.tokenizer_identity import FIELD, recorded_in_stats
+
+        meta = read_meta(outcome.folder / "ckpt")[1]
+        assert meta[FIELD] == recorded_in_stats(str(RES["prefix"]))
