@@ -523,6 +523,9 @@ class TrainConfig:
     """Evaluate on the validation split every this many steps (0: only at the end)."""
     eval_iters: int = 10
     """Validation global batches per evaluation."""
+    eval_at_start: bool = False
+    """Evaluate once before the first step (logged at step 0): the loss a run starts from, e.g. after
+    ``checkpoint.init_from`` a grown model's, which should equal its teacher's. Not on resume."""
     eval_samples: Literal["fixed", "continuing"] = "fixed"
     """fixed: every evaluation reads the same samples, the first eval_iters global batches of the valid split
     in order (the same set at every data-parallel size), so a curve moves only because the model changed;
@@ -601,6 +604,11 @@ class CheckpointConfig:
     """``load`` is a DeepSpeed universal checkpoint (the parent of ``ds_to_universal``'s output folder, whose
     ``latest_universal`` names the tag): resume its weights and optimizer state at this run's tensor and data
     parallel sizes (DeepSpeed's ``checkpoint.load_universal``; needs ``train.zero_stage`` 1 or 2)."""
+    init_from: str | None = None
+    """Start from these weights only: a framework checkpoint at any tp/pp (e.g. tools/grow_checkpoint.py's
+    output, or a converted Hugging Face model) or ``hf:DIR``; step 0, a fresh optimizer and the configured
+    warm-up. The model must have the same shape (a mismatch is refused naming each field). Ignored when
+    ``load`` resumes a checkpoint (a requeued job keeps its progress)."""
     save_interval: int = 0
     """Save every this many steps (0: only at the end)."""
     keep_last: int = 2
@@ -609,6 +617,11 @@ class CheckpointConfig:
     def __post_init__(self) -> None:
         check(self.save_interval >= 0, "checkpoint.save_interval", "must be >= 0")
         check(self.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {self.keep_last}")
+        check(
+            not (self.init_from and self.load_universal),
+            "checkpoint.init_from",
+            "cannot be combined with checkpoint.load_universal (a universal checkpoint resumes a run)",
+        )
 
 
 # ------------------------------------------------------------------------------------------- logging
