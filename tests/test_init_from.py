@@ -1,7 +1,8 @@
 """Training from grown weights (``checkpoint.init_from``) under the real launcher.
 
 A tiny GPT-2 teacher saved at tp=2 is grown by ``tools/grow_checkpoint.py`` into the tiny student (2x wide,
-2x deep, written at tp=1 x pp=2) and trained at pp=2 with KI from that teacher: the evaluation before step 1
+2x deep, written at tp=1 x pp=2) and trained at tp=2 x pp=2 (resharded on load) with KI from that teacher: the
+evaluation before step 1
 gives the student's loss equal to the teacher's on the same fixed samples (the growth keeps the function;
 fp32, 1e-5), the run starts at step 1 with the warm-up's first learning rate, and one log line says what was
 loaded. A requeued run whose ``checkpoint.load`` holds a checkpoint resumes it and ignores ``init_from``.
@@ -62,17 +63,17 @@ def train_args(root: Path, corpus, name: str, steps: int, *extra: str) -> list[s
     ]  # fmt: skip
 
 
-def test_grown_student_starts_at_its_teachers_loss_and_trains_with_ki(grown):
+def test_grown_student_starts_at_its_teachers_loss_at_tp2_pp2_and_trains_with_ki(grown):
     root, corpus = grown
     args = train_args(
         root, corpus, "ki", 4,
-        "--parallel.pipeline_parallel", "2",
+        "--parallel.pipeline_parallel", "2", "--parallel.tensor_parallel", "2",
         "--checkpoint.init_from", str(root / "grown"),
         "--train.eval_at_start", "true",
         "--ki.enabled", "true", "--ki.teacher_path", str(root / "teacher"), "--ki.teacher_dtype", "float32",
         "--ki.alpha0", "0.5", "--ki.decay_steps", "4",
     )  # fmt: skip
-    result = launch(2, args, root / "ki")
+    result = launch(4, args, root / "ki", timeout=400)
     assert result.returncode == 0, result.tail()
     assert "checkpoint.init_from: weights of" in result.output and "(grown, identity)" in result.output
     start = [m for m in result.metrics() if m.get("split") == "valid" and m["step"] == 0]
