@@ -142,7 +142,9 @@ def families(data: Data, scale: Scale) -> dict[str, Family]:
         # the teacher is one the student will pass, so KD stops at mid-run for RoBERTa too (KD to the end from a
         # teacher the student nearly reaches held it back: RESULTS.md, eighth session). An MLM teacher trained
         # half the students' steps is still on the unigram plateau (~6.7 nats): it trains as long as they do.
-        "roberta": Family("roberta", MODELS / "tiny_roberta.yaml", 1e-3, roberta, teacher_factor=2, warmup=0.1),
+        "roberta": Family(
+            "roberta", MODELS / "tiny_roberta.yaml", 1e-3, roberta, teacher_factor=2, warmup=0.1
+        ),
     }
 
 
