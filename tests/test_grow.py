@@ -138,7 +138,7 @@ def test_grown_logits_equal_the_teachers(family, growth):
         assert 1e-3 < deviation < 0.6, deviation
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama_gqa_untied", "roberta"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_noise_keeps_the_function_and_breaks_the_symmetry(family):
     teacher = teacher_config(family)
     student = student_config(teacher, "width")
@@ -265,7 +265,7 @@ def write_yaml(path, cfg: ModelConfig, tp: int = 1, pp: int = 1) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("family", ["llama_gqa_untied", "bert"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_tool_writes_a_sharded_checkpoint_of_the_grown_model(family, tmp_path):
     teacher = teacher_config(family)
     student = student_config(teacher, "both")
@@ -290,38 +290,43 @@ def test_tool_writes_a_sharded_checkpoint_of_the_grown_model(family, tmp_path):
         torch.testing.assert_close(sharded[name][: t.shape[0]], t, atol=0, rtol=0)
 
 
-def test_tool_grows_a_hugging_face_teacher(tmp_path):
-    transformers = pytest.importorskip("transformers")
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert", "roberta"])
+def test_tool_grows_a_hugging_face_teacher(family, tmp_path):
+    """A random transformers model (tests/test_models_hf.py's tiny ones) grows like a framework teacher: the
+    grown framework student's logits equal transformers' (2x wide; pre-LN also 3 layers deep)."""
+    pytest.importorskip("transformers")
     from megatron_ki.convert import config_from_hf
+    from megatron_ki.convert.hf import read_hf_config
+    from tests.test_models_hf import VOCAB as HF_VOCAB
+    from tests.test_models_hf import randomize, tiny_hf
 
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        tie_word_embeddings=False,
+    hf = tiny_hf(family)
+    randomize(hf)
+    hf.eval().save_pretrained(tmp_path / "hf")
+    teacher = config_from_hf(read_hf_config(tmp_path / "hf"), 8)
+    kv = {"num_key_value_heads": 2 * teacher.kv_heads} if teacher.num_key_value_heads else {}
+    student = dataclasses.replace(
+        teacher,
+        hidden_size=2 * teacher.hidden_size,
+        num_attention_heads=2 * teacher.num_attention_heads,
+        ffn_hidden_size=2 * teacher.ffn_size,
+        num_layers=3 if teacher.pre_norm else teacher.num_layers,
+        **kv,
     )
-    torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    hf.save_pretrained(tmp_path / "hf")
-    teacher = config_from_hf(hf_cfg, 8)
-    student = dataclasses.replace(teacher, hidden_size=64, num_attention_heads=8, num_key_value_heads=4,
-                                  ffn_hidden_size=96, num_layers=3)  # fmt: skip
     cfg_file = write_yaml(tmp_path / "student.yaml", student)
     r = run_tool("--load", f"hf:{tmp_path / 'hf'}", "--config", cfg_file, "--save", str(tmp_path / "grown"),
                  "--noise", "0.01")  # fmt: skip
     assert r.returncode == 0, r.stderr
     _, cfg, full = load_full_state(tmp_path / "grown")
-    ids, _ = batch(student)
+    ids, kw = batch(student)
+    ids = ids % HF_VOCAB
+    if not student.causal:
+        ids[kw["attention_mask"] == 0] = student.pad_token_id or 0
+    model = model_of(cfg, full)
     with torch.no_grad():
-        expected = hf(ids).logits.float()
-    torch.testing.assert_close(logits(model_of(cfg, full), cfg), expected, atol=ATOL, rtol=0)
+        expected = hf(ids, **kw).logits.float()
+        got = model(ids, **kw)[..., :HF_VOCAB].float()
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
 
 
 def test_tool_refusals_are_one_line_and_write_nothing(tmp_path):
