@@ -244,3 +244,42 @@ def test_cli_errors(runs, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         ki_report.main(["--ki", str(runs[0])])  # --scratch is required
     assert e.value.code == 2
+
+
+def test_arms_report_puts_every_arm_beside_scratch(runs, tmp_path, capsys):
+    """--arm: each arm against the scratch run with the single report's numbers, the loss at step 0 where the
+    run evaluated there, and an evaluation at step 0 is never an overtaking of the teacher."""
+    grown_losses = [4.45, 4.3, 4.1, 3.9, 3.8, 3.7, 3.6, 3.5, 3.45, 3.4]  # <= 4.0 first at step 40
+    records = _records(grown_losses, ki=True)
+    records.insert(0, {"step": 0, "split": "valid", "lm_loss": 4.499, "teacher_lm_loss": TEACHER_LM,
+                       "flops": 0.0, "train_time_s": 0.0, "consumed_tokens": 0})  # fmt: skip
+    grown = _write(tmp_path / "grown_ki", records)
+    out = tmp_path / "arms"
+    argv = [
+        "--scratch",
+        str(runs[1]),
+        "--arm",
+        f"KI={runs[0]}",
+        "--arm",
+        f"grown + KI={grown}",
+        "--out",
+        str(out),
+    ]
+    assert ki_report.main(argv) == 0
+    assert sorted(os.listdir(out)) == ["arms_report.md", "arms_report.png"]
+    md = (out / "arms_report.md").read_text()
+    assert md in capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in md.splitlines()
+            if line.startswith("| ") and not line.startswith("| arm")}  # fmt: skip
+    assert rows["KI"][:2] == ["-", "60 (60.0%)"] and rows["KI"][6] == "40"
+    assert rows["grown + KI"][:2] == ["4.4990", "40 (40.0%)"]
+    assert rows["grown + KI"][6] == "10"  # below the teacher's 4.5 at step 0 too, but that is its start
+    assert rows["scratch"][1] == "100" and "Teacher level: 4.5000" in md
+
+
+def test_arms_report_refuses_a_malformed_arm(runs, capsys):
+    with pytest.raises(SystemExit) as e:
+        ki_report.main(["--scratch", str(runs[1]), "--arm", "no-equals-sign"])
+    assert e.value.code == 2 and "--arm 'no-equals-sign': expected LABEL=DIR" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ki_report.main(["--scratch", str(runs[1])])

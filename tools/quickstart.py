@@ -1,17 +1,22 @@
 #!/usr/bin/env python
-"""The KI quickstart: corpus -> tokenizer -> indexed data -> teacher -> student with KI and from scratch -> report.
+"""The KI quickstart: corpus -> tokenizer -> indexed data -> teacher -> student from scratch, with KI, and grown
+from the teacher with KI -> report.
 
     python tools/quickstart.py                       # the embedded corpus (Python's standard library docs)
     python tools/quickstart.py --corpus ../shared/data/books/train
 
 Every training run goes through ``launch/pretrain_ki.sh`` (the ``deepspeed`` launcher; on a machine without
 GPUs DeepSpeed's CPU accelerator with gloo) with 2 ranks; the student runs on two pipeline stages with the
-teacher inside them. The teacher (GPT-2-style, 2 layers, hidden 128, 0.9M parameters) is trained first for
-600 steps; the student (4 layers, hidden 256, 4.2M parameters, 4.6x the teacher's FLOPs per token) is trained
-twice for 400 steps on the same data order: from scratch, and with Knowledge Inheritance (KD weight a_t
-decaying linearly from 1 to 0 over the first half of its steps, temperature 1). The design and what other settings gave are in
-benchmarks/RESULTS.md ("KI quickstart"). At the end it prints the KI report (tools/ki_report.py) and writes
-``<work>/ki_report.md`` and ``<work>/ki_report.png``.
+teacher inside them. The teacher (GPT-2-style, 2 layers, hidden 128, 2 heads of 64) is trained first for 200
+steps; the student (4 layers, hidden 256, 4 heads of 64: 4.6x the teacher's FLOPs per token) is trained three
+times for 300 steps on the same data order: from scratch; with Knowledge Inheritance (KD weight a_t decaying
+linearly from 1 to 0 over the first half of its steps, temperature 1); and grown from the teacher
+(``tools/grow_checkpoint.py``: the teacher's function in the student's shape, ``--checkpoint.init_from``) with
+KI (a_t from 0.5 to 0 over the first quarter). This is the paper's regime: the scratch student ends well below
+its smaller teacher, and the question is how much sooner the inheriting students get there. The design and
+what other settings gave are in benchmarks/RESULTS.md ("KI quickstart"). At the end it prints the KI report
+(tools/ki_report.py) and the arms report, and writes ``<work>/ki_report.{md,png}`` and
+``<work>/arms_report.{md,png}``.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -194,11 +200,16 @@ def _main(argv: list[str]) -> int:
         "--corpus", type=Path, help="directory or file of .txt/.jsonl (default: embedded corpus)"
     )
     parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "quickstart")
-    parser.add_argument("--teacher-steps", type=int, default=600)
-    parser.add_argument("--student-steps", type=int, default=400)
+    parser.add_argument("--teacher-steps", type=int, default=200)
+    parser.add_argument("--student-steps", type=int, default=300)
     parser.add_argument(
         "--ki-steps", type=int, default=None, help="T_ki: steps of linear decay of a_t to 0 (default: half)"
     )
+    parser.add_argument(
+        "--grown-ki-steps", type=int, default=None, help="T_ki of the grown student (default: a quarter)"
+    )
+    parser.add_argument("--grown-alpha0", type=float, default=0.5, help="a_0 of the grown student's KI")
+    parser.add_argument("--no-grown", action="store_true", help="skip the grown + KI arm")
     parser.add_argument("--vocab-size", type=int, default=4000)
     parser.add_argument("--ranks", type=int, default=2)
     add_debug_argument(parser)
@@ -235,13 +246,39 @@ def _main(argv: list[str]) -> int:
     launcher.train(
         CONFIGS / "student.yaml", student, work / "student_scratch", "train the student from scratch"
     )
+    arms = {"KI": work / "student_ki"}
+    if not args.no_grown:
+        grown_ckpt = work / "grown_ckpt"
+        if grown_ckpt.exists():
+            shutil.rmtree(grown_ckpt)  # a rerun grows the new teacher
+        grow = [sys.executable, "tools/grow_checkpoint.py", "--load", str(teacher_ckpt)]
+        grow += ["--config", str(CONFIGS / "student.yaml"), "--save", str(grown_ckpt), *data.args()]
+        run(
+            grow,
+            "grow the teacher into the student's shape (the same function, 2x wide and deep)",
+            quiet=True,
+        )
+        grown_steps = args.grown_ki_steps if args.grown_ki_steps is not None else args.student_steps // 4
+        grown_ki = [*ki[:-1], str(grown_steps), "--ki.alpha0", str(args.grown_alpha0)]
+        launcher.train(
+            CONFIGS / "student.yaml",
+            [*student, *grown_ki, "--checkpoint.init_from", str(grown_ckpt)],
+            work / "student_grown_ki",
+            f"train the grown student with KI (a_t {args.grown_alpha0} -> 0 over {grown_steps} steps)",
+        )
+        arms["grown + KI"] = work / "student_grown_ki"
 
+    from megatron_ki.training.arms_report import build_arms_report, write_arms_report
     from megatron_ki.training.report import build_ki_report, write_ki_report
 
     report = build_ki_report(work / "student_ki", work / "student_scratch", work / "teacher")
     md, png = write_ki_report(report, work)
+    arms_report = build_arms_report(arms, work / "student_scratch", work / "teacher")
+    arms_md, arms_png = write_arms_report(arms_report, work)
     print("\n" + report.markdown())
-    print(f"\nreport: {md}\ncurves: {png}\nquickstart took {(time.time() - started) / 60:.1f} min")
+    print("\n" + arms_report.markdown())
+    print(f"\nreports: {md}, {arms_md}\ncurves: {png}, {arms_png}")
+    print(f"quickstart took {(time.time() - started) / 60:.1f} min")
     return 0
 
 

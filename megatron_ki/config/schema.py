@@ -528,6 +528,9 @@ class TrainConfig:
     """Evaluate on the validation split every this many steps (0: only at the end)."""
     eval_iters: int = 10
     """Validation global batches per evaluation."""
+    eval_at_start: bool = False
+    """Evaluate once before the first step (logged at step 0): the loss a run starts from, e.g. after
+    ``checkpoint.init_from`` a grown model's, which should equal its teacher's. Not on resume."""
     eval_samples: Literal["fixed", "continuing"] = "fixed"
     """fixed: every evaluation reads the same samples, the first eval_iters global batches of the valid split
     in order (the same set at every data-parallel size), so a curve moves only because the model changed;
@@ -606,6 +609,11 @@ class CheckpointConfig:
     """``load`` is a DeepSpeed universal checkpoint (the parent of ``ds_to_universal``'s output folder, whose
     ``latest_universal`` names the tag): resume its weights and optimizer state at this run's tensor and data
     parallel sizes (DeepSpeed's ``checkpoint.load_universal``; needs ``train.zero_stage`` 1 or 2)."""
+    init_from: str | None = None
+    """Start from these weights only: a framework checkpoint at any tp/pp (e.g. tools/grow_checkpoint.py's
+    output, or a converted Hugging Face model) or ``hf:DIR``; step 0, a fresh optimizer and the configured
+    warm-up. The model must have the same shape (a mismatch is refused naming each field). Ignored when
+    ``load`` resumes a checkpoint (a requeued job keeps its progress)."""
     save_interval: int = 0
     """Save every this many steps (0: only at the end)."""
     keep_last: int = 2
@@ -622,6 +630,11 @@ class CheckpointConfig:
             self.lock_stale_minutes > 1,
             "checkpoint.lock_stale_minutes",
             f"must be more than the 1 minute between touches of the lock, got {self.lock_stale_minutes}",
+        )
+        check(
+            not (self.init_from and self.load_universal),
+            "checkpoint.init_from",
+            "cannot be combined with checkpoint.load_universal (a universal checkpoint resumes a run)",
         )
 
 

@@ -4,7 +4,7 @@ Tested with DeepSpeed 0.19 (CPU/gloo here, the same code paths on NCCL); :func:`
 refuses another major version with a clear message and logs a warning for another minor one. What is used:
 
 - ``KIPipelineModule`` (a ``PipelineModule`` subclass):
-  ``forward_funcs`` (find the tied embedding's copies), ``_partition_layers``/``_set_bounds``/``parts``/``_topo``
+  ``forward_funcs`` and ``_local_start`` (find the tied embedding's copies; the stage's layers by global index), ``_partition_layers``/``_set_bounds``/``parts``/``_topo``
   (DeepSpeed balances parameter or layer counts only; "compute" balances measured per-layer costs, with
   DeepSpeed's own ``partition_balanced``), ``get_tied_weights_and_groups``/``allreduce_tied_weight_gradients``
   (DeepSpeed ties weights within its pipe groups only; the student's input and output embedding are tied over
@@ -208,6 +208,17 @@ def ki_pipeline_module(
                     dist.all_reduce(weight.grad, group=groups.embedding)
 
     return KIPipelineModule()
+
+
+def pipeline_local_layers(module: nn.Module) -> list[tuple[int, nn.Module]] | None:
+    """``(global pipeline layer index, layer)`` for each layer with weights on this stage of a
+    ``PipelineModule`` (DeepSpeed's ``forward_funcs`` from ``_local_start``, the numbering of its
+    ``layer_XX-model_YY`` files), or None for a module that is not pipelined."""
+    funcs = getattr(module, "forward_funcs", None)
+    if funcs is None or not hasattr(module, "_local_start"):
+        return None
+    start = int(module._local_start)
+    return [(start + i, f) for i, f in enumerate(funcs) if isinstance(f, nn.Module)]
 
 
 def _tied_embedding_copies(layers, tied_types: tuple[type, ...], head_type: type) -> list[torch.Tensor]:

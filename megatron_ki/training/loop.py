@@ -316,6 +316,8 @@ class Trainer:
         stop = StopRequest(train.exit_signal_handler, train.exit_duration_mins, started=started)
         stop.install()
         try:
+            if train.eval_at_start and self.run.data.valid is not None and not self.run.resumed:
+                self._evaluate("valid")
             while state.step < train.train_steps:
                 self._progress("training")
                 teacher_ran = self.teacher_active

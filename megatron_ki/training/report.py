@@ -459,10 +459,12 @@ def _series(records: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
 
 
 def _first_below(run: Run, level: float | None) -> int | None:
-    """First evaluated step strictly below ``level`` (the student overtook the teacher), None if not yet."""
+    """First evaluated step strictly below ``level`` (the student overtook the teacher), None if not yet. An
+    evaluation before the first step (``train.eval_at_start``) is where a run starts, not an overtaking: a
+    student grown from the teacher starts at its level, a rounding error either side."""
     if level is None:
         return None
-    return next((s for s, v in zip(run.steps, run.values) if v < level), None)
+    return next((s for s, v in zip(run.steps, run.values) if s > 0 and v < level), None)
 
 
 def _teacher_level(

@@ -654,12 +654,14 @@ def build_run(cfg: Config, world: int | None = None, data: bool = True) -> Run:
     from megatron_ki.training import checkpoint as ckpt
     from megatron_ki.training.ds_config import deepspeed_config, write_deepspeed_config
     from megatron_ki.training.engine import initialize_engine
+    from megatron_ki.training.init_from import check_init_source, initialize_weights
     from megatron_ki.training.lr import lr_schedule
 
     rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
     tokenizer = check_data(cfg, rank) if data else None
     eod = data_eod(cfg) if data else None
     check_teacher_source(cfg, world or int(os.environ.get("WORLD_SIZE", "1")), eod)
+    check_init_source(cfg)
     targets = open_teacher_targets(cfg, tokenizer) if data else {}
     identity = check_tokenizer_identity(cfg, tokenizer, rank) if data else None
     init_distributed(cfg)
@@ -674,6 +676,7 @@ def build_run(cfg: Config, world: int | None = None, data: bool = True) -> Run:
     model, loss_fn, teacher_cfg, teacher, pipe_teacher = build_student_and_teacher(
         cfg, groups, device, tracker
     )
+    initialize_weights(model, cfg, groups)  # checkpoint.init_from, before DeepSpeed copies the weights
     if cfg.ki.enabled and not cfg.ki.offline:  # the sparse loss of offline targets uses no compiled op
         # Build (or load) the compiled KL op now: a first build inside step 1 can outlast the step watchdog,
         # which would end the job inside the build and leave torch's build lock behind for every later job.

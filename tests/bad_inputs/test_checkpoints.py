@@ -22,6 +22,7 @@ pytestmark = pytest.mark.distributed  # each case starts pretrain_ki.py (DeepSpe
 
 ENTRY = "pretrain_ki.py: error:"
 CONVERT = "convert_checkpoint.py: error:"
+GROW = "grow_checkpoint.py: error:"
 TAG = "step00000001"
 RES: dict[str, Path] = {}
 """Shared inputs, made by the module fixture before the rows run: corpus, ckpt (a real checkpoint), teacher."""
@@ -105,6 +106,38 @@ def convert(*args: str, damage: str | None = None, tag: str | None = None):
         )
 
     return setup
+
+
+def grow(folder: Path, *extra: str) -> list[str]:
+    """tools/grow_checkpoint.py from the real (trained, tokenizer-recorded) checkpoint into a student twice as
+    wide, with ``extra`` overrides."""
+    return tool(
+        "tools/grow_checkpoint.py",
+        "--load", str(RES["ckpt"]),
+        "--config", str(CONFIGS / "tiny_gpt2.yaml"),
+        "--save", "out",
+        "--model.hidden_size", "128",
+        "--model.num_attention_heads", "8",
+        "--model.ffn_hidden_size", "512",
+        "--data.tokenizer_type", "SentencePieceTokenizer",
+        "--data.tokenizer_model", str(RES["corpus"] / "sp.model"),
+        *extra,
+    )  # fmt: skip
+
+
+def other_tokenizer(folder: Path) -> str:
+    """A sentencepiece model of the same size as the corpus's, trained on other documents."""
+    import json
+
+    from megatron_ki.data.train_tokenizer import train_sentencepiece
+    from tests.training_utils import VOCAB_SIZE, synthetic_documents
+
+    corpus = folder / "other.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in synthetic_documents(seed=11)))
+    return train_sentencepiece(
+        str(corpus), str(folder / "other_sp"), VOCAB_SIZE, model_type="bpe",
+        special_tokens=["<mask>", "<pad>", "<eod>"], sample_size=0, num_threads=1,
+    )  # fmt: skip
 
 
 ROWS = [
@@ -191,6 +224,48 @@ ROWS = [
         keep=("teacher",),
         no_new=("*.tmp*", "out", ".out.*"),
         error_prefix=CONVERT,
+    ),
+    BadInput(
+        "init_from_other_shape",
+        lambda f: train_argv(f, "--checkpoint.init_from", str(RES["teacher"])),
+        (
+            "checkpoint.init_from",
+            "/teacher holds a model of another shape",
+            "hidden_size 32 there, 64 here",
+            "tools/grow_checkpoint.py",
+        ),
+        exit_code=2,
+        error_prefix=ENTRY,
+    ),
+    BadInput(
+        "init_from_missing",
+        lambda f: train_argv(f, "--checkpoint.init_from", str(f / "no_such_ckpt")),
+        ("checkpoint.init_from", "/no_such_ckpt: cannot be read", "no such directory"),
+        exit_code=2,
+        error_prefix=ENTRY,
+    ),
+    BadInput(
+        "grow_not_an_integer_factor",
+        lambda f: grow(f, "--model.hidden_size", "96", "--model.num_attention_heads", "6"),
+        ("model.hidden_size", "(96) is not an integer multiple of the teacher's (64)", "128"),
+        exit_code=2,
+        no_new=("*.tmp*", "out", ".out.*"),
+        error_prefix=GROW,
+    ),
+    BadInput(
+        "grow_shallower_student",
+        lambda f: grow(f, "--model.num_layers", "1"),
+        ("model.num_layers", "1 layers, fewer than the teacher's 2"),
+        exit_code=2,
+        no_new=("*.tmp*", "out", ".out.*"),
+        error_prefix=GROW,
+    ),
+    BadInput(
+        "grow_other_tokenizer",
+        lambda f: grow(f, "--data.tokenizer_model", other_tokenizer(f)),
+        ("teacher tokenizer (recorded in ", "/ckpt)", "other_sp.model", "differs from the student's", "at id"),
+        no_new=("*.tmp*", "out", ".out.*"),
+        error_prefix=GROW,
     ),
 ]
 ENTRY_ROWS = {r.name for r in ROWS if r.error_prefix == ENTRY}
