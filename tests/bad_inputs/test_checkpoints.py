@@ -263,7 +263,13 @@ ROWS = [
     BadInput(
         "grow_other_tokenizer",
         lambda f: grow(f, "--data.tokenizer_model", other_tokenizer(f)),
-        ("teacher tokenizer (recorded in ", "/ckpt)", "other_sp.model", "differs from the student's", "at id"),
+        (
+            "teacher tokenizer (recorded in ",
+            "/ckpt)",
+            "other_sp.model",
+            "differs from the student's",
+            "at id",
+        ),
         no_new=("*.tmp*", "out", ".out.*"),
         error_prefix=GROW,
     ),
