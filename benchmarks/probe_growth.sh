@@ -13,6 +13,7 @@
 #                            instead of zeroed identity layers (not function-preserving)
 #   grown_ki_a1 / grown_ki_a02     grown + KI with a_0 1 / 0.2 (T_ki 100)
 #   grown_ki_t50 / grown_ki_t200   grown + KI with T_ki 50 / 200 (a_0 0.5)
+#   ki_t100 / ki_t100_s2     KI alone (a_0 1) with T_ki 100 instead of the benchmark's 200, seed 1 / seed 2
 # Everything else as in the benchmark. Compare with tools/ki_report.py --scratch BENCH/gpt/scratch_seed1 --arm ...
 set -euo pipefail
 bench="${1:?BENCH_WORKDIR}"
@@ -59,6 +60,8 @@ for arm in "${arms[@]}"; do
         grown_ki_a02) extra=(--checkpoint.init_from "$(grown 0.01)" "${ki[@]}" --ki.alpha0 0.2 --ki.decay_steps 100) ;;
         grown_ki_t50) extra=(--checkpoint.init_from "$(grown 0.01)" "${ki[@]}" --ki.alpha0 0.5 --ki.decay_steps 50) ;;
         grown_ki_t200) extra=(--checkpoint.init_from "$(grown 0.01)" "${ki[@]}" --ki.alpha0 0.5 --ki.decay_steps 200) ;;
+        ki_t100) extra=("${ki[@]}" --ki.decay_steps 100) ;;
+        ki_t100_s2) extra=("${ki[@]}" --ki.decay_steps 100 --train.seed 2) ;;
         *) echo "probe_growth.sh: unknown arm '$arm'" >&2; exit 2 ;;
     esac
     run "${extra[@]}" --logging.run_dir "$out/$arm" > "$out/$arm.log" 2>&1
