@@ -102,3 +102,32 @@ def test_requeued_run_resumes_instead_of_reinitialising(grown):
     assert second.returncode == 0, second.tail()
     assert f"checkpoint.init_from {root / 'grown'} ignored: resuming {ckpt}" in second.output
     assert [m["step"] for m in second.metrics() if "split" not in m] == [3]
+
+
+def test_continued_pretraining_from_a_hugging_face_model(grown, tmp_path):
+    """``init_from hf:DIR`` and ``init_from`` of the same model converted to a framework checkpoint start at
+    the same loss: the model's own, on the same fixed samples."""
+    transformers = pytest.importorskip("transformers")
+    root, corpus = grown
+    student = model_config_from_yaml(STUDENT)
+    cfg = transformers.GPT2Config(
+        vocab_size=student.vocab_size, n_positions=student.max_position_embeddings, n_embd=student.hidden_size,
+        n_layer=2, n_head=student.num_attention_heads, n_inner=student.ffn_size, activation_function="gelu_new",
+    )  # fmt: skip
+    torch_hf = transformers.GPT2LMHeadModel(cfg)
+    torch_hf.save_pretrained(tmp_path / "hf")
+    cmd = [sys.executable, str(ROOT / "tools" / "convert_checkpoint.py"), "--from", "hf", "--load",
+           str(tmp_path / "hf"), "--save", str(tmp_path / "converted"), "--make-vocab-size-divisible-by", "8",
+           "--no-progress"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    starts = {}
+    for name, source in (("hf", f"hf:{tmp_path / 'hf'}"), ("converted", str(tmp_path / "converted"))):
+        args = train_args(root, corpus, f"cont_{name}", 1, "--model.num_layers", "2",
+                          "--checkpoint.init_from", source, "--train.eval_at_start", "true")  # fmt: skip
+        result = launch(1, args, root / f"cont_{name}")
+        assert result.returncode == 0, result.tail()
+        assert f"checkpoint.init_from: weights of {source}" in result.output
+        (start,) = [m for m in result.metrics() if m.get("split") == "valid" and m["step"] == 0]
+        starts[name] = start["lm_loss"]
+    assert starts["hf"] == pytest.approx(starts["converted"], abs=1e-6)

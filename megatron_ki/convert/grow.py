@@ -367,7 +367,13 @@ def check_same_tokenizer(load: str, source_meta: dict, student_data: object) -> 
     from megatron_ki.data import build_tokenizer
     from megatron_ki.data.tokenizer_identity import difference, fingerprint, pieces_of
 
-    from .tokenizer import TokenizerMismatchError, check_same_vocabulary, check_teacher_tokenizer, vocabulary
+    from .tokenizer import (
+        TokenizerMismatchError,
+        check_same_vocabulary,
+        check_teacher_tokenizer,
+        has_hf_tokenizer,
+        vocabulary,
+    )
 
     kind, model = (
         getattr(student_data, "tokenizer_type", None),
@@ -386,8 +392,15 @@ def check_same_tokenizer(load: str, source_meta: dict, student_data: object) -> 
                 f"teacher tokenizer (recorded in {load}) differs from the student's ({model}): {diff}"
             )
         return
-    if load.startswith("hf:"):
+    if load.startswith("hf:") and has_hf_tokenizer(load[len("hf:") :]):
         check_teacher_tokenizer(kind, model, load[len("hf:") :])
+        return
+    if load.startswith("hf:"):
+        logging.getLogger("megatron_ki").warning(
+            "%s has no tokenizer files and records no tokenizer fingerprint: its tokenizer is not checked against %s",
+            load,
+            model,
+        )
         return
     data = (source_meta.get("config") or {}).get("data") or {}
     t_kind, t_model = data.get("tokenizer_type"), data.get("tokenizer_model")
