@@ -23,6 +23,7 @@ arms=("$@")
 [[ ${#arms[@]} -gt 0 ]] || arms=(grown_w0 grown_noise0 grown_stack grown_ki_a1 grown_ki_t50)
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="${PYTHON:-$here/.venv/bin/python}"
+export PATH="$(dirname "$python"):$PATH"  # the virtualenv's deepspeed launcher
 mkdir -p "$out"
 data="$bench/data"
 common=(
@@ -64,6 +65,9 @@ for arm in "${arms[@]}"; do
         ki_t100_s2) extra=("${ki[@]}" --ki.decay_steps 100 --train.seed 2) ;;
         *) echo "probe_growth.sh: unknown arm '$arm'" >&2; exit 2 ;;
     esac
-    run "${extra[@]}" --logging.run_dir "$out/$arm" > "$out/$arm.log" 2>&1
+    if ! run "${extra[@]}" --logging.run_dir "$out/$arm" > "$out/$arm.log" 2>&1; then
+        echo "probe_growth.sh: $arm failed: see $out/$arm.log" >&2
+        exit 1
+    fi
     echo "$arm: $(grep '"split": "valid"' "$out/$arm/metrics.jsonl" | tail -1)"
 done
