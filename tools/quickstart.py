@@ -7,9 +7,9 @@ from the teacher with KI -> report.
 
 Every training run goes through ``launch/pretrain_ki.sh`` (the ``deepspeed`` launcher; on a machine without
 GPUs DeepSpeed's CPU accelerator with gloo) with 2 ranks; the student runs on two pipeline stages with the
-teacher inside them. The teacher (GPT-2-style, 2 layers, hidden 128, 2 heads of 64) is trained first for 400
+teacher inside them. The teacher (GPT-2-style, 2 layers, hidden 128, 2 heads of 64) is trained first for 150
 steps; the student (4 layers, hidden 256, 4 heads of 64: 4.6x the teacher's FLOPs per token) is trained three
-times for 400 steps on the same data order: from scratch; with Knowledge Inheritance (KD weight a_t decaying
+times for 300 steps on the same data order: from scratch; with Knowledge Inheritance (KD weight a_t decaying
 linearly from 1 to 0 over the first half of its steps, temperature 1); and grown from the teacher
 (``tools/grow_checkpoint.py``: the teacher's function in the student's shape, ``--checkpoint.init_from``) with
 KI (a_t from 0.5 to 0 over the first quarter). This is the paper's regime: the scratch student ends well below
@@ -200,8 +200,8 @@ def _main(argv: list[str]) -> int:
         "--corpus", type=Path, help="directory or file of .txt/.jsonl (default: embedded corpus)"
     )
     parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "quickstart")
-    parser.add_argument("--teacher-steps", type=int, default=400)
-    parser.add_argument("--student-steps", type=int, default=400)
+    parser.add_argument("--teacher-steps", type=int, default=150)
+    parser.add_argument("--student-steps", type=int, default=300)
     parser.add_argument(
         "--ki-steps", type=int, default=None, help="T_ki: steps of linear decay of a_t to 0 (default: half)"
     )
