@@ -262,27 +262,22 @@ def grow_state_dict(
     tied_scale = float(plan.hidden) if student.tie_word_embeddings else 1.0
     last_norm = "head.final_norm." if t.causal else "head.norm."  # the norm right before the projection
 
+    fused_rows = {"attention.qkv": qkv_segments, "mlp.fc1": fc1_segments}  # read the residual stream
+    writers = {"attention.dense": ax.q, "mlp.fc2": ax.ffn}  # write it: zeroed in an identity copy
+
     def grow_layer_tensor(rest: str, w: torch.Tensor, zeroed: bool) -> torch.Tensor:
-        if rest in ("attn_norm.weight", "attn_norm.bias", "mlp_norm.weight", "mlp_norm.bias"):
+        module, _, kind = rest.rpartition(".")
+        if module in ("attn_norm", "mlp_norm"):
             return w.index_select(0, ax.hidden)
-        if rest.startswith(("attention.q_norm.", "attention.k_norm.")):
+        if module in ("attention.q_norm", "attention.k_norm"):
             return w.clone()
-        if rest == "attention.qkv.weight":
-            return _grow_input(_rows(w, qkv_segments), ax.hidden, noise, gen)
-        if rest == "attention.qkv.bias":
-            return _rows(w, qkv_segments)
-        if rest == "attention.dense.weight":
-            out = _grow_input(w.index_select(0, ax.hidden), ax.q, noise, gen)
-            return torch.zeros_like(out) if zeroed else out
-        if rest in ("attention.dense.bias", "mlp.fc2.bias"):
+        if module in fused_rows:
+            rows = _rows(w, fused_rows[module])
+            return rows if kind == "bias" else _grow_input(rows, ax.hidden, noise, gen)
+        if module in writers:
             out = w.index_select(0, ax.hidden)
-            return torch.zeros_like(out) if zeroed else out
-        if rest == "mlp.fc1.weight":
-            return _grow_input(_rows(w, fc1_segments), ax.hidden, noise, gen)
-        if rest == "mlp.fc1.bias":
-            return _rows(w, fc1_segments)
-        if rest == "mlp.fc2.weight":
-            out = _grow_input(w.index_select(0, ax.hidden), ax.ffn, noise, gen)
+            if kind == "weight":
+                out = _grow_input(out, writers[module], noise, gen)
             return torch.zeros_like(out) if zeroed else out
         raise GrowError(f"layers.*.{rest}: no growth rule for this tensor")
 
