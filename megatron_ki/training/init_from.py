@@ -53,8 +53,12 @@ SHAPE_FIELDS = (
 )
 
 
-def source_config(path: str, make_vocab_size_divisible_by: int) -> tuple[ModelConfig, dict[str, Any]]:
-    """``(model config, metadata)`` of the ``init_from`` source from its config alone (no tensor read)."""
+def source_config(
+    path: str, make_vocab_size_divisible_by: int, option: str = OPTION, unusable: str = "cannot be read"
+) -> tuple[ModelConfig, dict[str, Any]]:
+    """``(model config, metadata)`` of a model source from its config alone (no tensor read): a ``hf:``
+    directory's config.json (metadata: its source only), or a framework checkpoint's meta.json. An unreadable
+    or unsupported source is a :class:`ConfigError` at ``option``: ``{path}: {unusable}: {reason}``."""
     from megatron_ki.checkpoint_format import meta_config, read_meta
     from megatron_ki.convert.hf import config_from_hf, read_hf_config
 
@@ -65,7 +69,7 @@ def source_config(path: str, make_vocab_size_divisible_by: int) -> tuple[ModelCo
         meta = read_meta(path)[1]
         return meta_config(meta).model, meta
     except (OSError, ValueError) as e:
-        raise ConfigError(OPTION, f"{path}: cannot be read: {' '.join(str(e).split())}") from None
+        raise ConfigError(option, f"{path}: {unusable}: {' '.join(str(e).split())}") from None
 
 
 def shape_differences(source: ModelConfig, model: ModelConfig) -> list[str]:
@@ -78,6 +82,14 @@ def shape_differences(source: ModelConfig, model: ModelConfig) -> list[str]:
     return out
 
 
+def check_same_shape(path: str, source: ModelConfig, model: ModelConfig) -> None:
+    """Refuse a source of another shape in one configuration error naming every field that differs."""
+    diff = shape_differences(source, model)
+    if diff:
+        hint = " (grow it first: tools/grow_checkpoint.py)" if source.hidden_size <= model.hidden_size else ""
+        raise ConfigError(OPTION, f"{path} holds a model of another shape: {'; '.join(diff)}{hint}")
+
+
 def check_init_source(cfg: Config) -> None:
     """Refuse an ``init_from`` source of another shape or tokenizer before any process group exists: one
     configuration error (exit 2) naming the source and every field that differs."""
@@ -88,14 +100,7 @@ def check_init_source(cfg: Config) -> None:
     if not path:
         return
     source, meta = source_config(path, cfg.model.make_vocab_size_divisible_by)
-    diff = shape_differences(source, cfg.model)
-    if diff:
-        hint = (
-            " (grow it first: tools/grow_checkpoint.py)"
-            if source.hidden_size <= cfg.model.hidden_size
-            else ""
-        )
-        raise ConfigError(OPTION, f"{path} holds a model of another shape: {'; '.join(diff)}{hint}")
+    check_same_shape(path, source, cfg.model)
     try:
         check_same_tokenizer(path, meta, cfg.data)
     except MegatronKIError as e:
@@ -143,9 +148,7 @@ def initialize_weights(model: nn.Module, cfg: Config, groups: ParallelGroups) ->
             logger.info("%s %s ignored: resuming %s", OPTION, path, cfg.checkpoint.load)
         return False
     source, full, meta = open_source(path, cfg.model.make_vocab_size_divisible_by)
-    diff = shape_differences(source, cfg.model)
-    if diff:  # checked before the process group too; a source rewritten since is caught here
-        raise ConfigError(OPTION, f"{path} holds a model of another shape: {'; '.join(diff)}")
+    check_same_shape(path, source, cfg.model)  # checked before the process group; a source rewritten since
     tp, rank = groups.topology.tp, groups.tp_rank
     for module, names in _local_targets(model, cfg.model):
         shard = shard_state_dict(full, cfg.model, tp, rank, names=sorted(set(names.values())))

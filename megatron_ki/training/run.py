@@ -290,16 +290,11 @@ def teacher_config_of(path: str, make_vocab_size_divisible_by: int) -> ModelConf
     """The architecture of the teacher at ``ki.teacher_path`` from its config alone (no tensor read): a
     ``hf:`` directory's config.json, or the config a framework checkpoint saved. An unreadable or unsupported
     teacher is a :class:`ConfigError` at ``ki.teacher_path`` naming the path and the reason."""
-    from megatron_ki.checkpoint_format import meta_config, read_meta
-    from megatron_ki.convert.hf import config_from_hf, read_hf_config
+    from megatron_ki.training.init_from import source_config
 
-    try:
-        if path.startswith("hf:"):
-            return config_from_hf(read_hf_config(path[len("hf:") :]), make_vocab_size_divisible_by)
-        return meta_config(read_meta(path)[1]).model
-    except (OSError, ValueError) as e:
-        reason = " ".join(str(e).split())
-        raise ConfigError("ki.teacher_path", f"{path}: cannot be used as a teacher: {reason}") from None
+    return source_config(
+        path, make_vocab_size_divisible_by, "ki.teacher_path", "cannot be used as a teacher"
+    )[0]
 
 
 def teacher_eos_ids(path: str) -> set[int]:
